@@ -1,0 +1,59 @@
+"""Training samples without leakage: each event with the user's last L items strictly before it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from retrieval.encoding import PAD_INDEX
+from towers.data.schema import TIMESTAMP, USER_ID
+
+
+def history_windows(
+    item_codes: np.ndarray, starts: np.ndarray, ends: np.ndarray, length: int
+) -> np.ndarray:
+    """(n, length) matrix of ``item_codes[max(start, end - length):end]`` per row, left-padded
+    with ``PAD_INDEX`` so the most recent item is last."""
+    if length == 0:
+        return np.zeros((len(ends), 0), dtype=np.int64)
+    positions = ends[:, None] - length + np.arange(length)[None, :]
+    valid = positions >= starts[:, None]
+    return np.where(valid, item_codes[np.clip(positions, 0, None)], PAD_INDEX).astype(np.int64)
+
+
+def _group_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For sorted ``keys``: first and one-past-last position of each row's run of equal keys."""
+    change = np.ones(len(keys), dtype=bool)
+    change[1:] = keys[1:] != keys[:-1]
+    run_start = np.flatnonzero(change)
+    run_id = np.cumsum(change) - 1
+    run_end = np.append(run_start[1:], len(keys))
+    return run_start[run_id], run_end[run_id]
+
+
+def leakage_free_histories(events: pd.DataFrame, item_codes: np.ndarray, length: int) -> np.ndarray:
+    """For every row of ``events`` (sorted by user, then time), the user's last ``length``
+    item codes with a timestamp strictly before the row's; ties in time are excluded."""
+    users = pd.factorize(events[USER_ID])[0]
+    user_start, _ = _group_bounds(users)
+    times = events[TIMESTAMP].to_numpy()
+    same_moment = np.empty(len(events), dtype=np.int64)
+    same_moment[:] = pd.factorize(pd.MultiIndex.from_arrays([users, times]))[0]
+    tie_start, _ = _group_bounds(same_moment)
+    return history_windows(item_codes, user_start, tie_start, length)
+
+
+def latest_histories(
+    events: pd.DataFrame, item_codes: np.ndarray, length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's last ``length`` item codes over all of ``events`` (sorted by user, time).
+
+    Returns the user ids (in order of appearance) and the (n_users, length) histories.
+    """
+    users = events[USER_ID].to_numpy()
+    codes, uniques = pd.factorize(users)
+    start, end = _group_bounds(codes)
+    first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    return np.asarray(uniques, dtype=object), history_windows(
+        item_codes, start[first], end[first], length
+    )

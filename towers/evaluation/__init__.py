@@ -1,0 +1,1 @@
+"""Ranking evaluation per EVALUATION.md: full ranking, seen items excluded."""

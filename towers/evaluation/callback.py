@@ -1,0 +1,59 @@
+"""Lightning callback: full-ranking validation metrics every N epochs (for checkpointing)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+
+from towers.data.prepare import EvalSet
+from towers.evaluation.metrics import DEFAULT_KS
+from towers.evaluation.ranking import evaluate_popularity, evaluate_vectors
+from towers.model.module import TwoTowerModule, embed
+
+
+def evaluate_module(
+    module: TwoTowerModule,
+    catalogue_inputs: dict,
+    eval_set: EvalSet,
+    ks: Sequence[int] = DEFAULT_KS,
+    prefix: str = "",
+) -> dict[str, float]:
+    """Embed the catalogue and the users of ``eval_set`` and score them by full ranking."""
+    item_vectors = embed(module.model.item_tower, catalogue_inputs)
+    user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
+    return evaluate_vectors(user_vectors, item_vectors, eval_set, ks, prefix)
+
+
+class RankingEvaluation(pl.Callback):
+    """Logs ``val/recall@K``, ``val/ndcg@K``, ... (and the popularity baseline once)."""
+
+    def __init__(
+        self,
+        catalogue_inputs: dict,
+        eval_set: EvalSet,
+        ks: Sequence[int] = DEFAULT_KS,
+        every_n_epochs: int = 1,
+    ) -> None:
+        self.catalogue_inputs = catalogue_inputs
+        self.eval_set = eval_set
+        self.ks = list(ks)
+        self.every_n_epochs = every_n_epochs
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        baseline = evaluate_popularity(self.eval_set, self.ks, prefix="val_popularity/")
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {k: v for k, v in baseline.items() if not k.endswith("users")}, step=0
+            )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+            return
+        assert isinstance(pl_module, TwoTowerModule)
+        metrics = evaluate_module(pl_module, self.catalogue_inputs, self.eval_set, self.ks, "val/")
+        headline = metrics.pop("val/recall@20", None)
+        pl_module.log_dict({k: v for k, v in metrics.items() if not k.endswith("users")})
+        if headline is not None:
+            pl_module.log("val/recall@20", headline, prog_bar=True)

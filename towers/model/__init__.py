@@ -1,0 +1,1 @@
+"""Towers, loss and the LightningModule."""
