@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny synthetic data, a trained tiny bundle, the MovieLens folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from towers.data.schema import RawData
+from towers.data.synthetic import generate_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+DATASETS = Path(os.environ.get("TWOTOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+TINY_OVERRIDES = [
+    "data.synthetic.n_users=400",
+    "data.synthetic.n_items=200",
+    "data.synthetic.mean_events_per_user=25",
+    "trainer.max_epochs=6",
+    "trainer.enable_progress_bar=false",
+    "train.batch_size=128",
+    "features.history_length=20",
+]
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """The real Hydra config, as ``scripts/train.py`` would see it, with overrides."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides or [])
+
+
+def dataset_dir(name: str) -> Path:
+    """A MovieLens folder under TWOTOWER_DATASETS, or skip the test with the reason."""
+    path = DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not found: set TWOTOWER_DATASETS to the folder holding {name}/")
+    return path
+
+
+@pytest.fixture
+def tiny_data() -> RawData:
+    return generate_synthetic(n_users=120, n_items=80, mean_events_per_user=15, seed=3)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """One tiny end-to-end run (train -> evaluate -> bundle), shared by the tests that read it."""
+    from towers.pipeline import train
+
+    out = tmp_path_factory.mktemp("run")
+    return train(compose_config(TINY_OVERRIDES), output_dir=out)

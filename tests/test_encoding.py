@@ -1,0 +1,108 @@
+"""Feature encoders: fit -> save -> load round trip, OOV slot, bags, numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from retrieval.encoding import (
+    OOV_INDEX,
+    PAD_INDEX,
+    EntityEncoder,
+    FeatureColumns,
+    FeatureEncoders,
+    MultiHotEncoder,
+    NumericEncoder,
+    Vocabulary,
+)
+
+
+def make_encoders() -> tuple[FeatureEncoders, pd.DataFrame, pd.DataFrame]:
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c", "d"],
+            "kind": ["x", "y", "x", None],
+            "genres": ["g1|g2", "g2", "", "g3|g1|g2"],
+            "price": [1.0, 3.0, np.nan, 5.0],
+        }
+    )
+    users = pd.DataFrame({"user_id": ["u1", "u2"], "country": ["fr", "de"], "age": [20, 40]})
+    encoders = FeatureEncoders(
+        items=EntityEncoder.fit(
+            "item", ["a", "a", "b", "c"], items, FeatureColumns(["kind"], ["genres"], ["price"])
+        ),
+        users=EntityEncoder.fit(
+            "user", ["u1", "u2"], users, FeatureColumns(["country"], [], ["age"])
+        ),
+        history_length=3,
+    )
+    return encoders, items, users
+
+
+def test_round_trip_gives_identical_encodings(tmp_path: Path) -> None:
+    encoders, items, users = make_encoders()
+    encoders.save(tmp_path / "encoders.json")
+    loaded = FeatureEncoders.load(tmp_path / "encoders.json")
+    before, after = encoders.item_inputs(items), loaded.item_inputs(items)
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+    histories = [["a", "b"], ["zz", "c", "a", "b"]]
+    np.testing.assert_array_equal(
+        encoders.encode_histories(histories), loaded.encode_histories(histories)
+    )
+    u1 = encoders.user_inputs(["u1", "u9"], encoders.encode_histories(histories), users)
+    u2 = loaded.user_inputs(["u1", "u9"], loaded.encode_histories(histories), users)
+    for name in u1:
+        np.testing.assert_array_equal(u1[name], u2[name])
+
+
+def test_unknown_values_map_to_the_oov_slot() -> None:
+    vocab = Vocabulary.fit(["a", "a", "b"])
+    assert vocab.values == ["a", "b"]
+    np.testing.assert_array_equal(
+        vocab.encode(["a", "b", "new", None]), [2, 3, OOV_INDEX, OOV_INDEX]
+    )
+
+
+def test_min_count_sends_rare_ids_to_oov() -> None:
+    vocab = Vocabulary.fit(["a", "a", "b"], min_count=2)
+    np.testing.assert_array_equal(vocab.encode(["a", "b"]), [2, OOV_INDEX])
+
+
+def test_multi_hot_bags_pad_and_truncate() -> None:
+    column = pd.Series(["g1|g2", "", None, "g3|g1|g2|g4", ["g2", "g1"]])
+    encoder = MultiHotEncoder.fit(column, max_tokens=3)
+    encoded = encoder.encode(column)
+    assert encoded.shape == (5, 3)
+    assert (encoded[1] == PAD_INDEX).all() and (encoded[2] == PAD_INDEX).all()
+    g = {v: i + 2 for i, v in enumerate(encoder.vocabulary.values)}
+    assert list(encoded[0]) == [g["g1"], g["g2"], PAD_INDEX]
+    assert list(encoded[3]) == [g["g3"], g["g1"], g["g2"]]
+    assert list(encoded[4]) == [g["g2"], g["g1"], PAD_INDEX]
+    assert encoder.encode(pd.Series(["unseen"]))[0, 0] == OOV_INDEX
+
+
+def test_numeric_is_standardised_with_nan_as_mean() -> None:
+    encoder = NumericEncoder.fit(pd.Series([1.0, 3.0, np.nan]))
+    np.testing.assert_allclose(encoder.encode(pd.Series([1.0, 3.0, np.nan, 2.0])), [-1, 1, 0, 0])
+
+
+def test_histories_keep_the_most_recent_items_last() -> None:
+    encoders, _, _ = make_encoders()
+    ids = encoders.items.ids
+    encoded = encoders.encode_histories([["a"], ["a", "b", "c", "zz"], []])
+    assert list(encoded[0]) == [PAD_INDEX, PAD_INDEX, ids.encode(["a"])[0]]
+    assert list(encoded[1]) == [*ids.encode(["b", "c"]), OOV_INDEX]
+    assert (encoded[2] == PAD_INDEX).all()
+
+
+def test_unknown_user_attributes_are_missing_not_errors() -> None:
+    encoders, _, users = make_encoders()
+    rows = users.set_index("user_id").reindex(["u9"]).reset_index()
+    inputs = encoders.user_inputs(["u9"], encoders.encode_histories([[]]), rows)
+    assert inputs["user_id"][0] == OOV_INDEX
+    assert inputs["user_cat"][0, 0] == OOV_INDEX
+    assert inputs["user_num"][0, 0] == 0.0

@@ -1,0 +1,86 @@
+"""The EVALUATION.md split: disjoint, temporal per user, the exact sizes, deterministic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from towers.data.schema import RawData
+from towers.data.split import make_split, prepare_interactions, temporal_holdout
+
+
+def test_repeated_pairs_keep_the_earliest() -> None:
+    events = pd.DataFrame(
+        {"user_id": ["u", "u", "u"], "item_id": ["a", "a", "b"], "timestamp": [5.0, 1.0, 3.0]}
+    )
+    kept = prepare_interactions(events)
+    assert list(zip(kept["item_id"], kept["timestamp"], strict=True)) == [("a", 1.0), ("b", 3.0)]
+
+
+def test_holdout_sizes_follow_the_rule(tiny_data: RawData) -> None:
+    events = prepare_interactions(tiny_data.interactions)
+    kept, held = temporal_holdout(events, 0.2, min_interactions=5)
+    sizes = events.groupby("user_id").size()
+    held_sizes = held.groupby("user_id").size().reindex(sizes.index, fill_value=0)
+    expected = np.where(sizes >= 5, np.maximum(1, np.round(0.2 * sizes)), 0)
+    np.testing.assert_array_equal(held_sizes.to_numpy(), expected)
+    assert len(kept) + len(held) == len(events)
+
+
+def test_split_is_disjoint_and_temporal(tiny_data: RawData) -> None:
+    split = make_split(prepare_interactions(tiny_data.interactions), seed=1)
+    key = ["user_id", "item_id"]
+    parts = {"fit": split.fit, "validation": split.validation, "test": split.test}
+    for a in parts:
+        for b in parts:
+            if a < b:
+                assert parts[a].merge(parts[b], on=key).empty, (a, b)
+    assert len(split.fit) + len(split.validation) == len(split.train)
+    last_train = split.train.groupby("user_id")["timestamp"].max()
+    first_test = split.test.groupby("user_id")["timestamp"].min()
+    assert (first_test >= last_train.reindex(first_test.index)).all()
+    last_fit = split.fit.groupby("user_id")["timestamp"].max()
+    first_val = split.validation.groupby("user_id")["timestamp"].min()
+    assert (first_val >= last_fit.reindex(first_val.index)).all()
+
+
+def test_ties_are_broken_by_integer_item_id() -> None:
+    # Same timestamp: "10" sorts after "9" as an integer (as a string it would not).
+    events = pd.DataFrame(
+        {
+            "user_id": ["u"] * 5,
+            "item_id": ["1", "2", "3", "10", "9"],
+            "timestamp": [1.0, 2.0, 3.0, 4.0, 4.0],
+        }
+    )
+    _, held = temporal_holdout(prepare_interactions(events), 0.2)
+    assert list(held["item_id"]) == ["10"]
+
+
+def test_users_with_few_interactions_stay_in_train() -> None:
+    events = pd.DataFrame(
+        {"user_id": ["u"] * 4, "item_id": list("abcd"), "timestamp": [1.0, 2.0, 3.0, 4.0]}
+    )
+    kept, held = temporal_holdout(prepare_interactions(events), 0.2)
+    assert len(kept) == 4 and held.empty
+
+
+def test_split_is_identical_under_the_same_seed(tiny_data: RawData) -> None:
+    events = prepare_interactions(tiny_data.interactions)
+    for cold in (False, True):
+        first = make_split(events, cold_items=cold, seed=7)
+        second = make_split(events, cold_items=cold, seed=7)
+        pd.testing.assert_frame_equal(first.test, second.test)
+        pd.testing.assert_frame_equal(first.validation, second.validation)
+
+
+def test_cold_items_leave_train_entirely(tiny_data: RawData) -> None:
+    events = prepare_interactions(tiny_data.interactions)
+    split = make_split(events, cold_items=True, cold_fraction=0.1, seed=7)
+    n_items = events["item_id"].nunique()
+    assert len(split.cold_items) == round(0.1 * n_items)
+    assert not split.train["item_id"].isin(set(split.cold_items)).any()
+    assert split.test["item_id"].isin(set(split.cold_items)).all()
+    assert len(split.test) == events["item_id"].isin(set(split.cold_items)).sum()
+    other = make_split(events, cold_items=True, cold_fraction=0.1, seed=8)
+    assert set(other.cold_items) != set(split.cold_items)
