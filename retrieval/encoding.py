@@ -11,6 +11,8 @@ Index conventions for every vocabulary (ids, categories, multi-hot tokens):
 from __future__ import annotations
 
 import json
+import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +143,44 @@ class MultiHotEncoder:
         )
 
 
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+@dataclass
+class HashedTextEncoder:
+    """Words of a free-text column (e.g. a title), lower-cased and hashed into ``buckets``.
+
+    No vocabulary to fit: a stable hash (crc32) sends every word, seen or not, to one of
+    ``buckets`` embedding rows, so new items' titles still encode. The bag is padded to
+    ``max_tokens`` with ``PAD_INDEX``.
+    """
+
+    buckets: int = 1 << 14
+    max_tokens: int = 8
+
+    @property
+    def size(self) -> int:
+        return self.buckets + FIRST_KNOWN_INDEX
+
+    def encode(self, column: pd.Series) -> np.ndarray:
+        out = np.full((len(column), self.max_tokens), PAD_INDEX, dtype=np.int64)
+        for row, text in enumerate(pd.Series(column).tolist()):
+            if not isinstance(text, str):
+                continue
+            words = _WORD.findall(text.lower())[: self.max_tokens]
+            for position, word in enumerate(words):
+                bucket = zlib.crc32(word.encode("utf-8")) % self.buckets
+                out[row, position] = bucket + FIRST_KNOWN_INDEX
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"buckets": self.buckets, "max_tokens": self.max_tokens}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HashedTextEncoder:
+        return cls(int(data["buckets"]), int(data["max_tokens"]))
+
+
 @dataclass
 class NumericEncoder:
     """z-score with train mean/std; missing values become 0 (the mean); clipped to ±5."""
@@ -175,10 +215,11 @@ class FeatureColumns:
     categorical: list[str] = field(default_factory=list)
     multi_hot: list[str] = field(default_factory=list)
     numeric: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
 
     @property
     def all(self) -> list[str]:
-        return [*self.categorical, *self.multi_hot, *self.numeric]
+        return [*self.categorical, *self.multi_hot, *self.numeric, *self.text]
 
 
 @dataclass
@@ -196,6 +237,7 @@ class EntityEncoder:
     categorical: dict[str, Vocabulary] = field(default_factory=dict)
     multi_hot: dict[str, MultiHotEncoder] = field(default_factory=dict)
     numeric: dict[str, NumericEncoder] = field(default_factory=dict)
+    text: dict[str, HashedTextEncoder] = field(default_factory=dict)
 
     @classmethod
     def fit(
@@ -210,6 +252,8 @@ class EntityEncoder:
         category_min_count: int = 1,
         max_bag_tokens: int = 16,
         separator: str = "|",
+        text_buckets: int = 1 << 14,
+        max_text_tokens: int = 8,
     ) -> EntityEncoder:
         """Fit the id vocabulary on ``id_values`` (training events) and attributes on ``table``."""
         ids = Vocabulary.fit(id_values, id_min_count)
@@ -232,11 +276,19 @@ class EntityEncoder:
                 for c in columns.multi_hot
             },
             numeric={c: NumericEncoder.fit(table[c]) for c in columns.numeric},
+            text={c: HashedTextEncoder(text_buckets, max_text_tokens) for c in columns.text},
         )
 
     @property
     def columns(self) -> FeatureColumns:
-        return FeatureColumns(list(self.categorical), list(self.multi_hot), list(self.numeric))
+        return FeatureColumns(
+            list(self.categorical), list(self.multi_hot), list(self.numeric), list(self.text)
+        )
+
+    @property
+    def bags(self) -> list[MultiHotEncoder | HashedTextEncoder]:
+        """The bag-of-token encoders, in the column order of the ``_bag`` input."""
+        return [*self.multi_hot.values(), *self.text.values()]
 
     @property
     def input_names(self) -> list[str]:
@@ -244,7 +296,7 @@ class EntityEncoder:
         names = [f"{self.prefix}_id"] if self.use_id else []
         if self.categorical:
             names.append(f"{self.prefix}_cat")
-        if self.multi_hot:
+        if self.bags:
             names.append(f"{self.prefix}_bag")
         if self.numeric:
             names.append(f"{self.prefix}_num")
@@ -272,9 +324,10 @@ class EntityEncoder:
             out[f"{self.prefix}_cat"] = np.stack(
                 [vocab.encode(column(c)) for c, vocab in self.categorical.items()], axis=1
             )
-        if self.multi_hot:
+        if self.bags:
+            bag_columns = {**self.multi_hot, **self.text}
             out[f"{self.prefix}_bag"] = np.concatenate(
-                [enc.encode(column(c)) for c, enc in self.multi_hot.items()], axis=1
+                [enc.encode(column(c)) for c, enc in bag_columns.items()], axis=1
             )
         if self.numeric:
             out[f"{self.prefix}_num"] = np.stack(
@@ -290,6 +343,7 @@ class EntityEncoder:
             "categorical": {c: v.to_dict() for c, v in self.categorical.items()},
             "multi_hot": {c: v.to_dict() for c, v in self.multi_hot.items()},
             "numeric": {c: v.to_dict() for c, v in self.numeric.items()},
+            "text": {c: v.to_dict() for c, v in self.text.items()},
         }
 
     @classmethod
@@ -301,6 +355,7 @@ class EntityEncoder:
             categorical={c: Vocabulary.from_dict(v) for c, v in data["categorical"].items()},
             multi_hot={c: MultiHotEncoder.from_dict(v) for c, v in data["multi_hot"].items()},
             numeric={c: NumericEncoder.from_dict(v) for c, v in data["numeric"].items()},
+            text={c: HashedTextEncoder.from_dict(v) for c, v in data.get("text", {}).items()},
         )
 
 

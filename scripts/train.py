@@ -24,6 +24,8 @@ def main(cfg: DictConfig) -> float:
     from retrieval import Retriever
 
     result = train(cfg)
+    if result is None:  # a DDP process other than rank 0
+        return float("nan")
     print(metrics_table(result.metrics, list(cfg.eval.ks)))
     print(f"bundle: {result.bundle}")
     retriever = Retriever.load(result.bundle)

@@ -16,15 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 DATASETS = Path(os.environ.get("TWOTOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
 
-TINY_OVERRIDES = [
-    "data.synthetic.n_users=400",
-    "data.synthetic.n_items=200",
-    "data.synthetic.mean_events_per_user=25",
-    "trainer.max_epochs=6",
-    "trainer.enable_progress_bar=false",
-    "train.batch_size=128",
-    "features.history_length=20",
-]
+TINY_OVERRIDES = ["experiment=quick", "trainer.max_epochs=6", "trainer.enable_progress_bar=false"]
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
@@ -52,4 +44,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     from towers.pipeline import train
 
     out = tmp_path_factory.mktemp("run")
-    return train(compose_config(TINY_OVERRIDES), output_dir=out)
+    result = train(compose_config([*TINY_OVERRIDES, f"paths.output_dir={out}"]))
+    assert result is not None
+    return result

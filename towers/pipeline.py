@@ -1,7 +1,7 @@
 """The main job: data -> split -> features -> train (Lightning) -> evaluate -> bundle.
 
 ``train(cfg)`` is what ``scripts/train.py`` runs under Hydra; tests call it with a
-config composed by ``hydra.compose``.
+config composed by ``hydra.compose`` (setting ``paths.output_dir``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from retrieval.encoding import FeatureColumns
@@ -26,11 +26,13 @@ from towers.data.split import make_split, prepare_interactions
 from towers.evaluation.callback import RankingEvaluation, evaluate_module
 from towers.evaluation.ranking import evaluate_popularity
 from towers.export.bundle import export_bundle
-from towers.model.module import TwoTowerModule
+from towers.model.module import TwoTowerModule, embed
 from towers.model.towers import TowerSpec
+from towers.tensorboard import log_hparams, log_item_projector
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
+MONITOR = "val/recall@20"
 
 
 @dataclass
@@ -42,6 +44,7 @@ class TrainResult:
     data: PreparedData
     bundle: Path
     output_dir: Path
+    best_checkpoint: Path | None
 
 
 def _columns(cfg: Any) -> FeatureColumns | None:
@@ -78,68 +81,97 @@ def evaluate_all(module: TwoTowerModule, data: PreparedData, ks: list[int]) -> d
     return metrics
 
 
-def train(cfg: DictConfig, output_dir: str | Path | None = None) -> TrainResult:
-    """Run the whole job; writes ``metrics.json``, TensorBoard logs, checkpoints and the bundle."""
-    out = Path(output_dir or cfg.export.bundle_dir).resolve()
-    if output_dir is None:
-        out = out.parent
-    out.mkdir(parents=True, exist_ok=True)
-    pl.seed_everything(cfg.seed, workers=True)
-    data = prepare(cfg)
-    spec = TowerSpec.from_encoders(data.encoders).to_dict()
+def build_module(
+    cfg: DictConfig, data: PreparedData, datamodule: TwoTowerDataModule
+) -> TwoTowerModule:
+    """The LightningModule from ``cfg.model``, sized for ``data``."""
     module: TwoTowerModule = hydra.utils.instantiate(
-        cfg.model, spec=spec, n_catalogue_items=data.n_items
+        cfg.model,
+        spec=TowerSpec.from_encoders(data.encoders).to_dict(),
+        n_catalogue_items=data.n_items,
+        negative_pool_size=datamodule.negative_pool_size,
+        seed=cfg.seed,
     )
-    module.set_item_log_q(data.item_log_q)
+    module.set_item_log_p(data.item_log_p)
+    return module
+
+
+def build_trainer(
+    cfg: DictConfig, data: PreparedData, output_dir: Path
+) -> tuple[pl.Trainer, ModelCheckpoint, list[Any]]:
+    """Trainer with ranking evaluation, checkpointing and early stopping on val/recall@20."""
     ks = list(cfg.eval.ks)
     checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        monitor="val/recall@20",
+        dirpath=output_dir / "checkpoints",
+        monitor=MONITOR,
         mode="max",
         save_last=True,
         filename="epoch{epoch:02d}",
         auto_insert_metric_name=False,
     )
-    callbacks = [
+    callbacks: list[pl.Callback] = [
         RankingEvaluation(
             data.catalogue_inputs, data.validation, ks, cfg.train.eval_every_n_epochs
         ),
         checkpoint,
         EarlyStopping(
-            monitor="val/recall@20",
+            monitor=MONITOR,
             mode="max",
             patience=cfg.train.early_stopping_patience,
             check_on_train_epoch_end=True,
             strict=False,
         ),
     ]
-    logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", default_hp_metric=False)
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    trainer.fit(module, datamodule=TwoTowerDataModule(data, cfg.train.batch_size, cfg.seed))
-    if checkpoint.best_model_path:
-        log.info(
-            "best checkpoint %s (val/recall@20 %.4f)",
-            checkpoint.best_model_path,
-            checkpoint.best_model_score,
-        )
-        module = TwoTowerModule.load_from_checkpoint(
-            checkpoint.best_model_path, map_location="cpu", weights_only=False
-        )
-    metrics = evaluate_all(module, data, ks)
-    logger.log_metrics(
-        {k: v for k, v in metrics.items() if not k.endswith("users")}, step=trainer.global_step
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
-    bundle_dir = Path(cfg.export.bundle_dir) if output_dir is None else out / "bundle"
+    return trainer, checkpoint, loggers
+
+
+def train(cfg: DictConfig) -> TrainResult | None:
+    """Run the whole job; writes ``metrics.json``, logs, checkpoints and the bundle into
+    ``cfg.paths.output_dir``. Returns None on DDP processes other than rank 0."""
+    out = Path(cfg.paths.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    data = prepare(cfg)
+    datamodule = TwoTowerDataModule(data, cfg.train.batch_size, cfg.seed, cfg.model.mixed_negatives)
+    module = build_module(cfg, data, datamodule)
+    trainer, checkpoint, loggers = build_trainer(cfg, data, out)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if not trainer.is_global_zero:
+        return None
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    if best is not None:
+        log.info("best checkpoint %s (%s %.4f)", best, MONITOR, checkpoint.best_model_score)
+        module = TwoTowerModule.load_from_checkpoint(best, map_location="cpu", weights_only=False)
+    module = module.cpu().eval()
+    metrics = evaluate_all(module, data, list(cfg.eval.ks))
     config = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(config, dict)
+    for logger in loggers:
+        logger.log_metrics(
+            {k: v for k, v in metrics.items() if not k.endswith("users")}, trainer.global_step
+        )
+        if isinstance(logger, TensorBoardLogger):
+            log_hparams(logger, config, metrics)
+            item_vectors = embed(module.model.item_tower, data.catalogue_inputs)
+            log_item_projector(
+                logger, item_vectors, data.catalogue, data.encoders, cfg.train.projector_items
+            )
+        logger.finalize("success")
     bundle = export_bundle(
         module,
         data,
-        bundle_dir,
+        cfg.export.bundle_dir,
         index_factory=cfg.export.index,
         config=config,
-        metrics=metrics,  # type: ignore[arg-type]
+        metrics=metrics,
     )
     (out / METRICS_FILE).write_text(
         json.dumps({**metrics, "split": data.info}, indent=2, default=str)
     )
-    return TrainResult(metrics, module, data, bundle, out)
+    return TrainResult(metrics, module, data, bundle, out, best)

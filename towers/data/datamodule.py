@@ -1,12 +1,20 @@
-"""LightningDataModule serving pre-tensorised batches (no per-row Python in the hot path)."""
+"""LightningDataModule serving pre-tensorised batches (no per-row Python in the hot path).
+
+Batches are cut from a permutation seeded by (seed, epoch), so an epoch's batches do
+not depend on what ran before: resuming from a checkpoint replays the same batches,
+and under DDP each process takes an equal, disjoint share of the same permutation.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from towers.data.prepare import PreparedData
 
@@ -18,42 +26,118 @@ def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
     return {name: torch.from_numpy(np.ascontiguousarray(values)) for name, values in arrays.items()}
 
 
-class InteractionBatches(Dataset[Batch]):
-    """Training samples; indexing with a list of positions returns a whole batch at once."""
+@dataclass(frozen=True)
+class BatchRequest:
+    """Which samples make up batch ``number`` of ``epoch``."""
 
-    def __init__(self, data: PreparedData) -> None:
+    epoch: int
+    number: int
+    positions: np.ndarray
+
+
+class EpochBatchSampler(Sampler[BatchRequest]):
+    """Batches of a (seed, epoch)-seeded permutation, sharded evenly across processes."""
+
+    def __init__(
+        self,
+        n_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        world_size: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.n_samples = n_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.world_size = world_size
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    @property
+    def per_process(self) -> int:
+        return self.n_samples // self.world_size
+
+    def __len__(self) -> int:
+        return -(-self.per_process // self.batch_size)
+
+    def __iter__(self) -> Iterator[BatchRequest]:
+        order = (
+            np.random.default_rng((self.seed, self.epoch)).permutation(self.n_samples)
+            if self.shuffle
+            else np.arange(self.n_samples)
+        )
+        share = order[self.rank :: self.world_size][: self.per_process]
+        for number, lo in enumerate(range(0, len(share), self.batch_size)):
+            yield BatchRequest(self.epoch, number, share[lo : lo + self.batch_size])
+
+
+class InteractionBatches(Dataset[Batch]):
+    """Training samples; one ``BatchRequest`` returns a whole batch at once.
+
+    With ``mixed_negatives > 0`` each batch also carries that many items drawn uniformly
+    (seeded by epoch and batch) from ``negative_pool``, the items seen in training.
+    """
+
+    def __init__(self, data: PreparedData, mixed_negatives: int = 0, seed: int = 0) -> None:
         self.user_inputs = to_tensors(data.sample_user_inputs)
         self.item_rows = torch.from_numpy(data.sample_item_rows)
         self.weights = torch.from_numpy(data.sample_weights)
         self.catalogue = to_tensors(data.catalogue_inputs)
+        self.mixed_negatives = mixed_negatives
+        self.negative_pool = np.unique(data.sample_item_rows)
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.item_rows)
 
-    def __getitem__(self, positions: list[int]) -> Batch:  # type: ignore[override]
-        index = torch.as_tensor(positions, dtype=torch.int64)
+    def item_inputs(self, rows: Tensor) -> dict[str, Tensor]:
+        return {name: values[rows] for name, values in self.catalogue.items()}
+
+    def __getitem__(self, request: BatchRequest) -> Batch:  # type: ignore[override]
+        index = torch.from_numpy(np.asarray(request.positions, dtype=np.int64))
         item_rows = self.item_rows[index]
-        return {
+        batch: Batch = {
             "user": {name: values[index] for name, values in self.user_inputs.items()},
-            "item": {name: values[item_rows] for name, values in self.catalogue.items()},
+            "item": self.item_inputs(item_rows),
             "item_rows": item_rows,
             "weights": self.weights[index],
         }
+        if self.mixed_negatives:
+            rng = np.random.default_rng((self.seed, request.epoch, request.number, 1))
+            rows = torch.from_numpy(rng.choice(self.negative_pool, self.mixed_negatives))
+            batch["negative_rows"] = rows
+            batch["negatives"] = self.item_inputs(rows)
+        return batch
 
 
 class TwoTowerDataModule(pl.LightningDataModule):
     """Shuffled batches of (user inputs, item inputs) built from :class:`PreparedData`."""
 
-    def __init__(self, data: PreparedData, batch_size: int = 512, seed: int = 0) -> None:
+    def __init__(
+        self, data: PreparedData, batch_size: int = 512, seed: int = 0, mixed_negatives: int = 0
+    ) -> None:
         super().__init__()
         self.data = data
         self.batch_size = batch_size
         self.seed = seed
-        self.dataset = InteractionBatches(data)
+        self.dataset = InteractionBatches(data, mixed_negatives, seed)
+
+    @property
+    def negative_pool_size(self) -> int:
+        return len(self.dataset.negative_pool)
 
     def train_dataloader(self) -> DataLoader[Batch]:
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = BatchSampler(
-            RandomSampler(self.dataset, generator=generator), self.batch_size, drop_last=False
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = EpochBatchSampler(
+            len(self.dataset), self.batch_size, self.seed, True, world_size, rank
         )
-        return DataLoader(self.dataset, sampler=sampler, batch_size=None)
+        return DataLoader(self.dataset, sampler=sampler, batch_size=None, collate_fn=None)

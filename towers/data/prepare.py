@@ -33,6 +33,8 @@ class FeatureSettings:
     category_min_count: int = 1
     max_bag_tokens: int = 16
     separator: str = "|"
+    text_buckets: int = 1 << 14
+    max_text_tokens: int = 8
     item_columns: FeatureColumns | None = None
     user_columns: FeatureColumns | None = None
 
@@ -66,7 +68,7 @@ class PreparedData:
     sample_user_inputs: dict[str, np.ndarray]
     sample_item_rows: np.ndarray
     sample_weights: np.ndarray
-    item_log_q: np.ndarray
+    item_log_p: np.ndarray
     validation: EvalSet
     test: EvalSet
     info: dict[str, object] = field(default_factory=dict)
@@ -108,6 +110,8 @@ def fit_encoders(
         "category_min_count": settings.category_min_count,
         "max_bag_tokens": settings.max_bag_tokens,
         "separator": settings.separator,
+        "text_buckets": settings.text_buckets,
+        "max_text_tokens": settings.max_text_tokens,
     }
     items = EntityEncoder.fit(
         "item", fit_events[ITEM_ID], raw.items, item_columns, use_id=settings.use_item_id, **common
@@ -192,7 +196,7 @@ def prepare_data(raw: RawData, split: Split, settings: FeatureSettings) -> Prepa
     sample_inputs["history"] = histories
     item_rows = catalogue_rows(catalogue, fit[ITEM_ID])
     counts = np.bincount(item_rows, minlength=len(catalogue)).astype(np.float64)
-    log_q = np.log(np.maximum(counts, 1.0) / counts.sum())
+    log_p = np.log(np.maximum(counts, 1.0) / counts.sum())
     weights = (
         fit[WEIGHT].to_numpy(np.float32) if WEIGHT in fit.columns else np.ones(len(fit), np.float32)
     )
@@ -205,7 +209,7 @@ def prepare_data(raw: RawData, split: Split, settings: FeatureSettings) -> Prepa
         sample_user_inputs=sample_inputs,
         sample_item_rows=item_rows,
         sample_weights=weights,
-        item_log_q=log_q.astype(np.float32),
+        item_log_p=log_p.astype(np.float32),
         validation=build_eval_set(fit, split.validation, catalogue, raw.users, encoders),
         test=build_eval_set(split.train, split.test, catalogue, raw.users, encoders),
         info={"dataset": raw.name, **split.stats()},

@@ -183,7 +183,8 @@ def infer_feature_columns(
     table: pd.DataFrame | None, id_column: str, separator: str = "|", max_categories: int = 1000
 ) -> FeatureColumns:
     """Guess feature kinds from dtypes: numbers -> numeric; strings holding ``separator`` ->
-    multi-hot; other low-cardinality strings -> categorical; free text and ids are skipped."""
+    multi-hot; other low-cardinality strings -> categorical; free text (mostly several
+    words) -> hashed text; other high-cardinality strings (ids, codes) are skipped."""
     columns = FeatureColumns()
     if table is None:
         return columns
@@ -203,6 +204,8 @@ def infer_feature_columns(
             columns.multi_hot.append(name)
         elif col.nunique() <= min(max_categories, max(2, len(col) // 2)):
             columns.categorical.append(name)
+        elif col.astype(str).str.contains(" ", regex=False).mean() > 0.5:
+            columns.text.append(name)
         else:
-            log.info("column '%s' looks like free text or an id; not used as a feature", name)
+            log.info("column '%s' looks like an id or a code; not used as a feature", name)
     return columns

@@ -1,13 +1,20 @@
-"""In-batch sampled softmax with logQ correction and accidental-hit masking.
+"""Sampled softmax over in-batch (and optional mixed) negatives.
 
-Each user in a batch of B (user, item) pairs scores all B items; the other users'
-items are its negatives. Because popular items are over-represented as negatives,
-``logits - log(q_j)`` (Yi et al., RecSys 2019) corrects for the sampling frequency
-``q_j``. When item ``j`` equals the row's own positive elsewhere in the batch, that
-logit is masked rather than treated as a negative.
+Row ``i`` of a batch of B (user, item) pairs scores C >= B candidate items: the B
+items of the batch (column ``i`` is its positive) followed by any extra negatives
+(Yang et al., WWW 2020: items drawn uniformly, "mixed negative sampling").
+
+- **logQ correction** (Yi et al., RecSys 2019): popular items show up as in-batch
+  negatives more often, so each column's logit is reduced by ``log q_j``, the log of
+  the expected number of times item ``j`` is among the candidates.
+- **Accidental hits**: a column holding the row's own positive item (other than the
+  diagonal) is masked instead of being pushed down as a negative.
+- **Temperature** divides the cosine scores; **weights** weight each row's loss.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -23,18 +30,18 @@ def in_batch_logits(
     item_ids: Tensor | None = None,
     item_log_q: Tensor | None = None,
 ) -> Tensor:
-    """(B, B) logits: ``u_i . v_j / temperature - log q_j``, accidental hits masked.
+    """(B, C) logits ``u_i . v_j / temperature - log q_j`` with accidental hits masked.
 
-    ``item_ids`` (B,) identifies each column's item: column ``j`` of row ``i`` is masked
-    when ``item_ids[j] == item_ids[i]`` and ``j != i``. ``item_log_q`` (B,) is each
-    column's log sampling probability.
+    ``item_vectors`` (C, d) holds the B positives first; ``item_ids`` (C,) names each
+    column's item; ``item_log_q`` (C,) is each column's log expected sampling count.
     """
     logits = user_vectors @ item_vectors.T / temperature
     if item_log_q is not None:
         logits = logits - item_log_q.unsqueeze(0)
     if item_ids is not None:
-        same = item_ids.unsqueeze(0) == item_ids.unsqueeze(1)
-        same.fill_diagonal_(False)
+        n_rows = user_vectors.shape[0]
+        same = item_ids.unsqueeze(0) == item_ids[:n_rows].unsqueeze(1)
+        same[:, :n_rows].fill_diagonal_(False)
         logits = logits.masked_fill(same, MASKED_LOGIT)
     return logits
 
@@ -47,10 +54,20 @@ def in_batch_softmax_loss(
     item_log_q: Tensor | None = None,
     weights: Tensor | None = None,
 ) -> Tensor:
-    """Cross-entropy of each row's own item (the diagonal) against the in-batch logits."""
+    """Weighted cross-entropy of each row's own item (the diagonal) against all candidates."""
     logits = in_batch_logits(user_vectors, item_vectors, temperature, item_ids, item_log_q)
     labels = torch.arange(logits.shape[0], device=logits.device)
     losses = F.cross_entropy(logits, labels, reduction="none")
     if weights is None:
         return losses.mean()
     return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+def candidate_log_q(batch_log_p: Tensor, n_negatives: int, negative_pool_size: int) -> Tensor:
+    """log expected count of each candidate: ``log(B p_j)`` for the B in-batch columns
+    (``p_j`` the item's share of training events) and ``log(N / pool)`` for N uniform ones."""
+    in_batch = batch_log_p + math.log(batch_log_p.shape[0])
+    if not n_negatives:
+        return in_batch
+    uniform = math.log(n_negatives / max(negative_pool_size, 1))
+    return torch.cat([in_batch, in_batch.new_full((n_negatives,), uniform)])

@@ -1,23 +1,42 @@
-"""The LightningModule: one shared model step, in-batch softmax, config-built optimiser."""
+"""The LightningModule: one shared model step, sampled softmax, config-built optimiser."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from towers.model.loss import in_batch_softmax_loss
-from towers.model.towers import TowerSpec, TwoTowerModel
+from towers.model.loss import candidate_log_q, in_batch_softmax_loss
+from towers.model.towers import TowerShape, TowerSpec, TwoTowerModel
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+MIN_TEMPERATURE = 0.01
+
+
+def gather_keeping_local_grad(module: pl.LightningModule, tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from every process; only the local slice carries gradients."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return tensor
+    gathered = module.all_gather(tensor.detach())  # (world, n, ...)
+    parts = list(gathered.unbind(0))
+    parts[trainer.global_rank] = tensor
+    return torch.cat(parts)
 
 
 class TwoTowerModule(pl.LightningModule):
-    """Trains :class:`TwoTowerModel` with in-batch negatives, logQ correction and hit masking."""
+    """Trains :class:`TwoTowerModel` with sampled softmax, logQ correction and hit masking.
+
+    Under DDP the users, items and negatives of all processes are gathered, each process
+    computes the loss of the global batch with gradients through its own slice, and the
+    loss is scaled by the world size, so that N processes train like one with N x batch.
+    """
 
     def __init__(
         self,
@@ -27,62 +46,106 @@ class TwoTowerModule(pl.LightningModule):
         hidden: Sequence[int] = (128,),
         output_dim: int = 64,
         dropout: float = 0.0,
+        norm: str = "none",
         share_item_embedding: bool = True,
+        history_pooling: str = "mean",
+        sparse_embeddings: bool = False,
         temperature: float = 0.1,
+        learn_temperature: bool = False,
         logq_correction: bool = True,
         remove_accidental_hits: bool = True,
+        mixed_negatives: int = 0,
+        negative_pool_size: int = 0,
         optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        scheduler_interval: str = "epoch",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        shape = TowerShape(list(hidden), output_dim, dropout, norm)
         self.model = TwoTowerModel(
             TowerSpec.from_dict(spec),
             embedding_dim,
-            list(hidden),
-            output_dim,
-            dropout,
+            shape,
             share_item_embedding,
+            history_pooling,
+            sparse_embeddings,
         )
-        self.register_buffer("item_log_q", torch.zeros(n_catalogue_items))
+        self.log_temperature = nn.Parameter(
+            torch.tensor(math.log(temperature)), requires_grad=learn_temperature
+        )
+        self.register_buffer("item_log_p", torch.zeros(n_catalogue_items))
 
-    def set_item_log_q(self, log_q: np.ndarray) -> None:
-        """Log sampling probability of every catalogue item among the training positives."""
-        self.item_log_q.copy_(torch.as_tensor(log_q, dtype=torch.float32))
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.exp().clamp(min=MIN_TEMPERATURE, max=1.0)
+
+    def set_item_log_p(self, log_p: np.ndarray) -> None:
+        """Log share of every catalogue item among the training positives."""
+        self.item_log_p.copy_(torch.as_tensor(log_p, dtype=torch.float32))
 
     def model_step(self, batch: dict[str, Any]) -> Tensor:
-        user_vectors = self.model.user_tower(batch["user"])
-        item_vectors = self.model.item_tower(batch["item"])
-        rows = batch["item_rows"]
-        return in_batch_softmax_loss(
-            user_vectors,
-            item_vectors,
-            self.hparams.temperature,
-            item_ids=rows if self.hparams.remove_accidental_hits else None,
-            item_log_q=self.item_log_q[rows] if self.hparams.logq_correction else None,
-            weights=batch["weights"],
-        )
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.model_step(batch)
-        self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(batch["item_rows"]),
+        users = gather_keeping_local_grad(self, self.model.user_tower(batch["user"]))
+        items = gather_keeping_local_grad(self, self.model.item_tower(batch["item"]))
+        rows = gather_keeping_local_grad(self, batch["item_rows"])
+        weights = gather_keeping_local_grad(self, batch["weights"])
+        n_negatives = 0
+        if "negatives" in batch:
+            negatives = gather_keeping_local_grad(self, self.model.item_tower(batch["negatives"]))
+            negative_rows = gather_keeping_local_grad(self, batch["negative_rows"])
+            n_negatives = len(negative_rows)
+            items = torch.cat([items, negatives])
+            candidate_rows = torch.cat([rows, negative_rows])
+        else:
+            candidate_rows = rows
+        log_q = None
+        if self.hparams.logq_correction:
+            pool = self.hparams.negative_pool_size
+            log_q = candidate_log_q(self.item_log_p[rows], n_negatives, pool)
+        loss = in_batch_softmax_loss(
+            users,
+            items,
+            self.temperature,
+            item_ids=candidate_rows if self.hparams.remove_accidental_hits else None,
+            item_log_q=log_q,
+            weights=weights,
         )
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Random draws (dropout) depend only on the step, so a resumed run repeats them.
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 101 + rank)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.model_step(batch)
+        size = len(batch["item_rows"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        if self.hparams.learn_temperature:
+            self.log("train/temperature", self.temperature, on_step=True, batch_size=size)
+        # Under DDP gradients are averaged over processes; each process's loss covers the
+        # global batch through its own slice, so scaling by the world size makes the
+        # averaged gradient that of one process with the whole global batch.
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        return loss * world_size
+
+    def configure_optimizers(self) -> Any:
         factory = self.hparams.optimizer or torch.optim.Adam
-        return factory(params=self.parameters())
+        optimizer = factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.hparams.scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": self.hparams.scheduler(optimizer=optimizer),
+                "interval": self.hparams.scheduler_interval,
+            },
+        }
 
 
 @torch.no_grad()
-def embed(
-    tower: torch.nn.Module, inputs: dict[str, np.ndarray], batch_size: int = 8192
-) -> np.ndarray:
+def embed(tower: nn.Module, inputs: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
     """Run a tower over numpy inputs in batches; returns float32 (n, d) vectors."""
     was_training = tower.training
     tower.eval()

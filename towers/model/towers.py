@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from retrieval.encoding import PAD_INDEX, EntityEncoder, FeatureEncoders
+from retrieval.encoding import PAD_INDEX, EntityEncoder, FeatureEncoders, MultiHotEncoder
 
 
 @dataclass
@@ -36,8 +36,11 @@ class EntitySpec:
             id_size=encoder.ids.size,
             use_id=encoder.use_id,
             categorical_sizes=[v.size for v in encoder.categorical.values()],
-            bag_sizes=[b.vocabulary.size for b in encoder.multi_hot.values()],
-            bag_widths=[b.max_tokens for b in encoder.multi_hot.values()],
+            bag_sizes=[
+                b.vocabulary.size if isinstance(b, MultiHotEncoder) else b.size
+                for b in encoder.bags
+            ],
+            bag_widths=[b.max_tokens for b in encoder.bags],
             n_numeric=len(encoder.numeric),
         )
 
@@ -74,10 +77,24 @@ def masked_mean(embedded: Tensor, tokens: Tensor) -> Tensor:
     return (embedded * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.Sequential:
+NORMS = ("none", "layer", "batch")
+POOLINGS = ("mean", "recency", "attention")
+
+
+def mlp(
+    in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float, norm: str = "none"
+) -> nn.Sequential:
+    """Linear -> [norm] -> ReLU -> [dropout] per hidden width, then a final Linear."""
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     layers: list[nn.Module] = []
     for width in hidden:
-        layers += [nn.Linear(in_dim, width), nn.ReLU()]
+        layers.append(nn.Linear(in_dim, width))
+        if norm == "layer":
+            layers.append(nn.LayerNorm(width))
+        elif norm == "batch":
+            layers.append(nn.BatchNorm1d(width))
+        layers.append(nn.ReLU())
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
         in_dim = width
@@ -85,18 +102,53 @@ def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.
     return nn.Sequential(*layers)
 
 
-class AttributeEmbedder(nn.Module):
-    """Categorical, multi-hot (mean-pooled bag per column) and numeric attributes -> one vector."""
+class HistoryPooling(nn.Module):
+    """Pools the embeddings of a left-padded history (most recent item last).
 
-    def __init__(self, spec: EntitySpec, dim: int) -> None:
+    ``mean``: plain average. ``recency``: softmax over a learned weight per position
+    from the end. ``attention``: softmax over a learned score of each item's embedding
+    plus the recency weight. Padding never receives weight; an empty history gives 0.
+    """
+
+    def __init__(self, mode: str, length: int, dim: int) -> None:
+        super().__init__()
+        if mode not in POOLINGS:
+            raise ValueError(f"history_pooling must be one of {POOLINGS}, got {mode!r}")
+        self.mode = mode
+        self.position_logits = nn.Parameter(torch.zeros(max(length, 1))) if mode != "mean" else None
+        self.scorer = (
+            nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1, bias=False))
+            if mode == "attention"
+            else None
+        )
+
+    def forward(self, embedded: Tensor, tokens: Tensor) -> Tensor:
+        if self.position_logits is None:
+            return masked_mean(embedded, tokens)
+        valid = tokens != PAD_INDEX
+        logits = self.position_logits[: tokens.shape[1]].unsqueeze(0).expand_as(tokens)
+        if self.scorer is not None:
+            logits = logits + self.scorer(embedded).squeeze(-1)
+        logits = logits.masked_fill(~valid, -1e9)
+        weights = torch.softmax(logits, dim=1) * valid.to(embedded.dtype)
+        return (embedded * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def embedding(size: int, dim: int, sparse: bool) -> nn.Embedding:
+    return nn.Embedding(size, dim, padding_idx=PAD_INDEX, sparse=sparse)
+
+
+class AttributeEmbedder(nn.Module):
+    """Categorical, bag (multi-hot or hashed text, mean-pooled per column) and numeric
+    attributes -> a list of d-dimensional parts."""
+
+    def __init__(self, spec: EntitySpec, dim: int, sparse: bool = False) -> None:
         super().__init__()
         self.prefix = spec.prefix
         self.categorical = nn.ModuleList(
-            nn.Embedding(size, dim, padding_idx=PAD_INDEX) for size in spec.categorical_sizes
+            embedding(size, dim, sparse) for size in spec.categorical_sizes
         )
-        self.bags = nn.ModuleList(
-            nn.Embedding(size, dim, padding_idx=PAD_INDEX) for size in spec.bag_sizes
-        )
+        self.bags = nn.ModuleList(embedding(size, dim, sparse) for size in spec.bag_sizes)
         self.bag_widths = list(spec.bag_widths)
         self.numeric = nn.Linear(spec.n_numeric, dim) if spec.n_numeric else None
         self.out_dim = dim * (len(self.categorical) + len(self.bags) + (1 if self.numeric else 0))
@@ -114,6 +166,16 @@ class AttributeEmbedder(nn.Module):
         return parts
 
 
+@dataclass
+class TowerShape:
+    """MLP shape shared by both towers."""
+
+    hidden: Sequence[int] = (128,)
+    output_dim: int = 64
+    dropout: float = 0.0
+    norm: str = "none"
+
+
 class ItemTower(nn.Module):
     """Item id embedding (shared with the user history) + attributes -> MLP -> unit vector."""
 
@@ -121,16 +183,15 @@ class ItemTower(nn.Module):
         self,
         spec: EntitySpec,
         item_embedding: nn.Embedding,
-        hidden: Sequence[int],
-        dim: int,
-        dropout: float,
+        shape: TowerShape,
+        sparse: bool = False,
     ) -> None:
         super().__init__()
         self.use_id = spec.use_id
         self.item_embedding = item_embedding
-        self.attributes = AttributeEmbedder(spec, item_embedding.embedding_dim)
+        self.attributes = AttributeEmbedder(spec, item_embedding.embedding_dim, sparse)
         in_dim = self.attributes.out_dim + (item_embedding.embedding_dim if self.use_id else 0)
-        self.mlp = mlp(max(in_dim, 1), hidden, dim, dropout)
+        self.mlp = mlp(max(in_dim, 1), shape.hidden, shape.output_dim, shape.dropout, shape.norm)
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         parts = self.attributes(inputs)
@@ -140,61 +201,64 @@ class ItemTower(nn.Module):
 
 
 class UserTower(nn.Module):
-    """Optional user id + attributes + mean of recent item embeddings -> MLP -> unit vector."""
+    """Optional user id + attributes + pooled recent item embeddings -> MLP -> unit vector."""
 
     def __init__(
         self,
         spec: EntitySpec,
         item_embedding: nn.Embedding,
-        embedding_dim: int,
-        hidden: Sequence[int],
-        dim: int,
-        dropout: float,
+        history_length: int,
+        shape: TowerShape,
+        history_pooling: str = "mean",
+        sparse: bool = False,
     ) -> None:
         super().__init__()
+        dim = item_embedding.embedding_dim
         self.use_id = spec.use_id
-        self.user_embedding = (
-            nn.Embedding(spec.id_size, embedding_dim, padding_idx=PAD_INDEX)
-            if self.use_id
-            else None
-        )
+        self.user_embedding = embedding(spec.id_size, dim, sparse) if self.use_id else None
         self.item_embedding = item_embedding
-        self.attributes = AttributeEmbedder(spec, embedding_dim)
-        in_dim = self.attributes.out_dim + item_embedding.embedding_dim
-        in_dim += embedding_dim if self.use_id else 0
-        self.mlp = mlp(in_dim, hidden, dim, dropout)
+        self.pooling = HistoryPooling(history_pooling, history_length, dim)
+        self.attributes = AttributeEmbedder(spec, dim, sparse)
+        in_dim = self.attributes.out_dim + dim + (dim if self.use_id else 0)
+        self.mlp = mlp(in_dim, shape.hidden, shape.output_dim, shape.dropout, shape.norm)
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         history = inputs["history"]
-        parts = [masked_mean(self.item_embedding(history), history), *self.attributes(inputs)]
+        parts = [self.pooling(self.item_embedding(history), history), *self.attributes(inputs)]
         if self.user_embedding is not None:
             parts.insert(0, self.user_embedding(inputs["user_id"]))
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
 
 
 class TwoTowerModel(nn.Module):
-    """The user and item towers, sharing the item id embedding table."""
+    """The user and item towers, sharing the item id embedding table by default."""
 
     def __init__(
         self,
         spec: TowerSpec,
         embedding_dim: int = 64,
-        hidden: Sequence[int] = (128,),
-        output_dim: int = 64,
-        dropout: float = 0.0,
+        shape: TowerShape | None = None,
         share_item_embedding: bool = True,
+        history_pooling: str = "mean",
+        sparse_embeddings: bool = False,
     ) -> None:
         super().__init__()
+        shape = shape or TowerShape()
         self.spec = spec
-        item_embedding = nn.Embedding(spec.items.id_size, embedding_dim, padding_idx=PAD_INDEX)
+        item_embedding = embedding(spec.items.id_size, embedding_dim, sparse_embeddings)
         history_embedding = (
             item_embedding
             if share_item_embedding
-            else nn.Embedding(spec.items.id_size, embedding_dim, padding_idx=PAD_INDEX)
+            else embedding(spec.items.id_size, embedding_dim, sparse_embeddings)
         )
-        self.item_tower = ItemTower(spec.items, item_embedding, hidden, output_dim, dropout)
+        self.item_tower = ItemTower(spec.items, item_embedding, shape, sparse_embeddings)
         self.user_tower = UserTower(
-            spec.users, history_embedding, embedding_dim, hidden, output_dim, dropout
+            spec.users,
+            history_embedding,
+            spec.history_length,
+            shape,
+            history_pooling,
+            sparse_embeddings,
         )
         for module in self.modules():
             if isinstance(module, nn.Embedding):
