@@ -15,6 +15,9 @@ from .conftest import CONF_DIR, compose_config
 DATA_CONFIGS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
 TRAINER_CONFIGS = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
 MODEL_CONFIGS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+LOGGER_CONFIGS = sorted(p.stem for p in (CONF_DIR / "logger").glob("*.yaml"))
+EXPERIMENT_CONFIGS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+SEARCH_CONFIGS = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("*.yaml"))
 SPEC = {
     "items": {
         "prefix": "item",
@@ -60,3 +63,31 @@ def test_trainer_configs_compose(trainer: str) -> None:
         assert isinstance(hydra.utils.instantiate(cfg.trainer, logger=False), pl.Trainer)
     else:
         assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
+
+
+@pytest.mark.parametrize("logger", LOGGER_CONFIGS)
+def test_logger_configs_instantiate(logger: str, tmp_path) -> None:
+    cfg = compose_config([f"logger={logger}", f"paths.output_dir={tmp_path}"])
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    assert all(isinstance(x, pl.loggers.Logger) for x in loggers)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENT_CONFIGS)
+def test_experiment_presets_compose_and_instantiate(experiment: str) -> None:
+    cfg = compose_config([f"experiment={experiment}"])
+    assert cfg.data.kind
+    assert isinstance(feature_settings(cfg.features), FeatureSettings)
+    module = hydra.utils.instantiate(cfg.model, spec=SPEC, n_catalogue_items=8)
+    assert isinstance(module, TwoTowerModule)
+
+
+@pytest.mark.parametrize("search", SEARCH_CONFIGS)
+def test_hparams_search_presets_compose(search: str) -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert "optuna" in sweeper._target_.lower()
+    assert sweeper.direction == "maximize" and cfg.optimized_metric.startswith("val/")
+    assert all(key.split(".")[0] in ("model", "features", "train") for key in sweeper.params)

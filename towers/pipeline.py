@@ -141,7 +141,8 @@ def train(cfg: DictConfig) -> TrainResult | None:
     datamodule = TwoTowerDataModule(data, cfg.train.batch_size, cfg.seed, cfg.model.mixed_negatives)
     module = build_module(cfg, data, datamodule)
     trainer, checkpoint, loggers = build_trainer(cfg, data, out)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only=False: our checkpoints hold the config (optimiser factory, spec) as hparams
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
     if not trainer.is_global_zero:
         return None
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None

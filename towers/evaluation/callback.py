@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -10,6 +11,9 @@ from towers.data.prepare import EvalSet
 from towers.evaluation.metrics import DEFAULT_KS
 from towers.evaluation.ranking import evaluate_popularity, evaluate_vectors
 from towers.model.module import TwoTowerModule, embed
+
+# Every process computes the same full-ranking metrics, so there is nothing to sync.
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
 
 
 def evaluate_module(

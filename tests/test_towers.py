@@ -1,0 +1,116 @@
+"""Towers: pooling modes, padding, OOV slots, shapes, unit vectors, learned temperature."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrieval.encoding import OOV_INDEX, PAD_INDEX
+from towers.model.module import TwoTowerModule
+from towers.model.towers import HistoryPooling, TowerShape, TowerSpec, TwoTowerModel
+
+SPEC = TowerSpec.from_dict(
+    {
+        "items": {
+            "prefix": "item",
+            "id_size": 12,
+            "use_id": True,
+            "categorical_sizes": [4],
+            "bag_sizes": [6, 20],
+            "bag_widths": [3, 2],
+            "n_numeric": 2,
+        },
+        "users": {
+            "prefix": "user",
+            "id_size": 7,
+            "use_id": True,
+            "categorical_sizes": [3],
+            "bag_sizes": [],
+            "bag_widths": [],
+            "n_numeric": 1,
+        },
+        "history_length": 5,
+    }
+)
+
+
+def item_inputs(n: int) -> dict[str, torch.Tensor]:
+    return {
+        "item_id": torch.randint(0, 12, (n,)),
+        "item_cat": torch.randint(0, 4, (n, 1)),
+        "item_bag": torch.cat([torch.randint(0, 6, (n, 3)), torch.randint(0, 20, (n, 2))], dim=1),
+        "item_num": torch.randn(n, 2),
+    }
+
+
+def user_inputs(n: int) -> dict[str, torch.Tensor]:
+    history = torch.randint(2, 12, (n, 5))
+    history[0] = PAD_INDEX  # an empty history
+    return {
+        "user_id": torch.full((n,), OOV_INDEX),
+        "user_cat": torch.randint(0, 3, (n, 1)),
+        "user_num": torch.randn(n, 1),
+        "history": history,
+    }
+
+
+@pytest.mark.parametrize("pooling", ["mean", "recency", "attention"])
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_towers_give_unit_vectors(pooling: str, norm: str) -> None:
+    model = TwoTowerModel(
+        SPEC, 16, TowerShape([32, 16], 8, 0.1, norm), history_pooling=pooling
+    ).eval()
+    items, users = model.item_tower(item_inputs(9)), model.user_tower(user_inputs(9))
+    assert items.shape == (9, 8) and users.shape == (9, 8)
+    torch.testing.assert_close(items.norm(dim=1), torch.ones(9))
+    torch.testing.assert_close(users.norm(dim=1), torch.ones(9))
+
+
+@pytest.mark.parametrize("mode", ["mean", "recency", "attention"])
+def test_pooling_ignores_padding(mode: str) -> None:
+    pooling = HistoryPooling(mode, length=4, dim=3)
+    with torch.no_grad():
+        if pooling.position_logits is not None:
+            pooling.position_logits.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    embedded = torch.randn(2, 4, 3)
+    tokens = torch.tensor([[PAD_INDEX, PAD_INDEX, 5, 6], [PAD_INDEX] * 4])
+    pooled = pooling(embedded, tokens)
+    changed = embedded.clone()
+    changed[0, :2] = 100.0  # values under padding must not matter
+    torch.testing.assert_close(pooling(changed, tokens), pooled)
+    torch.testing.assert_close(pooled[1], torch.zeros(3))
+
+
+def test_recency_pooling_weights_recent_items_more() -> None:
+    pooling = HistoryPooling("recency", length=3, dim=2)
+    with torch.no_grad():
+        pooling.position_logits.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    embedded = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    pooled = pooling(embedded, torch.tensor([[2, 3, 4]]))
+    assert pooled[0, 1] > 0.95
+
+
+def test_history_shares_the_item_id_embedding_by_default() -> None:
+    model = TwoTowerModel(SPEC, 16)
+    assert model.user_tower.item_embedding is model.item_tower.item_embedding
+    separate = TwoTowerModel(SPEC, 16, share_item_embedding=False)
+    assert separate.user_tower.item_embedding is not separate.item_tower.item_embedding
+
+
+def test_learned_temperature_moves_and_fixed_one_does_not() -> None:
+    spec = SPEC.to_dict()
+    for learn in (True, False):
+        module = TwoTowerModule(
+            spec, n_catalogue_items=12, temperature=0.2, learn_temperature=learn
+        )
+        batch = {
+            "user": user_inputs(8),
+            "item": item_inputs(8),
+            "item_rows": torch.arange(8),
+            "weights": torch.ones(8),
+        }
+        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
+        before = module.temperature.item()
+        module.model_step(batch).backward()
+        optimizer.step()
+        assert (module.temperature.item() != pytest.approx(before)) is learn

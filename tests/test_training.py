@@ -1,0 +1,114 @@
+"""Training round trips: best checkpoint reload, resume, DDP, sweeps (Lightning + Hydra)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from towers.model.module import TwoTowerModule
+from towers.pipeline import METRICS_FILE, TrainResult, evaluate_all, prepare, train
+
+from .conftest import ROOT, TINY_OVERRIDES, compose_config
+
+
+def test_best_checkpoint_reloads_to_the_same_metrics(trained: TrainResult) -> None:
+    assert trained.best_checkpoint is not None and trained.best_checkpoint.is_file()
+    module = TwoTowerModule.load_from_checkpoint(
+        trained.best_checkpoint, map_location="cpu", weights_only=False
+    )
+    again = evaluate_all(module, trained.data, [10, 20, 50])
+    for key, value in trained.metrics.items():
+        assert abs(again[key] - value) <= 1e-6, key
+
+
+def test_tensorboard_has_scalars_hparams_and_projector(trained: TrainResult) -> None:
+    board = trained.output_dir / "tensorboard"
+    assert any(board.rglob("events.out.tfevents*"))
+    assert any(board.rglob("projector_config.pbtxt"))
+    assert any(board.rglob("metadata.tsv"))
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    overrides = [
+        *TINY_OVERRIDES,
+        "logger=none",
+        "train.early_stopping_patience=100",
+        "model.dropout=0.2",
+    ]
+    full = train(
+        compose_config(
+            [*overrides, "trainer.max_epochs=3", f"paths.output_dir={tmp_path / 'full'}"]
+        )
+    )
+    train(
+        compose_config(
+            [*overrides, "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'part'}"]
+        )
+    )
+    resumed = train(
+        compose_config(
+            [
+                *overrides,
+                "trainer.max_epochs=3",
+                f"paths.output_dir={tmp_path / 'resumed'}",
+                f"ckpt_path={tmp_path / 'part' / 'checkpoints' / 'last.ckpt'}",
+            ]
+        )
+    )
+    assert full is not None and resumed is not None
+    last = [
+        torch.load(tmp_path / d / "checkpoints" / "last.ckpt", weights_only=False)
+        for d in ("full", "resumed")
+    ]
+    assert last[0]["global_step"] == last[1]["global_step"]
+    for name, tensor in last[0]["state_dict"].items():
+        torch.testing.assert_close(last[1]["state_dict"][name], tensor, rtol=0, atol=0, msg=name)
+    assert full.metrics["test/recall@20"] == resumed.metrics["test/recall@20"]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    overrides = [*TINY_OVERRIDES, "trainer=ddp", "trainer.max_epochs=2", "logger=none"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={out}", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = json.loads((out / METRICS_FILE).read_text())
+    cfg = compose_config([*overrides, f"paths.output_dir={tmp_path / 'single'}"])
+    data = prepare(cfg)
+    best = sorted((out / "checkpoints").glob("epoch*.ckpt"))[-1]
+    module = TwoTowerModule.load_from_checkpoint(best, map_location="cpu", weights_only=False)
+    single = evaluate_all(module, data, [10, 20, 50])
+    for key in ("val/recall@20", "test/recall@20", "test/ndcg@50"):
+        assert single[key] == pytest.approx(reported[key], abs=1e-9), key
+
+
+@pytest.mark.slow
+def test_multirun_sweep_returns_the_optimised_metric(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train.py"),
+            "-m",
+            f"hydra.sweep.dir={tmp_path}",
+            *TINY_OVERRIDES,
+            "trainer.max_epochs=1",
+            "logger=none",
+            "model.temperature=0.05,0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(tmp_path.glob("*/metrics.json"))
+    assert len(runs) == 2
