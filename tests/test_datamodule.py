@@ -45,7 +45,7 @@ def cold_prepared(tiny_data: RawData):
 
 
 def test_mixed_negatives_never_come_from_cold_items(cold_prepared) -> None:
-    dataset = InteractionBatches(cold_prepared, mixed_negatives=64, seed=0)
+    dataset = InteractionBatches.from_prepared(cold_prepared, mixed_negatives=64, seed=0)
     cold_rows = set(
         np.flatnonzero(cold_prepared.catalogue["item_id"].isin(set(cold_prepared.split.cold_items)))
     )
@@ -58,7 +58,7 @@ def test_mixed_negatives_never_come_from_cold_items(cold_prepared) -> None:
 
 
 def test_batch_item_inputs_are_the_catalogue_rows(cold_prepared) -> None:
-    dataset = InteractionBatches(cold_prepared)
+    dataset = InteractionBatches.from_prepared(cold_prepared)
     batch = dataset[next(iter(EpochBatchSampler(len(dataset), 16)))]
     rows = batch["item_rows"].numpy()
     for name, values in cold_prepared.catalogue_inputs.items():

@@ -138,7 +138,9 @@ def train(cfg: DictConfig) -> TrainResult | None:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     data = prepare(cfg)
-    datamodule = TwoTowerDataModule(data, cfg.train.batch_size, cfg.seed, cfg.model.mixed_negatives)
+    datamodule = TwoTowerDataModule.from_prepared(
+        data, cfg.train.batch_size, cfg.seed, cfg.model.mixed_negatives
+    )
     module = build_module(cfg, data, datamodule)
     trainer, checkpoint, loggers = build_trainer(cfg, data, out)
     # weights_only=False: our checkpoints hold the config (optimiser factory, spec) as hparams

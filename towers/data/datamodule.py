@@ -82,18 +82,43 @@ class EpochBatchSampler(Sampler[BatchRequest]):
 class InteractionBatches(Dataset[Batch]):
     """Training samples; one ``BatchRequest`` returns a whole batch at once.
 
-    With ``mixed_negatives > 0`` each batch also carries that many items drawn uniformly
-    (seeded by epoch and batch) from ``negative_pool``, the items seen in training.
+    ``user_inputs`` hold one row per sample, ``item_rows`` each sample's catalogue row,
+    ``catalogue_inputs`` one row per catalogue item. With ``mixed_negatives > 0`` each
+    batch also carries that many items drawn uniformly (seeded by epoch and batch) from
+    the items seen in training (``item_rows``), never from items held out of training.
     """
 
-    def __init__(self, data: PreparedData, mixed_negatives: int = 0, seed: int = 0) -> None:
-        self.user_inputs = to_tensors(data.sample_user_inputs)
-        self.item_rows = torch.from_numpy(data.sample_item_rows)
-        self.weights = torch.from_numpy(data.sample_weights)
-        self.catalogue = to_tensors(data.catalogue_inputs)
+    def __init__(
+        self,
+        user_inputs: dict[str, np.ndarray],
+        item_rows: np.ndarray,
+        catalogue_inputs: dict[str, np.ndarray],
+        weights: np.ndarray | None = None,
+        mixed_negatives: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.user_inputs = to_tensors(user_inputs)
+        self.item_rows = torch.from_numpy(np.asarray(item_rows, dtype=np.int64))
+        if weights is None:
+            weights = np.ones(len(item_rows), dtype=np.float32)
+        self.weights = torch.from_numpy(np.asarray(weights, dtype=np.float32))
+        self.catalogue = to_tensors(catalogue_inputs)
         self.mixed_negatives = mixed_negatives
-        self.negative_pool = np.unique(data.sample_item_rows)
+        self.negative_pool = np.unique(item_rows)
         self.seed = seed
+
+    @classmethod
+    def from_prepared(
+        cls, data: PreparedData, mixed_negatives: int = 0, seed: int = 0
+    ) -> InteractionBatches:
+        return cls(
+            data.sample_user_inputs,
+            data.sample_item_rows,
+            data.catalogue_inputs,
+            data.sample_weights,
+            mixed_negatives,
+            seed,
+        )
 
     def __len__(self) -> int:
         return len(self.item_rows)
@@ -119,25 +144,31 @@ class InteractionBatches(Dataset[Batch]):
 
 
 class TwoTowerDataModule(pl.LightningDataModule):
-    """Shuffled batches of (user inputs, item inputs) built from :class:`PreparedData`."""
+    """Shuffled batches of (user inputs, item inputs) from :class:`InteractionBatches`."""
 
-    def __init__(
-        self, data: PreparedData, batch_size: int = 512, seed: int = 0, mixed_negatives: int = 0
-    ) -> None:
+    def __init__(self, dataset: InteractionBatches, batch_size: int = 512, seed: int = 0) -> None:
         super().__init__()
-        self.data = data
+        self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
-        self.dataset = InteractionBatches(data, mixed_negatives, seed)
+
+    @classmethod
+    def from_prepared(
+        cls, data: PreparedData, batch_size: int = 512, seed: int = 0, mixed_negatives: int = 0
+    ) -> TwoTowerDataModule:
+        return cls(InteractionBatches.from_prepared(data, mixed_negatives, seed), batch_size, seed)
 
     @property
     def negative_pool_size(self) -> int:
         return len(self.dataset.negative_pool)
 
-    def train_dataloader(self) -> DataLoader[Batch]:
+    def sampler(self) -> EpochBatchSampler:
+        """This process's share of each epoch's batches."""
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        sampler = EpochBatchSampler(
+        return EpochBatchSampler(
             len(self.dataset), self.batch_size, self.seed, True, world_size, rank
         )
-        return DataLoader(self.dataset, sampler=sampler, batch_size=None, collate_fn=None)
+
+    def train_dataloader(self) -> DataLoader[Batch]:
+        return DataLoader(self.dataset, sampler=self.sampler(), batch_size=None)

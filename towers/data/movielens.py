@@ -97,7 +97,7 @@ def read_movielens_100k(path: str | Path) -> RawData:
         items,
         users,
         (data_file, item_file, user_file),
-        FeatureColumns(multi_hot=["genres"], numeric=["year"]),
+        FeatureColumns(multi_hot=["genres"], numeric=["year"], text=["title"]),
         FeatureColumns(categorical=["gender", "occupation"], numeric=["age"]),
         "movielens_100k",
     )
@@ -125,7 +125,7 @@ def read_movielens_1m(path: str | Path) -> RawData:
         items,
         users,
         (data_file, item_file, user_file),
-        FeatureColumns(multi_hot=["genres"], numeric=["year"]),
+        FeatureColumns(multi_hot=["genres"], numeric=["year"], text=["title"]),
         FeatureColumns(categorical=["gender", "age", "occupation"]),
         "movielens_1m",
     )
@@ -158,7 +158,7 @@ def read_movielens_latest(path: str | Path, max_tags_per_item: int = 20) -> RawD
         items,
         None,
         (data_file, item_file, None),
-        FeatureColumns(multi_hot=["genres"], numeric=["year"]),
+        FeatureColumns(multi_hot=["genres"], numeric=["year"], text=["title"]),
         FeatureColumns(),
         "movielens_latest",
     )

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``scripts/bench_*.py``: ratios measured within one run."""
