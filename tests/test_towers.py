@@ -114,3 +114,33 @@ def test_learned_temperature_moves_and_fixed_one_does_not() -> None:
         module.model_step(batch).backward()
         optimizer.step()
         assert (module.temperature.item() != pytest.approx(before)) is learn
+
+
+def test_gradient_clipping_clips_dense_and_leaves_sparse_gradients() -> None:
+    module = TwoTowerModule(SPEC.to_dict(), n_catalogue_items=12, sparse_embeddings=True)
+    batch = {
+        "user": user_inputs(8),
+        "item": item_inputs(8),
+        "item_rows": torch.arange(8),
+        "weights": torch.ones(8),
+    }
+    (module.model_step(batch) * 1000).backward()
+    sparse_before = module.model.item_tower.item_embedding.weight.grad.coalesce().values().clone()
+    module.configure_gradient_clipping(torch.optim.SGD(module.parameters(), lr=0.1), 0.5, "norm")
+    dense = [p.grad for p in module.parameters() if p.grad is not None and not p.grad.is_sparse]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in dense])) <= 0.5 + 1e-5
+    sparse_after = module.model.item_tower.item_embedding.weight.grad.coalesce().values()
+    torch.testing.assert_close(sparse_after, sparse_before)
+
+
+def test_scheduler_from_config_is_attached() -> None:
+    import functools
+
+    module = TwoTowerModule(
+        SPEC.to_dict(),
+        n_catalogue_items=12,
+        scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+    )
+    config = module.configure_optimizers()
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert config["lr_scheduler"]["interval"] == "epoch"
