@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +26,14 @@ INDEX = "items.faiss"
 ITEMS = "items.parquet"
 USERS = "users.parquet"
 ENCODERS = "encoders.json"
+ITEM_EMBEDDINGS = "item_embeddings.parquet"
+USER_EMBEDDINGS = "user_embeddings.parquet"
 METRIC = "inner_product"
 COUNT_COLUMN = "_twotower_train_count"
 HISTORY_COLUMN = "_twotower_history"
 SEEN_COLUMN = "_twotower_seen"
-REQUIRED_FILES = (USER_TOWER, ITEM_TOWER, INDEX, ITEMS, USERS, ENCODERS)
+REMOVED_COLUMN = "_twotower_removed"
+REQUIRED_FILES = (USER_TOWER, ITEM_TOWER, INDEX, ITEMS, USERS, ENCODERS, ITEM_EMBEDDINGS)
 
 
 def sha256_of(path: Path) -> str:
@@ -76,3 +84,39 @@ def verify_files(bundle: Path, manifest: dict[str, Any]) -> None:
                 f"{path}: checksum mismatch (manifest {expected[:12]}…, file {actual[:12]}…); "
                 "the bundle is corrupt or was modified"
             )
+
+
+def file_checksums(directory: Path) -> dict[str, str]:
+    """sha256 of every file in ``directory`` but the manifest."""
+    return {p.name: sha256_of(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST}
+
+
+@contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; on success it replaces ``target``
+    (an existing one is swapped out only once the new one is complete), on failure it is
+    deleted, so nothing half-written is ever at ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            retired = target.with_name(f".{target.name}-old-{os.getpid()}")
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_manifest(
+    directory: Path, manifest: dict[str, Any], default: Callable[[Any], Any] = str
+) -> None:
+    """Add the files' checksums to ``manifest`` and write it into ``directory``."""
+    manifest["files"] = file_checksums(directory)
+    (directory / MANIFEST).write_text(
+        json.dumps(manifest, indent=2, default=default), encoding="utf-8"
+    )

@@ -16,7 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 DATASETS = Path(os.environ.get("TWOTOWER_DATASETS", ROOT.parent / "shared" / "datasets"))
 
-TINY_OVERRIDES = ["experiment=quick", "trainer.max_epochs=6", "trainer.enable_progress_bar=false"]
+TINY_OVERRIDES = [
+    "experiment=quick",
+    "trainer.max_epochs=6",
+    "trainer.enable_progress_bar=false",
+    "export.latest=null",
+]
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

@@ -25,7 +25,7 @@ from towers.data.sources import load_data
 from towers.data.split import make_split, prepare_interactions
 from towers.evaluation.callback import RankingEvaluation, evaluate_module
 from towers.evaluation.ranking import evaluate_popularity
-from towers.export.bundle import export_bundle
+from towers.export.bundle import ExportSettings, export_bundle
 from towers.model.module import TwoTowerModule, embed
 from towers.model.towers import TowerSpec
 from towers.tensorboard import log_hparams, log_item_projector
@@ -60,6 +60,13 @@ def feature_settings(cfg: DictConfig) -> FeatureSettings:
     return FeatureSettings(
         **values, item_columns=_columns(item_columns), user_columns=_columns(user_columns)
     )
+
+
+def export_settings(cfg: DictConfig) -> ExportSettings:
+    values = OmegaConf.to_container(cfg.export, resolve=True)
+    assert isinstance(values, dict)
+    values.pop("bundle_dir", None)
+    return ExportSettings(**values)
 
 
 def prepare(cfg: DictConfig) -> PreparedData:
@@ -170,7 +177,7 @@ def train(cfg: DictConfig) -> TrainResult | None:
         module,
         data,
         cfg.export.bundle_dir,
-        index_factory=cfg.export.index,
+        settings=export_settings(cfg),
         config=config,
         metrics=metrics,
     )

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from retrieval import bundle as layout
+from retrieval.embeddings import write_embeddings
 from towers.data.prepare import PreparedData, catalogue_rows, user_attribute_rows
 from towers.data.schema import ITEM_ID, USER_ID
-from towers.export.index import build_index
+from towers.export.index import IndexReport, build_index, tune_and_check
 from towers.export.onnx_export import export_tower
 from towers.model.module import TwoTowerModule, embed
 
@@ -35,6 +34,19 @@ VERSIONED_PACKAGES = (
     "numpy",
     "pandas",
 )
+
+
+@dataclass
+class ExportSettings:
+    """The ``export`` config group."""
+
+    index: str = "Flat"
+    search_params: dict[str, Any] | None = None
+    recall_floor: float = 0.95
+    recall_k: int = 100
+    recall_queries: int = 1000
+    user_embeddings: bool = False
+    latest: str | None = None
 
 
 def package_versions() -> dict[str, str]:
@@ -82,13 +94,32 @@ def _sample(inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
 
 
 def write_bundle_files(
-    module: TwoTowerModule, data: PreparedData, directory: Path, index_factory: str
+    module: TwoTowerModule, data: PreparedData, directory: Path, settings: ExportSettings
 ) -> dict[str, Any]:
     """Write every bundle file but the manifest into ``directory``; return manifest facts."""
     model = module.model.cpu().eval()
     encoders = data.encoders
     item_vectors = embed(model.item_tower, data.catalogue_inputs)
-    faiss.write_index(build_index(item_vectors, index_factory), str(directory / layout.INDEX))
+    query_inputs = {k: v[: settings.recall_queries] for k, v in data.test.user_inputs.items()}
+    queries = embed(model.user_tower, query_inputs)
+    factory = settings.index
+    index = build_index(item_vectors, factory)
+    report: IndexReport = tune_and_check(
+        index,
+        factory,
+        item_vectors,
+        queries,
+        settings.recall_k,
+        settings.recall_floor,
+        settings.search_params,
+    )
+    faiss.write_index(index, str(directory / layout.INDEX))
+    write_embeddings(
+        directory / layout.ITEM_EMBEDDINGS,
+        ITEM_ID,
+        data.catalogue[ITEM_ID].to_numpy(),
+        item_vectors,
+    )
     parity = {
         "user_tower": export_tower(
             model.user_tower,
@@ -108,13 +139,27 @@ def write_bundle_files(
         catalogue_rows(data.catalogue, data.split.train[ITEM_ID]), minlength=len(items)
     )
     items[layout.COUNT_COLUMN] = counts
+    items[layout.REMOVED_COLUMN] = False
     items.to_parquet(directory / layout.ITEMS, index=False)
     users = user_state(data)
     users.to_parquet(directory / layout.USERS, index=False)
+    if settings.user_embeddings:
+        user_ids = users[USER_ID].to_numpy(dtype=object)
+        histories = encoders.encode_histories(list(users[layout.HISTORY_COLUMN]))
+        inputs = encoders.user_inputs(list(user_ids), histories, users)
+        write_embeddings(
+            directory / layout.USER_EMBEDDINGS, USER_ID, user_ids, embed(model.user_tower, inputs)
+        )
     encoders.save(directory / layout.ENCODERS)
     return {
         "embedding_dim": int(item_vectors.shape[1]),
-        "index": {"factory": index_factory, "ntotal": len(item_vectors)},
+        "index": {
+            "factory": report.factory,
+            "ntotal": int(index.ntotal),
+            "search_params": report.knobs,
+            f"ann_recall@{report.recall_k}": report.recall,
+            "recall_queries": report.n_queries,
+        },
         "counts": {
             "items": len(items),
             "users": len(users),
@@ -127,21 +172,31 @@ def write_bundle_files(
     }
 
 
+def point_latest(link: Path, bundle: Path) -> None:
+    """Switch the ``latest`` symlink to ``bundle`` atomically (new link, then rename)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    staging = link.with_name(f".{link.name}-{os.getpid()}")
+    if staging.is_symlink() or staging.exists():
+        staging.unlink()
+    staging.symlink_to(bundle.resolve(), target_is_directory=True)
+    os.replace(staging, link)
+
+
 def export_bundle(
     module: TwoTowerModule,
     data: PreparedData,
     target: str | Path,
     *,
-    index_factory: str = "Flat",
+    settings: ExportSettings | None = None,
     config: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write the bundle to ``target`` atomically: nothing is left half-written on failure."""
+    """Write the bundle to ``target`` atomically: nothing is left half-written on failure,
+    and an existing bundle there is replaced only once the new one is complete."""
+    settings = settings or ExportSettings()
     target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        facts = write_bundle_files(module, data, staging, index_factory)
+    with layout.staged_directory(target) as staging:
+        facts = write_bundle_files(module, data, staging, settings)
         manifest = {
             "format_version": layout.FORMAT_VERSION,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -150,20 +205,11 @@ def export_bundle(
             **facts,
             "metrics": dict(metrics or {}),
             "config": dict(config or {}),
-            "files": {p.name: layout.sha256_of(p) for p in sorted(staging.iterdir())},
+            "export": asdict(settings),
         }
-        (staging / layout.MANIFEST).write_text(
-            json.dumps(manifest, indent=2, default=str), encoding="utf-8"
-        )
-        if target.exists():
-            retired = target.with_name(f".{target.name}-old-{os.getpid()}")
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        layout.write_manifest(staging, manifest)
     log.info("bundle written to %s", target)
+    if settings.latest:
+        point_latest(Path(settings.latest), target)
+        log.info("%s -> %s", settings.latest, target)
     return target
