@@ -534,26 +534,34 @@ class Retriever:
             out_rows[:, :take] = np.where(finite, rows, -1)
             out_scores[:, :take] = np.where(finite, got, np.nan)
             return out_rows, out_scores
-        longest_ban = max((len(b) for b in banned), default=0)
-        fetch = min(n_items, int(np.ceil((k + longest_ban) * n_items / n_allowed)))
+        # Each user's fetch size depends only on that user (rounded up to a power of two,
+        # so users group into few searches): a user gets the same answer alone or in a
+        # batch, even from indexes whose results depend on k (HNSW, PQ with re-ranking).
+        want = np.ceil((k + np.array([len(b) for b in banned])) * n_items / n_allowed)
+        fetch = np.minimum(n_items, 2 ** np.ceil(np.log2(np.maximum(want, 1)))).astype(np.int64)
         pending = np.arange(n_users)
         while len(pending):
-            scores, rows = search(state.index, queries[pending], fetch, knobs)
-            valid = rows >= 0
-            safe = np.where(valid, rows, 0)
-            valid &= allowed[safe]
-            valid &= ~np.isin(pending[:, None] * n_items + safe, codes)
-            order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
-            picked_rows = np.take_along_axis(rows, order, axis=1)
-            picked_valid = np.take_along_axis(valid, order, axis=1)
-            out_rows[pending, : order.shape[1]] = np.where(picked_valid, picked_rows, -1)
-            out_scores[pending, : order.shape[1]] = np.where(
-                picked_valid, np.take_along_axis(scores, order, axis=1), np.nan
-            )
-            short = picked_valid.sum(axis=1) < k
-            if fetch >= n_items or not short.any():
-                break
-            pending, fetch = pending[short], min(n_items, fetch * 4)
+            short_rows = []
+            for size in np.unique(fetch[pending]):
+                group = pending[fetch[pending] == size]
+                scores, rows = search(state.index, queries[group], int(size), knobs)
+                valid = rows >= 0
+                safe = np.where(valid, rows, 0)
+                valid &= allowed[safe]
+                valid &= ~np.isin(group[:, None] * n_items + safe, codes)
+                order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+                picked_valid = np.take_along_axis(valid, order, axis=1)
+                width = order.shape[1]
+                out_rows[group, :width] = np.where(
+                    picked_valid, np.take_along_axis(rows, order, axis=1), -1
+                )
+                out_scores[group, :width] = np.where(
+                    picked_valid, np.take_along_axis(scores, order, axis=1), np.nan
+                )
+                if size < n_items:
+                    short_rows.append(group[picked_valid.sum(axis=1) < k])
+            pending = np.concatenate(short_rows) if short_rows else np.zeros(0, np.int64)
+            fetch[pending] = np.minimum(n_items, fetch[pending] * 4)
         return out_rows, out_scores
 
     # ----------------------------------------------------------- catalogue edits

@@ -17,6 +17,7 @@ import pandas as pd
 
 from retrieval import bundle as layout
 from retrieval.embeddings import write_embeddings
+from retrieval.index import auto_factory
 from towers.data.prepare import PreparedData, catalogue_rows, user_attribute_rows
 from towers.data.schema import ITEM_ID, USER_ID
 from towers.export.index import IndexReport, build_index, tune_and_check
@@ -102,7 +103,7 @@ def write_bundle_files(
     item_vectors = embed(model.item_tower, data.catalogue_inputs)
     query_inputs = {k: v[: settings.recall_queries] for k, v in data.test.user_inputs.items()}
     queries = embed(model.user_tower, query_inputs)
-    factory = settings.index
+    factory = auto_factory(len(item_vectors)) if settings.index == "auto" else settings.index
     index = build_index(item_vectors, factory)
     report: IndexReport = tune_and_check(
         index,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,6 +14,10 @@ from torch import Tensor, nn
 
 from towers.model.loss import candidate_log_q, in_batch_softmax_loss
 from towers.model.towers import TowerShape, TowerSpec, TwoTowerModel
+
+# The module moves its own batches (see transfer_batch_to_device); Lightning warns that a
+# datamodule is also present, which is expected here.
+warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]

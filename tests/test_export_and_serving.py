@@ -1,0 +1,183 @@
+"""Export guarantees (recall floor, embeddings, latest link, CLI) and serving under threads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from retrieval import RequestError, Retriever
+from retrieval.bundle import ITEM_EMBEDDINGS, USER_EMBEDDINGS
+from towers.export.bundle import ExportSettings, export_bundle
+from towers.export.onnx_export import ExportError
+from towers.pipeline import TrainResult
+
+from .conftest import ROOT
+
+
+def test_export_fails_below_the_recall_floor_and_leaves_nothing(
+    trained: TrainResult, tmp_path: Path
+) -> None:
+    settings = ExportSettings(index="IVF16,Flat", search_params={"nprobe": 1}, recall_floor=0.99)
+    with pytest.raises(ExportError, match=r"IVF16,Flat.*recall@100 0\.\d+ < floor 0\.99"):
+        export_bundle(trained.module, trained.data, tmp_path / "bundle", settings=settings)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_auto_index_and_tuned_knobs_reach_the_floor(trained: TrainResult, tmp_path: Path) -> None:
+    bundle = export_bundle(
+        trained.module, trained.data, tmp_path / "b", settings=ExportSettings(index="IVF8,Flat")
+    )
+    index = Retriever.load(bundle).manifest["index"]
+    assert index["ann_recall@100"] >= 0.95 and "nprobe" in index["search_params"]
+    auto = export_bundle(
+        trained.module, trained.data, tmp_path / "auto", settings=ExportSettings(index="auto")
+    )
+    assert Retriever.load(auto).manifest["index"]["factory"] == "Flat"  # a small catalogue
+
+
+def test_embeddings_parquet_for_batch_jobs(trained: TrainResult, tmp_path: Path) -> None:
+    settings = ExportSettings(user_embeddings=True, latest=str(tmp_path / "latest"))
+    bundle = export_bundle(trained.module, trained.data, tmp_path / "b", settings=settings)
+    items = pd.read_parquet(bundle / ITEM_EMBEDDINGS)
+    users = pd.read_parquet(bundle / USER_EMBEDDINGS)
+    assert list(items["item_id"]) == list(trained.data.catalogue["item_id"])
+    vectors = np.stack(items["embedding"].to_numpy())
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert (
+        len(users) >= trained.data.test.n_users
+        and len(users["embedding"].iloc[0]) == vectors.shape[1]
+    )
+    retriever = Retriever.load(tmp_path / "latest")
+    assert (tmp_path / "latest").resolve() == bundle
+    # a stored user vector is what the serving runtime computes for that user
+    user = users["user_id"].iloc[0]
+    np.testing.assert_allclose(
+        retriever.embed_users([user])[0], users["embedding"].iloc[0], atol=1e-5
+    )
+
+
+def test_latest_link_moves_to_the_newest_bundle(trained: TrainResult, tmp_path: Path) -> None:
+    latest = tmp_path / "latest"
+    first = export_bundle(
+        trained.module, trained.data, tmp_path / "one", settings=ExportSettings(latest=str(latest))
+    )
+    second = export_bundle(
+        trained.module, trained.data, tmp_path / "two", settings=ExportSettings(latest=str(latest))
+    )
+    assert latest.resolve() == second != first
+
+
+def test_cuda_without_a_gpu_says_what_to_install(trained: TrainResult) -> None:
+    import faiss
+    import onnxruntime as ort
+
+    if (
+        getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+        or "CUDAExecutionProvider" in ort.get_available_providers()
+    ):
+        pytest.skip("this machine has GPU support")
+    with pytest.raises(RequestError, match=r"faiss-gpu.*onnxruntime-gpu"):
+        Retriever.load(trained.bundle, device="cuda")
+
+
+def test_concurrent_queries_equal_sequential_ones(trained: TrainResult) -> None:
+    retriever = Retriever.load(trained.bundle)
+    users = list(trained.data.test.user_ids[:60])
+    expected = [
+        list(retriever.recommend(user_id=u, k=10, filter={"tags": "t1"} if i % 3 == 0 else None)[0])
+        for i, u in enumerate(users)
+    ]
+
+    def query(i: int) -> list[str]:
+        return list(
+            retriever.recommend(
+                user_id=users[i], k=10, filter={"tags": "t1"} if i % 3 == 0 else None
+            )[0]
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(query, list(range(len(users))) * 5))
+    assert got == expected * 5
+
+
+def test_adding_items_while_querying_never_shows_half_an_item(trained: TrainResult) -> None:
+    retriever = Retriever.load(trained.bundle)
+    original = set(retriever.item_ids)
+    added: set[str] = set()
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def writer() -> None:
+        for batch in range(20):
+            ids = [f"cold-{batch}-{j}" for j in range(5)]
+            retriever.add_items(
+                pd.DataFrame({"item_id": ids, "category": "c-cold", "tags": "t1", "quality": 0.0})
+            )
+            added.update(ids)
+        stop.set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            ids, scores = retriever.recommend(
+                history=["i1", "i2"], k=20, filter={"category": {"c-cold", "c1"}}
+            )
+            if not np.isfinite(scores).all() or any(i is None for i in ids):
+                problems.append(f"bad result {ids} {scores}")
+            unknown = set(ids) - original - {i for i in ids if str(i).startswith("cold-")}
+            if unknown:
+                problems.append(f"unknown ids {unknown}")
+
+    threads = [threading.Thread(target=reader) for _ in range(4)] + [
+        threading.Thread(target=writer)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not problems, problems[:3]
+    assert set(retriever.item_ids) == original | added
+
+
+def test_export_script_from_a_checkpoint(trained: TrainResult, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    from omegaconf import OmegaConf
+
+    from .conftest import TINY_OVERRIDES, compose_config
+
+    OmegaConf.save(
+        compose_config([*TINY_OVERRIDES, f"paths.output_dir={run_dir}"]),
+        run_dir / ".hydra" / "config.yaml",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "export.py"),
+            str(run_dir),
+            "--ckpt",
+            str(trained.best_checkpoint),
+            "--out",
+            str(tmp_path / "exported"),
+            "export.index=HNSW16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = Retriever.load(tmp_path / "exported")
+    assert exported.manifest["index"]["factory"] == "HNSW16"
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export.py"), str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 1 and "config.yaml: no such file" in missing.stderr
