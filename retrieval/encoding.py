@@ -42,15 +42,28 @@ def _as_str_or_none(values: Iterable[Any]) -> pd.Series:
     return as_str
 
 
+SMALL_INPUT = 256
+
+
+def _small_key(value: Any) -> str | None:
+    """The lookup key of one raw value (None for missing), as ``_as_str_or_none`` would."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
 @dataclass
 class Vocabulary:
     """Maps raw values (kept as strings) to indices; unknown values go to ``OOV_INDEX``."""
 
     values: list[str]
     _index: pd.Index = field(init=False, repr=False, compare=False)
+    _lookup: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._index = pd.Index(self.values, dtype=object)
+        self._index.get_indexer(["warm-up"])  # build pandas' hash table now, once
+        self._lookup = {value: i + FIRST_KNOWN_INDEX for i, value in enumerate(self.values)}
 
     @classmethod
     def fit(cls, values: Iterable[Any], min_count: int = 1) -> Vocabulary:
@@ -69,6 +82,11 @@ class Vocabulary:
 
     def encode(self, values: Iterable[Any]) -> np.ndarray:
         """Indices (int64) of ``values``; missing or unknown values map to ``OOV_INDEX``."""
+        if isinstance(values, (list, tuple)) and len(values) <= SMALL_INPUT:
+            # Serving asks for a handful of values at a time: a dict beats pandas there.
+            return np.fromiter(
+                (self._lookup.get(_small_key(v), OOV_INDEX) for v in values), np.int64, len(values)
+            )
         as_str = _as_str_or_none(values)
         positions = self._index.get_indexer(as_str.fillna("\x00missing").to_numpy())
         return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(np.int64)

@@ -56,10 +56,19 @@ class CatalogueState:
     popularity: np.ndarray
     removed: np.ndarray
     version: int
+    lookup: dict[str, int]
 
     @property
     def size(self) -> int:
         return len(self.item_ids)
+
+    def rows_of(self, item_ids: Sequence[Any]) -> np.ndarray:
+        """Row of each id in the index (-1 when unknown)."""
+        if len(item_ids) <= 256:
+            return np.fromiter(
+                (self.lookup.get(str(i), -1) for i in item_ids), np.int64, len(item_ids)
+            )
+        return self.rows.get_indexer([str(i) for i in item_ids]).astype(np.int64)
 
 
 def _check_k(k: Any) -> int:
@@ -91,7 +100,15 @@ class Retriever:
         self.encoders = encoders
         self.device = device
         self._state = state
-        self._users = users.set_index(USER_ID)
+        users = users.reset_index(drop=True)
+        self._user_position = {str(u): i for i, u in enumerate(users[USER_ID])}
+        self._user_histories = users[layout.HISTORY_COLUMN].to_numpy()
+        self._user_seen = users[layout.SEEN_COLUMN].to_numpy()
+        attributes = users.drop(columns=[layout.HISTORY_COLUMN, layout.SEEN_COLUMN])
+        # one extra all-missing row, taken for users the bundle does not know
+        self._user_attributes = pd.concat(
+            [attributes, attributes.iloc[:0].reindex([0])], ignore_index=True
+        )
         self._user_session = user_session
         self._item_session = item_session
         self._user_inputs = [i.name for i in user_session.get_inputs()]
@@ -102,8 +119,7 @@ class Retriever:
         self._write_lock = threading.Lock()
         self._mask_lock = threading.Lock()
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        # Build pandas' lazy lookup tables now, not concurrently on a first request.
-        self._users.index.get_indexer(["warm-up"])
+        # Build pandas' lazy lookup table now, not concurrently on a first request.
         state.rows.get_indexer(["warm-up"])
 
     # ------------------------------------------------------------------ loading
@@ -163,6 +179,7 @@ class Retriever:
             popularity=items[layout.COUNT_COLUMN].to_numpy(dtype=np.float32),
             removed=removed,
             version=0,
+            lookup={item: row for row, item in enumerate(ids)},
         )
         return cls(bundle, manifest, encoders, state, users, user_session, item_session, device)
 
@@ -248,7 +265,7 @@ class Retriever:
         return dict(self._default_knobs)
 
     def known_user(self, user_id: Any) -> bool:
-        return user_id is not None and str(user_id) in self._users.index
+        return user_id is not None and str(user_id) in self._user_position
 
     # ---------------------------------------------------------------- encoding
     def _user_rows(
@@ -258,18 +275,17 @@ class Retriever:
         user_features: Sequence[Mapping[str, Any] | None],
     ) -> tuple[list[list[str]], pd.DataFrame, list[list[str]]]:
         """Per user: full history (stored + given), attribute rows, seen items."""
-        keys = [str(u) if u is not None else None for u in user_ids]
-        stored = self._users.reindex(pd.Index(keys, dtype=object))
+        missing = len(self._user_attributes) - 1
+        positions = [
+            self._user_position.get(str(u), missing) if u is not None else missing for u in user_ids
+        ]
         full_histories, seen = [], []
-        for row, given in enumerate(histories):
-            record = stored.iloc[row]
-            known = keys[row] is not None and self.known_user(keys[row])
-            past = [str(i) for i in record[layout.HISTORY_COLUMN]] if known else []
+        for position, given in zip(positions, histories, strict=True):
+            known = position != missing
+            past = [str(i) for i in self._user_histories[position]] if known else []
             full_histories.append(past + [str(i) for i in (given or [])])
-            seen.append([str(i) for i in record[layout.SEEN_COLUMN]] if known else [])
-        attributes = stored.drop(columns=[layout.HISTORY_COLUMN, layout.SEEN_COLUMN]).reset_index(
-            drop=True
-        )
+            seen.append([str(i) for i in self._user_seen[position]] if known else [])
+        attributes = self._user_attributes.iloc[positions].reset_index(drop=True)
         for row, features in enumerate(user_features):
             for name, value in (features or {}).items():
                 if name not in attributes.columns:
@@ -362,8 +378,8 @@ class Retriever:
     def _banned_rows(self, state: CatalogueState, ids: Sequence[Any]) -> np.ndarray:
         if not ids:
             return np.zeros(0, dtype=np.int64)
-        rows = state.rows.get_indexer([str(i) for i in ids])
-        return np.unique(rows[rows >= 0]).astype(np.int64)
+        rows = state.rows_of(ids)
+        return np.unique(rows[rows >= 0])
 
     def recommend(
         self,
@@ -469,7 +485,7 @@ class Retriever:
         state = self._state
         knobs = {**self._default_knobs, **dict(search_params or {})}
         search_parameters(state.index, knobs)
-        row = state.rows.get_indexer([str(item_id)])[0]
+        row = state.rows_of([item_id])[0]
         allowed = self._allowed(state, filter)
         banned = np.array([row], dtype=np.int64) if row >= 0 else np.zeros(0, np.int64)
         if row < 0:
@@ -606,6 +622,10 @@ class Retriever:
                 popularity=np.concatenate([state.popularity, np.zeros(len(table), np.float32)]),
                 removed=np.concatenate([state.removed, np.zeros(len(table), bool)]),
                 version=state.version + 1,
+                lookup={
+                    **state.lookup,
+                    **{item: state.size + j for j, item in enumerate(table[ITEM_ID])},
+                },
             )
             self._state.rows.get_indexer(["warm-up"])
         log.info("added %d item(s); catalogue now %d", len(table), len(ids))
@@ -616,7 +636,7 @@ class Retriever:
         items were newly hidden."""
         with self._write_lock:
             state = self._state
-            rows = state.rows.get_indexer([str(i) for i in item_ids])
+            rows = state.rows_of(list(item_ids))
             rows = rows[rows >= 0]
             removed = state.removed.copy()
             newly = int((~removed[rows]).sum())

@@ -1,0 +1,193 @@
+"""Serving speed: ``Retriever.recommend`` / ``recommend_batch`` next to raw FAISS search.
+
+A synthetic bundle per catalogue size: clustered unit item vectors (synthetic vectors
+are fine for scale), a randomly initialised user tower exported to ONNX (so
+``recommend`` pays for the real tower), known users with histories, and an index
+tuned at export to the recall floor like any bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+
+from retrieval import Retriever
+from retrieval import bundle as layout
+from retrieval.embeddings import write_embeddings
+from retrieval.encoding import EntityEncoder, FeatureEncoders, Vocabulary
+from retrieval.index import search
+from towers.export.index import build_index, tune_and_check
+from towers.export.onnx_export import export_tower
+from towers.model.towers import TowerSpec, TwoTowerModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalBenchSettings:
+    dim: int = 64
+    users: int = 2000
+    history_length: int = 20
+    k: int = 10
+    single_calls: int = 300
+    batch_size: int = 256
+    batches: int = 8
+    seed: int = 0
+
+
+def clustered_vectors(
+    n: int, dim: int, rng: np.random.Generator, clusters: int = 256
+) -> np.ndarray:
+    centres = rng.normal(size=(clusters, dim))
+    vectors = centres[rng.integers(0, clusters, n)] + 0.6 * rng.normal(size=(n, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def synthetic_bundle(path: Path, n_items: int, factory: str, s: RetrievalBenchSettings) -> Path:
+    """Write a complete, checksummed bundle for ``n_items`` synthetic items."""
+    rng = np.random.default_rng(s.seed)
+    item_ids = np.array([f"i{i}" for i in range(n_items)], dtype=object)
+    user_ids = np.array([f"u{i}" for i in range(s.users)], dtype=object)
+    encoders = FeatureEncoders(
+        items=EntityEncoder("item", Vocabulary(list(item_ids)), use_id=True),
+        users=EntityEncoder("user", Vocabulary(list(user_ids)), use_id=True),
+        history_length=s.history_length,
+    )
+    torch.manual_seed(s.seed)
+    model = TwoTowerModel(TowerSpec.from_encoders(encoders), embedding_dim=s.dim).eval()
+    histories = [list(item_ids[rng.integers(0, n_items, s.history_length)]) for _ in range(s.users)]
+    user_inputs = encoders.user_inputs(list(user_ids), encoders.encode_histories(histories), None)
+    vectors = clustered_vectors(n_items, s.dim, rng)
+    with layout.staged_directory(path) as staging:
+        export_tower(
+            model.user_tower,
+            encoders.user_input_names,
+            {k: v[:64] for k, v in user_inputs.items()},
+            staging / layout.USER_TOWER,
+        )
+        export_tower(
+            model.item_tower,
+            encoders.item_input_names,
+            encoders.item_inputs(pd.DataFrame({"item_id": item_ids[:64]})),
+            staging / layout.ITEM_TOWER,
+        )
+        with torch.no_grad():
+            queries = model.user_tower(
+                {k: torch.from_numpy(v[:1000]) for k, v in user_inputs.items()}
+            ).numpy()
+        index = build_index(vectors, factory)
+        report = tune_and_check(index, factory, vectors, queries, k=100, floor=0.95)
+        faiss.write_index(index, str(staging / layout.INDEX))
+        write_embeddings(staging / layout.ITEM_EMBEDDINGS, "item_id", item_ids, vectors)
+        pd.DataFrame(
+            {
+                "item_id": item_ids,
+                layout.COUNT_COLUMN: rng.zipf(1.5, n_items).clip(max=10**6),
+                layout.REMOVED_COLUMN: False,
+            }
+        ).to_parquet(staging / layout.ITEMS, index=False)
+        pd.DataFrame(
+            {"user_id": user_ids, layout.HISTORY_COLUMN: histories, layout.SEEN_COLUMN: histories}
+        ).to_parquet(staging / layout.USERS, index=False)
+        encoders.save(staging / layout.ENCODERS)
+        manifest = {
+            "format_version": layout.FORMAT_VERSION,
+            "metric": layout.METRIC,
+            "embedding_dim": s.dim,
+            "index": {
+                "factory": report.factory,
+                "ntotal": n_items,
+                "search_params": report.knobs,
+                "ann_recall@100": report.recall,
+            },
+            "counts": {"items": n_items, "users": s.users},
+            "synthetic": True,
+        }
+        layout.write_manifest(staging, manifest)
+    return path
+
+
+def percentiles(seconds: list[float]) -> tuple[float, float]:
+    ms = np.asarray(seconds) * 1000
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def measure(retriever: Retriever, s: RetrievalBenchSettings, threads: int) -> dict[str, Any]:
+    """Latency of one-user calls and throughput of batches, with raw FAISS alongside."""
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(s.seed + 1)
+    users = [f"u{i}" for i in rng.integers(0, s.users, s.single_calls)]
+    knobs = retriever.search_params
+    index = retriever._state.index
+    queries = retriever.embed_users(users[: s.batch_size])
+    fetch = s.k + s.history_length  # what recommend asks FAISS for: k + the user's seen items
+    single, raw_single = [], []
+    for i, user in enumerate(users):
+        start = time.perf_counter()
+        retriever.recommend(user_id=user, k=s.k)
+        single.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        search(index, queries[i % len(queries)][None, :], fetch, knobs)
+        raw_single.append(time.perf_counter() - start)
+    batch_users = [
+        users[(b * s.batch_size + j) % len(users)]
+        for b in range(s.batches)
+        for j in range(s.batch_size)
+    ]
+    start = time.perf_counter()
+    for b in range(s.batches):
+        retriever.recommend_batch(batch_users[b * s.batch_size : (b + 1) * s.batch_size], k=s.k)
+    batch_qps = s.batches * s.batch_size / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(s.batches):
+        search(index, queries, fetch, knobs)
+    raw_qps = s.batches * len(queries) / (time.perf_counter() - start)
+    p50, p99 = percentiles(single)
+    raw_p50, raw_p99 = percentiles(raw_single)
+    return {
+        "threads": threads,
+        "recommend_p50_ms": p50,
+        "recommend_p99_ms": p99,
+        "faiss_p50_ms": raw_p50,
+        "faiss_p99_ms": raw_p99,
+        "recommend_batch_qps": batch_qps,
+        "faiss_batch_qps": raw_qps,
+        "p50_ratio": p50 / raw_p50,
+        "qps_ratio": batch_qps / raw_qps,
+    }
+
+
+def run(
+    sizes: list[int], factories: dict[int, list[str]], s: RetrievalBenchSettings, workdir: Path
+) -> list[dict[str, Any]]:
+    all_threads = faiss.omp_get_max_threads()
+    rows = []
+    for n in sizes:
+        for factory in factories[n]:
+            start = time.perf_counter()
+            bundle = synthetic_bundle(workdir / f"{n}-{factory.replace(',', '_')}", n, factory, s)
+            build_s = time.perf_counter() - start
+            retriever = Retriever.load(bundle)
+            index_info = retriever.manifest["index"]
+            for threads in sorted({1, all_threads}):
+                row = {
+                    "items": n,
+                    "index": index_info["factory"],
+                    "knobs": str(index_info["search_params"] or "-"),
+                    "ann_recall@100": index_info["ann_recall@100"],
+                    "build_s": build_s,
+                    **measure(retriever, s, threads),
+                }
+                log.info("%s", row)
+                rows.append(row)
+    faiss.omp_set_num_threads(all_threads)
+    return rows
