@@ -1,0 +1,168 @@
+"""Classic recommenders behind one small interface, scored by twotower's own metric code.
+
+Each baseline is fitted on a user x item CSR matrix (rows: users, columns: catalogue
+rows) and returns dense scores for a chunk of users; ranking, exclusions and metrics
+are the project's (:mod:`towers.evaluation`), so every model is measured the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+
+class Baseline:
+    """fit(train) then scores(users) -> (len(users), n_items)."""
+
+    name = "baseline"
+
+    def fit(self, train: sp.csr_matrix) -> Baseline:
+        raise NotImplementedError
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Popularity(Baseline):
+    name = "popularity"
+
+    def fit(self, train: sp.csr_matrix) -> Popularity:
+        self.counts = np.asarray(train.sum(axis=0)).ravel().astype(np.float32)
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self.counts, (len(users), len(self.counts)))
+
+
+class EASE(Baseline):
+    """Embarrassingly Shallow Autoencoder (Steck 2019): closed-form item-item weights."""
+
+    name = "ease"
+
+    def __init__(self, l2: float = 200.0) -> None:
+        self.l2 = l2
+
+    def fit(self, train: sp.csr_matrix) -> EASE:
+        gram = (train.T @ train).toarray().astype(np.float64)
+        gram[np.diag_indices_from(gram)] += self.l2
+        precision = np.linalg.inv(gram)
+        weights = -precision / np.diag(precision)
+        np.fill_diagonal(weights, 0.0)
+        self.weights = weights.astype(np.float32)
+        self.train = train
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return np.asarray(self.train[users] @ self.weights)
+
+
+class EASERecent(EASE):
+    """EASE fitted on all of train, scoring from each user's last ``recent`` train items."""
+
+    name = "ease_recent"
+
+    def __init__(self, l2: float = 200.0, recent: sp.csr_matrix | None = None) -> None:
+        super().__init__(l2)
+        self.recent = recent
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        assert self.recent is not None, "EASERecent needs the recent-items matrix"
+        return np.asarray(self.recent[users] @ self.weights)
+
+
+class ItemKNN(Baseline):
+    """Item-based cosine neighbours (top ``neighbours`` per item)."""
+
+    name = "itemknn"
+
+    def __init__(self, neighbours: int = 100) -> None:
+        self.neighbours = neighbours
+
+    def fit(self, train: sp.csr_matrix) -> ItemKNN:
+        norms = np.sqrt(np.asarray(train.multiply(train).sum(axis=0)).ravel()) + 1e-9
+        sim = (train.T @ train).toarray() / norms[:, None] / norms[None, :]
+        np.fill_diagonal(sim, 0.0)
+        if self.neighbours < sim.shape[0]:
+            cut = np.argpartition(-sim, self.neighbours, axis=0)[self.neighbours :]
+            np.put_along_axis(sim, cut, 0.0, axis=0)
+        self.sim = sim.astype(np.float32)
+        self.train = train
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return np.asarray(self.train[users] @ self.sim)
+
+
+class ImplicitModel(Baseline):
+    """iALS or BPR from the ``implicit`` library; scores are user . item factors."""
+
+    def __init__(self, kind: str, **params: Any) -> None:
+        self.kind = kind
+        self.name = kind
+        self.params = params
+
+    def fit(self, train: sp.csr_matrix) -> ImplicitModel:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+        cls = AlternatingLeastSquares if self.kind == "ials" else BayesianPersonalizedRanking
+        self.model = cls(random_state=42, **self.params)
+        self.model.fit(train.astype(np.float32), show_progress=False)
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return self.model.user_factors[users] @ self.model.item_factors.T
+
+
+class LightFMModel(Baseline):
+    """LightFM WARP, pure collaborative or with item features (optional dependency)."""
+
+    def __init__(self, item_features: sp.csr_matrix | None = None, **params: Any) -> None:
+        self.item_features = item_features
+        self.params = params
+        self.name = "lightfm_hybrid" if item_features is not None else "lightfm"
+
+    def fit(self, train: sp.csr_matrix) -> LightFMModel:
+        from lightfm import LightFM
+
+        epochs = self.params.pop("epochs", 30)
+        self.model = LightFM(loss="warp", random_state=42, **self.params)
+        self.model.fit(
+            train.tocoo(), item_features=self.item_features, epochs=epochs, num_threads=2
+        )
+        self.params["epochs"] = epochs
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        biases, factors = self.model.get_item_representations(self.item_features)
+        _, user_factors = self.model.get_user_representations()
+        return user_factors[users] @ factors.T + biases[None, :]
+
+
+@dataclass
+class Candidate:
+    """A baseline with one hyper-parameter setting, for validation search."""
+
+    make: Callable[[], Baseline]
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def grid(make: Callable[..., Baseline], **values: Sequence[Any]) -> list[Candidate]:
+    """Every combination of ``values`` as a :class:`Candidate`."""
+    import itertools
+
+    keys = list(values)
+    return [
+        Candidate(
+            lambda combo=combo: make(**dict(zip(keys, combo, strict=True))),
+            dict(zip(keys, combo, strict=True)),
+        )
+        for combo in itertools.product(*(values[k] for k in keys))
+    ]

@@ -1,0 +1,257 @@
+"""Quality benchmark: twotower next to classic recommenders on one EVALUATION.md split.
+
+The split is built once (by the same code the training pipeline uses); every baseline
+picks its hyper-parameters on validation (fitted on train minus validation), is refitted
+on all of train with the chosen setting, and is scored once on test. twotower is trained
+with its default config for the dataset and scored through the served bundle
+(:class:`retrieval.Retriever`), so its numbers are those a served model gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from omegaconf import DictConfig
+
+from retrieval import Retriever
+from towers.benchmarks.baselines import (
+    EASE,
+    Candidate,
+    EASERecent,
+    ImplicitModel,
+    ItemKNN,
+    LightFMModel,
+    Popularity,
+    grid,
+)
+from towers.data.prepare import EvalSet, PreparedData, catalogue_rows
+from towers.data.schema import ITEM_ID, USER_ID
+from towers.evaluation.metrics import ranking_metrics
+from towers.evaluation.ranking import top_k_excluding
+from towers.pipeline import prepare, train
+
+log = logging.getLogger(__name__)
+KS = (10, 20, 50)
+CURVE_KS = tuple(range(1, 51))
+SELECT_ON = "ndcg@20"
+RECENT_ITEMS = 20
+
+
+@dataclass
+class Matrices:
+    """User x item matrices of one split; rows are users in ``user_index`` order."""
+
+    user_index: pd.Index
+    fit: sp.csr_matrix
+    train: sp.csr_matrix
+    recent_fit: sp.csr_matrix
+    recent_train: sp.csr_matrix
+
+    def rows(self, user_ids: np.ndarray) -> np.ndarray:
+        return self.user_index.get_indexer(user_ids)
+
+
+def interaction_matrix(
+    events: pd.DataFrame, users: pd.Index, catalogue: pd.DataFrame, last: int | None = None
+) -> sp.csr_matrix:
+    """Binary user x item matrix; with ``last``, only each user's last ``last`` events
+    (``events`` sorted by user, then time)."""
+    if last is not None:
+        events = events.groupby(USER_ID, sort=False).tail(last)
+    rows = users.get_indexer(events[USER_ID])
+    cols = catalogue_rows(catalogue, events[ITEM_ID])
+    data = np.ones(len(rows), dtype=np.float32)
+    return sp.csr_matrix((data, (rows, cols)), shape=(len(users), len(catalogue)))
+
+
+def build_matrices(data: PreparedData) -> Matrices:
+    split = data.split
+    users = pd.Index(pd.unique(pd.concat([split.train[USER_ID], split.test[USER_ID]])))
+    return Matrices(
+        users,
+        interaction_matrix(split.fit, users, data.catalogue),
+        interaction_matrix(split.train, users, data.catalogue),
+        interaction_matrix(split.fit, users, data.catalogue, RECENT_ITEMS),
+        interaction_matrix(split.train, users, data.catalogue, RECENT_ITEMS),
+    )
+
+
+def top_lists(
+    score_rows: Callable[[np.ndarray], np.ndarray],
+    rows: np.ndarray,
+    eval_set: EvalSet,
+    n_items: int,
+    k: int = 50,
+) -> np.ndarray:
+    """(n_users, k) catalogue rows, the user's known items excluded."""
+    return top_k_excluding(
+        lambda lo, hi: score_rows(rows[lo:hi]),
+        eval_set.n_users,
+        k,
+        eval_set.exclude_users,
+        eval_set.exclude_items,
+    )
+
+
+def metrics_of(
+    top: np.ndarray, eval_set: EvalSet, n_items: int, ks: Sequence[int] = KS
+) -> dict[str, float]:
+    return ranking_metrics(top, eval_set.target_users, eval_set.target_items, n_items, ks)
+
+
+def candidates(
+    data: PreparedData, matrices: Matrices, with_lightfm: bool
+) -> dict[str, list[Candidate]]:
+    """Hyper-parameter grids per baseline (searched on validation only)."""
+    l2 = (50.0, 100.0, 200.0, 500.0, 1000.0)
+    models: dict[str, list[Candidate]] = {
+        "popularity": [Candidate(Popularity)],
+        "ease": grid(EASE, l2=l2),
+        "ease_recent": grid(lambda l2: EASERecent(l2), l2=l2),
+        "itemknn": grid(ItemKNN, neighbours=(50, 100, 200)),
+        "ials": grid(
+            lambda **p: ImplicitModel("ials", **p),
+            factors=(64, 128),
+            regularization=(1.0, 10.0),
+            alpha=(1.0,),
+            iterations=(15,),
+        ),
+        "bpr": grid(
+            lambda **p: ImplicitModel("bpr", **p),
+            factors=(64, 128),
+            learning_rate=(0.01, 0.05),
+            regularization=(0.01,),
+            iterations=(100,),
+        ),
+    }
+    if with_lightfm:
+        features = item_feature_matrix(data)
+        models["lightfm"] = grid(
+            lambda **p: LightFMModel(None, **p),
+            no_components=(64,),
+            learning_rate=(0.05,),
+            epochs=(20, 40),
+        )
+        models["lightfm_hybrid"] = grid(
+            lambda **p: LightFMModel(features, **p),
+            no_components=(64,),
+            learning_rate=(0.05,),
+            epochs=(20, 40),
+        )
+    return models
+
+
+def item_feature_matrix(data: PreparedData) -> sp.csr_matrix:
+    """Identity + categorical/multi-hot tokens of every catalogue item (LightFM hybrid)."""
+    blocks = [sp.identity(data.n_items, format="csr", dtype=np.float32)]
+    for name, values in data.catalogue_inputs.items():
+        if name in ("item_cat", "item_bag"):
+            rows = np.repeat(np.arange(data.n_items), values.shape[1])
+            tokens = values.ravel()
+            keep = tokens > 1
+            width = int(tokens.max()) + 1
+            blocks.append(
+                sp.csr_matrix(
+                    (np.ones(keep.sum(), np.float32), (rows[keep], tokens[keep])),
+                    shape=(data.n_items, width),
+                )
+            )
+    matrix = sp.hstack(blocks).tocsr()
+    norms = np.asarray(matrix.sum(axis=1)).ravel()
+    return sp.diags(1.0 / np.maximum(norms, 1.0)) @ matrix
+
+
+def run_baseline(
+    name: str, grid_: list[Candidate], data: PreparedData, matrices: Matrices
+) -> dict[str, Any]:
+    """Pick on validation (fit split), refit on train, score test once."""
+    val_rows, test_rows = matrices.rows(data.validation.user_ids), matrices.rows(data.test.user_ids)
+    best: tuple[float, Candidate] | None = None
+    for candidate in grid_:
+        model = candidate.make()
+        if isinstance(model, EASERecent):
+            model.recent = matrices.recent_fit
+        model.fit(matrices.fit)
+        val = metrics_of(
+            top_lists(model.scores, val_rows, data.validation, data.n_items),
+            data.validation,
+            data.n_items,
+        )
+        log.info("%s %s: val %s %.4f", name, candidate.params, SELECT_ON, val[SELECT_ON])
+        if best is None or val[SELECT_ON] > best[0]:
+            best = (val[SELECT_ON], candidate)
+    assert best is not None
+    model = best[1].make()
+    if isinstance(model, EASERecent):
+        model.recent = matrices.recent_train
+    start = time.perf_counter()
+    model.fit(matrices.train)
+    fit_seconds = time.perf_counter() - start
+    top = top_lists(model.scores, test_rows, data.test, data.n_items)
+    return {
+        "model": name,
+        "params": best[1].params,
+        "val_" + SELECT_ON: best[0],
+        "fit_s": fit_seconds,
+        **metrics_of(top, data.test, data.n_items),
+        "curve": metrics_of(top, data.test, data.n_items, CURVE_KS),
+    }
+
+
+def run_twotower(cfg: DictConfig, data: PreparedData) -> dict[str, Any]:
+    """Train with the dataset's default config, then score test through the served bundle."""
+    start = time.perf_counter()
+    result = train(cfg)
+    fit_seconds = time.perf_counter() - start
+    assert result is not None
+    retriever = Retriever.load(result.bundle)
+    ids, _ = retriever.recommend_batch(user_ids=list(data.test.user_ids), k=50)
+    rows = pd.Index(data.catalogue[ITEM_ID]).get_indexer(ids.ravel()).reshape(ids.shape)
+    return {
+        "model": "twotower",
+        "params": {"config": cfg.get("experiment_name", "default")},
+        "val_" + SELECT_ON: result.metrics[f"val/{SELECT_ON}"],
+        "fit_s": fit_seconds,
+        **metrics_of(rows, data.test, data.n_items),
+        "curve": metrics_of(rows, data.test, data.n_items, CURVE_KS),
+    }
+
+
+def run(
+    cfg: DictConfig, models: Sequence[str] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """All requested models on the split of ``cfg``; returns rows and split statistics."""
+    data = prepare(cfg)
+    matrices = build_matrices(data)
+    try:
+        import lightfm  # noqa: F401
+
+        with_lightfm = True
+    except ImportError:
+        log.warning(
+            "lightfm is not installed: its rows are skipped (see README, quality benchmark)"
+        )
+        with_lightfm = False
+    grids = candidates(data, matrices, with_lightfm)
+    wanted = list(models) if models else [*grids, "twotower"]
+    rows = []
+    for name in wanted:
+        if name == "twotower":
+            rows.append(run_twotower(cfg, data))
+        elif name in grids:
+            rows.append(run_baseline(name, grids[name], data, matrices))
+        else:
+            log.warning("unknown or unavailable model %s: skipped", name)
+    stats = {
+        **data.info,
+        "test_users_scored": int(np.unique(data.test.target_users).size),
+        "items": data.n_items,
+    }
+    return rows, stats
