@@ -112,3 +112,21 @@ def test_multirun_sweep_returns_the_optimised_metric(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(tmp_path.glob("*/metrics.json"))
     assert len(runs) == 2
+
+
+def test_refit_trains_on_all_of_train_for_the_chosen_epochs(tmp_path: Path) -> None:
+    cfg = compose_config(
+        [*TINY_OVERRIDES, "train.refit=true", "logger=none", f"paths.output_dir={tmp_path}"]
+    )
+    result = train(cfg)
+    assert result is not None
+    best_epoch = torch.load(result.best_checkpoint, weights_only=False)["epoch"]
+    assert result.metrics["refit_epochs"] == best_epoch + 1
+    assert result.data.info["trained_on"] == "train"
+    validation_only = set(result.data.split.validation["item_id"]) - set(
+        result.data.split.fit["item_id"]
+    )
+    known = set(result.data.encoders.items.ids.values)
+    assert validation_only <= known  # the refit saw the validation events
+    assert (tmp_path / "checkpoints" / "refit" / "last.ckpt").is_file()
+    assert 0 < result.metrics["test/recall@20"] <= 1

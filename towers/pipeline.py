@@ -69,12 +69,12 @@ def export_settings(cfg: DictConfig) -> ExportSettings:
     return ExportSettings(**values)
 
 
-def prepare(cfg: DictConfig) -> PreparedData:
-    """Load, split and encode the data named by ``cfg.data``."""
+def prepare(cfg: DictConfig, fit_on: str = "fit") -> PreparedData:
+    """Load, split and encode the data named by ``cfg.data`` (see ``prepare_data``)."""
     raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
     events = prepare_interactions(raw.interactions, cfg.data.get("min_rating"))
     split = make_split(events, **cfg.split, seed=cfg.seed)
-    data = prepare_data(raw, split, feature_settings(cfg.features))
+    data = prepare_data(raw, split, feature_settings(cfg.features), fit_on)
     log.info("split %s", data.info)
     return data
 
@@ -138,6 +138,43 @@ def build_trainer(
     return trainer, checkpoint, loggers
 
 
+def refit_on_train(
+    cfg: DictConfig, best: Path, output_dir: Path
+) -> tuple[TwoTowerModule, PreparedData, dict[str, float]]:
+    """EVALUATION.md's protocol: with the epoch count chosen on validation, train again
+    from scratch on all of train, and score that model on test (validation metrics stay
+    those of the selection run, since validation is training data here)."""
+    import torch
+
+    epochs = int(torch.load(best, map_location="cpu", weights_only=False)["epoch"]) + 1
+    log.info(
+        "refitting on all of train for %d epoch(s), the best epoch count on validation", epochs
+    )
+    pl.seed_everything(cfg.seed, workers=True)
+    data = prepare(cfg, fit_on="train")
+    datamodule = TwoTowerDataModule.from_prepared(
+        data, cfg.train.batch_size, cfg.seed, cfg.model.mixed_negatives
+    )
+    module = build_module(cfg, data, datamodule)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        max_epochs=epochs,
+        devices=1,  # the refit runs in one process, after any DDP selection run
+        strategy="auto",
+        logger=False,
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=output_dir / "checkpoints" / "refit", save_last=True, save_top_k=0
+            )
+        ],
+    )
+    trainer.fit(module, datamodule=datamodule, weights_only=False)
+    module = module.cpu().eval()
+    test = evaluate_module(module, data.catalogue_inputs, data.test, list(cfg.eval.ks), "test/")
+    test.update(evaluate_popularity(data.test, list(cfg.eval.ks), "test_popularity/"))
+    return module, data, {**test, "refit_epochs": float(epochs)}
+
+
 def train(cfg: DictConfig) -> TrainResult | None:
     """Run the whole job; writes ``metrics.json``, logs, checkpoints and the bundle into
     ``cfg.paths.output_dir``. Returns None on DDP processes other than rank 0."""
@@ -160,6 +197,9 @@ def train(cfg: DictConfig) -> TrainResult | None:
         module = TwoTowerModule.load_from_checkpoint(best, map_location="cpu", weights_only=False)
     module = module.cpu().eval()
     metrics = evaluate_all(module, data, list(cfg.eval.ks))
+    if cfg.train.get("refit") and best is not None:
+        module, data, test_metrics = refit_on_train(cfg, best, out)
+        metrics.update(test_metrics)
     config = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(config, dict)
     for logger in loggers:

@@ -181,11 +181,19 @@ def build_eval_set(
     )
 
 
-def prepare_data(raw: RawData, split: Split, settings: FeatureSettings) -> PreparedData:
-    """Encoders, training samples (from ``split.fit``) and validation / test sets."""
+def prepare_data(
+    raw: RawData, split: Split, settings: FeatureSettings, fit_on: str = "fit"
+) -> PreparedData:
+    """Encoders, training samples and validation / test sets.
+
+    ``fit_on="fit"`` trains on train minus validation (model selection); ``"train"``
+    trains on all of train (the refit after selection; validation is then seen data).
+    """
+    if fit_on not in ("fit", "train"):
+        raise ValueError(f"fit_on must be 'fit' or 'train', got {fit_on!r}")
     catalogue = raw.items.reset_index(drop=True)
-    encoders = fit_encoders(raw, split.fit, settings)
-    fit = split.fit
+    fit = split.fit if fit_on == "fit" else split.train
+    encoders = fit_encoders(raw, fit, settings)
     item_codes = encoders.items.ids.encode(fit[ITEM_ID])
     histories = leakage_free_histories(fit, item_codes, settings.history_length)
     sample_users, user_codes = np.unique(fit[USER_ID].to_numpy(dtype=object), return_inverse=True)
@@ -212,5 +220,5 @@ def prepare_data(raw: RawData, split: Split, settings: FeatureSettings) -> Prepa
         item_log_p=log_p.astype(np.float32),
         validation=build_eval_set(fit, split.validation, catalogue, raw.users, encoders),
         test=build_eval_set(split.train, split.test, catalogue, raw.users, encoders),
-        info={"dataset": raw.name, **split.stats()},
+        info={"dataset": raw.name, "trained_on": fit_on, **split.stats()},
     )
