@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--items")
     parser.add_argument("--users")
     parser.add_argument("--models", help="comma-separated subset, e.g. popularity,ease,twotower")
+    parser.add_argument(
+        "--cold", action="store_true", help="the cold-item split: 10%% of items held out"
+    )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "benchmarks")
     parser.add_argument("--workdir", type=Path, default=Path("outputs/bench_quality"))
     parser.add_argument("overrides", nargs="*", help="twotower config overrides, key=value")
@@ -85,9 +88,11 @@ def main() -> None:
         base = list(DATASETS[args.dataset])
         folder = Path(args.datasets_dir) / args.dataset
         base += [f"data.path={folder}"] if args.dataset != "synthetic" else []
+    name = f"{args.dataset}_cold" if args.cold else args.dataset
+    base += ["split.cold_items=true"] if args.cold else []
     overrides = [
         *base,
-        f"paths.output_dir={args.workdir / args.dataset}",
+        f"paths.output_dir={args.workdir / name}",
         "export.latest=null",
         "trainer.enable_progress_bar=false",
         *args.overrides,
@@ -101,23 +106,24 @@ def main() -> None:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
-    stem = args.out_dir / f"quality_{args.dataset}"
+    stem = args.out_dir / f"quality_{name}"
     table_rows = [
         {**{k: v for k, v in r.items() if k != "curve"}, "params": str(r["params"])} for r in rows
     ]
     write_report(
         stem,
-        f"Quality on {args.dataset} (test split, EVALUATION.md protocol)",
+        f"Quality on {name} (test split, EVALUATION.md protocol)",
         "Every model on the same split (seed 42); baselines choose their settings by validation "
         "NDCG@20 (fitted on train minus validation), are refitted on all of train and scored once "
         "on test; twotower uses its default config for the dataset and is scored through its "
         f"served bundle. Split: {stats}. Packages: {versions}. "
-        f"Command: `python scripts/bench_quality.py --dataset {args.dataset}`.",
+        f"Command: `python scripts/bench_quality.py --dataset {args.dataset}"
+        f"{' --cold' if args.cold else ''}`.",
         {"seed": cfg.seed, "overrides": " ".join(args.overrides) or "-"},
         table_rows,
         COLUMNS,
     )
-    plot(rows, stem.with_suffix(".png"), f"Recall@K on {args.dataset} (test)")
+    plot(rows, stem.with_suffix(".png"), f"Recall@K on {name} (test)")
     print(stem.with_suffix(".md").read_text())
 
 

@@ -41,6 +41,20 @@ class Popularity(Baseline):
         return np.broadcast_to(self.counts, (len(users), len(self.counts)))
 
 
+class RandomScores(Baseline):
+    """Uniform random scores (seeded): the floor any model must clear."""
+
+    name = "random"
+
+    def fit(self, train: sp.csr_matrix) -> RandomScores:
+        self.n_items = train.shape[1]
+        return self
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(int(users[0]) if len(users) else 0)
+        return rng.random((len(users), self.n_items), dtype=np.float32)
+
+
 class EASE(Baseline):
     """Embarrassingly Shallow Autoencoder (Steck 2019): closed-form item-item weights."""
 

@@ -29,6 +29,7 @@ from towers.benchmarks.baselines import (
     ItemKNN,
     LightFMModel,
     Popularity,
+    RandomScores,
     grid,
 )
 from towers.data.prepare import EvalSet, PreparedData, catalogue_rows
@@ -113,6 +114,7 @@ def candidates(
     l2 = (50.0, 100.0, 200.0, 500.0, 1000.0)
     models: dict[str, list[Candidate]] = {
         "popularity": [Candidate(Popularity)],
+        "random": [Candidate(RandomScores)],
         "ease": grid(EASE, l2=l2),
         "ease_recent": grid(lambda l2: EASERecent(l2), l2=l2),
         "itemknn": grid(ItemKNN, neighbours=(50, 100, 200)),
@@ -240,7 +242,14 @@ def run(
         )
         with_lightfm = False
     grids = candidates(data, matrices, with_lightfm)
-    wanted = list(models) if models else [*grids, "twotower"]
+    default = (
+        ["popularity", "random", "lightfm_hybrid", "twotower"]
+        if cfg.split.cold_items
+        else [*grids, "twotower"]
+    )
+    wanted = (
+        list(models) if models else [m for m in default if m != "random" or cfg.split.cold_items]
+    )
     rows = []
     for name in wanted:
         if name == "twotower":
