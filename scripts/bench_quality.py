@@ -101,11 +101,11 @@ def main() -> None:
         cfg = compose("train", overrides=overrides)
     rows, stats = run(cfg, args.models.split(",") if args.models else None)
     versions = {}
-    for name in ("twotower", "torch", "implicit", "lightfm", "numpy", "scipy"):
+    for package in ("twotower", "torch", "implicit", "lightfm", "numpy", "scipy"):
         try:
-            versions[name] = metadata.version(name)
+            versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+            versions[package] = "not installed"
     stem = args.out_dir / f"quality_{name}"
     table_rows = [
         {**{k: v for k, v in r.items() if k != "curve"}, "params": str(r["params"])} for r in rows

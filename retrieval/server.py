@@ -1,0 +1,311 @@
+"""A reference FastAPI serving layer over :class:`retrieval.Retriever`.
+
+Run it with ``python scripts/serve.py bundle=PATH`` or
+``TWOTOWER_BUNDLE=PATH uvicorn retrieval.server:app_from_env --factory``. The OpenAPI
+schema (``/openapi.json``) is the contract; every request and response is a Pydantic
+model, unknown fields are refused, and bad input gets a 4xx that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+
+from retrieval.errors import TwoTowerError
+from retrieval.history import HistoryStore, InMemoryHistoryStore
+from retrieval.retriever import MAX_K, Retriever
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 256
+MAX_ID_LENGTH = 256
+Id = str
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoredItem(Strict):
+    item_id: str
+    score: float
+
+
+class Recommendation(Strict):
+    user_id: str | None = None
+    items: list[ScoredItem]
+
+
+class UserQuery(Strict):
+    user_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LENGTH)
+    history: list[str] | None = Field(
+        None, max_length=1000, description="recent item ids, oldest first"
+    )
+    user_features: dict[str, str | int | float | bool | None] | None = None
+
+
+class RecommendRequest(Strict):
+    users: list[UserQuery] = Field(min_length=1, max_length=MAX_BATCH)
+    k: int = Field(10, ge=1, le=MAX_K)
+    exclude_seen: bool = True
+    exclude: list[str] | None = Field(None, max_length=10_000)
+    filter: dict[str, str | int | float | list[str | int | float]] | None = None
+    search_params: dict[str, int | float] | None = None
+
+
+class RecommendResponse(Strict):
+    results: list[Recommendation]
+
+
+class Event(Strict):
+    user_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    item_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    timestamp: float | None = None
+
+
+class EventsRequest(Strict):
+    events: list[Event] = Field(min_length=1, max_length=10_000)
+
+
+class EventsResponse(Strict):
+    accepted: int
+
+
+class ItemsRequest(Strict):
+    items: list[dict[str, str | int | float | bool | None]] = Field(min_length=1, max_length=10_000)
+
+
+class ItemsResponse(Strict):
+    added: int
+    catalogue_size: int
+
+
+class ReloadRequest(Strict):
+    path: str | None = Field(None, description="bundle directory; default: reload the current path")
+
+
+class Status(Strict):
+    status: str
+    bundle: str | None = None
+    items: int | None = None
+    detail: str | None = None
+
+
+class Metrics:
+    """Prometheus series, in a registry of the app's own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "twotower_requests",
+            "HTTP requests",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "twotower_request_seconds",
+            "Request latency",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        )
+        self.index_items = Gauge(
+            "twotower_index_items", "Items in the served index", registry=self.registry
+        )
+        self.bundle = Gauge(
+            "twotower_bundle_info",
+            "The served bundle",
+            ["path", "created_at"],
+            registry=self.registry,
+        )
+        self.events = Counter("twotower_events", "Events received", registry=self.registry)
+        self.reloads = Counter(
+            "twotower_reloads", "Bundle reloads", ["outcome"], registry=self.registry
+        )
+
+    def describe(self, retriever: Retriever) -> None:
+        self.index_items.set(len(retriever.item_ids))
+        self.bundle.clear()
+        self.bundle.labels(str(retriever.path), str(retriever.manifest.get("created_at", ""))).set(
+            1
+        )
+
+
+class ServerState:
+    """The served Retriever (swapped atomically on reload) and the event store."""
+
+    def __init__(self, retriever: Retriever, history: HistoryStore, metrics: Metrics) -> None:
+        self.retriever = retriever
+        self.history = history
+        self.metrics = metrics
+        self.reload_lock = threading.Lock()
+        metrics.describe(retriever)
+
+    def histories(self, users: list[UserQuery]) -> list[list[str]]:
+        """Each query's history plus the events the server holds for that user."""
+        return [
+            (self.history.recent(u.user_id) if u.user_id else []) + list(u.history or [])
+            for u in users
+        ]
+
+
+def _recommendations(ids: Any, scores: Any, user_ids: list[str | None]) -> list[Recommendation]:
+    results = []
+    for row, user in enumerate(user_ids):
+        items = [
+            ScoredItem(item_id=str(i), score=float(s))
+            for i, s in zip(ids[row], scores[row], strict=True)
+            if i is not None
+        ]
+        results.append(Recommendation(user_id=user, items=items))
+    return results
+
+
+def create_app(retriever: Retriever, history: HistoryStore | None = None) -> FastAPI:
+    """The app over a loaded Retriever; ``history`` defaults to an in-memory store."""
+    metrics = Metrics()
+    state = ServerState(
+        retriever, history or InMemoryHistoryStore(retriever.encoders.history_length), metrics
+    )
+    app = FastAPI(
+        title="twotower",
+        version="1",
+        description="Two-tower retrieval: recommendations, similar items, events.",
+    )
+    app.state.twotower = state
+
+    @app.middleware("http")
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        metrics.requests.labels(name, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(TwoTowerError)
+    async def bad_request(request: Request, exc: TwoTowerError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.get("/recommend", response_model=Recommendation)
+    def recommend_one(
+        user_id: str = Query(min_length=1, max_length=MAX_ID_LENGTH),
+        k: int = Query(10, ge=1, le=MAX_K),
+    ) -> Recommendation:
+        """Top-k for one user from the bundle's state plus the events sent to this server."""
+        retriever = state.retriever
+        query = UserQuery(user_id=user_id)
+        ids, scores = retriever.recommend_batch([user_id], state.histories([query]), k=k)
+        return _recommendations(ids, scores, [user_id])[0]
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    def recommend_many(body: RecommendRequest) -> RecommendResponse:
+        """Top-k for a batch of users (ids, histories, attributes), with exclusions and filters."""
+        retriever = state.retriever
+        ids, scores = retriever.recommend_batch(
+            [u.user_id for u in body.users],
+            state.histories(body.users),
+            [u.user_features for u in body.users],
+            k=body.k,
+            exclude_seen=body.exclude_seen,
+            exclude=body.exclude,
+            filter=body.filter,
+            search_params=body.search_params,
+        )
+        return RecommendResponse(
+            results=_recommendations(ids, scores, [u.user_id for u in body.users])
+        )
+
+    @app.get("/similar/{item_id}", response_model=Recommendation)
+    def similar(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> Recommendation:
+        """Items closest to ``item_id`` (popular items for an unknown one)."""
+        if len(item_id) > MAX_ID_LENGTH:
+            raise HTTPException(422, f"item_id longer than {MAX_ID_LENGTH} characters")
+        ids, scores = state.retriever.similar_items(item_id, k=k)
+        return Recommendation(
+            items=[
+                ScoredItem(item_id=str(i), score=float(s)) for i, s in zip(ids, scores, strict=True)
+            ]
+        )
+
+    @app.post("/items", response_model=ItemsResponse)
+    def add_items(body: ItemsRequest) -> ItemsResponse:
+        """Cold-start items: embedded by the item tower and searchable at once."""
+        import pandas as pd
+
+        table = pd.DataFrame(body.items)
+        added = state.retriever.add_items(table)
+        metrics.index_items.set(len(state.retriever.item_ids))
+        return ItemsResponse(added=added, catalogue_size=len(state.retriever.item_ids))
+
+    @app.post("/events", response_model=EventsResponse)
+    def events(body: EventsRequest) -> EventsResponse:
+        """Append to users' recent history; the next recommendation uses it, no retraining."""
+        for event in sorted(
+            body.events, key=lambda e: e.timestamp if e.timestamp is not None else float("inf")
+        ):
+            state.history.append(event.user_id, event.item_id)
+        metrics.events.inc(len(body.events))
+        return EventsResponse(accepted=len(body.events))
+
+    @app.get("/healthz", response_model=Status)
+    def healthz() -> Status:
+        return Status(status="ok")
+
+    @app.get("/readyz", response_model=Status)
+    def readyz() -> Status:
+        retriever = state.retriever
+        return Status(status="ready", bundle=str(retriever.path), items=len(retriever.item_ids))
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload", response_model=Status, responses={409: {"model": Status}})
+    def reload(body: ReloadRequest) -> Any:
+        """Load a bundle and swap it in; on failure keep serving the old one and say why."""
+        with state.reload_lock:
+            path = body.path or str(state.retriever.path)
+            try:
+                fresh = Retriever.load(path, device=state.retriever.device)
+            except (TwoTowerError, OSError) as exc:
+                metrics.reloads.labels("failed").inc()
+                log.warning("reload of %s failed: %s", path, exc)
+                return JSONResponse(
+                    status_code=409,
+                    content=Status(
+                        status="kept", bundle=str(state.retriever.path), detail=str(exc)
+                    ).model_dump(),
+                )
+            state.retriever = fresh
+            metrics.describe(fresh)
+            metrics.reloads.labels("ok").inc()
+        return Status(status="reloaded", bundle=str(fresh.path), items=len(fresh.item_ids))
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory``: the bundle path comes from TWOTOWER_BUNDLE."""
+    path = os.environ.get("TWOTOWER_BUNDLE")
+    if not path:
+        raise RuntimeError("set TWOTOWER_BUNDLE to the bundle directory to serve")
+    return create_app(Retriever.load(path, device=os.environ.get("TWOTOWER_DEVICE", "cpu")))
