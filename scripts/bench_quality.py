@@ -89,7 +89,9 @@ def main() -> None:
         folder = Path(args.datasets_dir) / args.dataset
         base += [f"data.path={folder}"] if args.dataset != "synthetic" else []
     name = f"{args.dataset}_cold" if args.cold else args.dataset
-    base += ["split.cold_items=true"] if args.cold else []
+    # cold start: ids of held-out items are unknown, so train the attributes to carry them
+    # (a fixed setting, not tuned on test)
+    base += ["split.cold_items=true", "model.item_id_dropout=0.2"] if args.cold else []
     overrides = [
         *base,
         f"paths.output_dir={args.workdir / name}",

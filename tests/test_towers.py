@@ -144,3 +144,13 @@ def test_scheduler_from_config_is_attached() -> None:
     config = module.configure_optimizers()
     assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
     assert config["lr_scheduler"]["interval"] == "epoch"
+
+
+def test_item_id_dropout_replaces_ids_with_oov_only_in_training() -> None:
+    model = TwoTowerModel(SPEC, 16, item_id_dropout=1.0)
+    inputs = item_inputs(6)
+    oov = {**inputs, "item_id": torch.full((6,), OOV_INDEX)}
+    model.train()
+    torch.testing.assert_close(model.item_tower(inputs), model.item_tower(oov))
+    model.eval()
+    assert not torch.allclose(model.item_tower(inputs), model.item_tower(oov))

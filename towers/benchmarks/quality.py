@@ -108,7 +108,7 @@ def metrics_of(
 
 
 def candidates(
-    data: PreparedData, matrices: Matrices, with_lightfm: bool
+    data: PreparedData, matrices: Matrices, with_lightfm: bool, cold: bool = False
 ) -> dict[str, list[Candidate]]:
     """Hyper-parameter grids per baseline (searched on validation only)."""
     l2 = (50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -134,7 +134,9 @@ def candidates(
         ),
     }
     if with_lightfm:
-        features = item_feature_matrix(data)
+        # Held-out cold items' identity features are never trained: in the cold split the
+        # hybrid represents items by their attributes only.
+        features = item_feature_matrix(data, identity=not cold)
         models["lightfm"] = grid(
             lambda **p: LightFMModel(None, **p),
             no_components=(64,),
@@ -150,9 +152,9 @@ def candidates(
     return models
 
 
-def item_feature_matrix(data: PreparedData) -> sp.csr_matrix:
-    """Identity + categorical/multi-hot tokens of every catalogue item (LightFM hybrid)."""
-    blocks = [sp.identity(data.n_items, format="csr", dtype=np.float32)]
+def item_feature_matrix(data: PreparedData, identity: bool = True) -> sp.csr_matrix:
+    """[Identity +] categorical / multi-hot / text tokens of every item (LightFM hybrid)."""
+    blocks = [sp.identity(data.n_items, format="csr", dtype=np.float32)] if identity else []
     for name, values in data.catalogue_inputs.items():
         if name in ("item_cat", "item_bag"):
             rows = np.repeat(np.arange(data.n_items), values.shape[1])
@@ -241,7 +243,7 @@ def run(
             "lightfm is not installed: its rows are skipped (see README, quality benchmark)"
         )
         with_lightfm = False
-    grids = candidates(data, matrices, with_lightfm)
+    grids = candidates(data, matrices, with_lightfm, bool(cfg.split.cold_items))
     default = (
         ["popularity", "random", "lightfm_hybrid", "twotower"]
         if cfg.split.cold_items

@@ -55,6 +55,7 @@ class TwoTowerModule(pl.LightningModule):
         share_item_embedding: bool = True,
         history_pooling: str = "mean",
         sparse_embeddings: bool = False,
+        item_id_dropout: float = 0.0,
         temperature: float = 0.1,
         learn_temperature: bool = False,
         logq_correction: bool = True,
@@ -76,6 +77,7 @@ class TwoTowerModule(pl.LightningModule):
             share_item_embedding,
             history_pooling,
             sparse_embeddings,
+            item_id_dropout,
         )
         self.log_temperature = nn.Parameter(
             torch.tensor(math.log(temperature)), requires_grad=learn_temperature
@@ -149,9 +151,10 @@ class TwoTowerModule(pl.LightningModule):
         if trainer is not None and batch_idx % trainer.accumulate_grad_batches == 0:
             for optimizer in trainer.optimizers:
                 optimizer.zero_grad(set_to_none=True)
-        # Dropout is the only consumer of torch's global RNG in training; seeding it by
-        # step makes a resumed run draw the same masks. (Negatives use their own seeds.)
-        if self.hparams.dropout > 0:
+        # Dropout and item-id dropout are the only consumers of torch's global RNG in
+        # training; seeding it by step makes a resumed run draw the same masks.
+        # (Negatives use their own seeds.)
+        if self.hparams.dropout > 0 or self.hparams.item_id_dropout > 0:
             rank = self._trainer.global_rank if self._trainer is not None else 0
             torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 101 + rank)
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from retrieval.encoding import PAD_INDEX, EntityEncoder, FeatureEncoders, MultiHotEncoder
+from retrieval.encoding import OOV_INDEX, PAD_INDEX, EntityEncoder, FeatureEncoders, MultiHotEncoder
 
 
 @dataclass
@@ -185,9 +185,11 @@ class ItemTower(nn.Module):
         item_embedding: nn.Embedding,
         shape: TowerShape,
         sparse: bool = False,
+        id_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.use_id = spec.use_id
+        self.id_dropout = id_dropout
         self.item_embedding = item_embedding
         self.attributes = AttributeEmbedder(spec, item_embedding.embedding_dim, sparse)
         in_dim = self.attributes.out_dim + (item_embedding.embedding_dim if self.use_id else 0)
@@ -196,7 +198,13 @@ class ItemTower(nn.Module):
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         parts = self.attributes(inputs)
         if self.use_id:
-            parts.insert(0, self.item_embedding(inputs["item_id"]))
+            ids = inputs["item_id"]
+            if self.training and self.id_dropout > 0:
+                # Train the OOV slot and the attributes to stand in for an unknown id, as
+                # they must for cold-start items at serving time.
+                dropped = torch.rand(ids.shape, device=ids.device) < self.id_dropout
+                ids = ids.masked_fill(dropped, OOV_INDEX)
+            parts.insert(0, self.item_embedding(ids))
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
 
 
@@ -241,6 +249,7 @@ class TwoTowerModel(nn.Module):
         share_item_embedding: bool = True,
         history_pooling: str = "mean",
         sparse_embeddings: bool = False,
+        item_id_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         shape = shape or TowerShape()
@@ -251,7 +260,9 @@ class TwoTowerModel(nn.Module):
             if share_item_embedding
             else embedding(spec.items.id_size, embedding_dim, sparse_embeddings)
         )
-        self.item_tower = ItemTower(spec.items, item_embedding, shape, sparse_embeddings)
+        self.item_tower = ItemTower(
+            spec.items, item_embedding, shape, sparse_embeddings, item_id_dropout
+        )
         self.user_tower = UserTower(
             spec.users,
             history_embedding,
