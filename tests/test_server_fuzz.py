@@ -1,0 +1,128 @@
+"""Property test of the HTTP API: whatever JSON or query arrives, never a 500."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from retrieval import Retriever
+from retrieval.server import create_app
+from towers.pipeline import TrainResult
+
+ids = st.one_of(st.sampled_from(["u0", "u1", "i1", "i2", "c1", ""]), st.text(max_size=12))
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=False), ids
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ids, inner, max_size=4),
+    max_leaves=12,
+)
+users = st.fixed_dictionaries(
+    {},
+    optional={
+        "user_id": st.one_of(ids, st.integers()),
+        "history": st.one_of(st.lists(ids, max_size=5), json_values),
+        "user_features": st.one_of(
+            st.dictionaries(st.sampled_from(["region", "age", "x"]), scalars, max_size=3),
+            json_values,
+        ),
+    },
+)
+bodies = st.fixed_dictionaries(
+    {"users": st.one_of(st.lists(users, max_size=4), json_values)},
+    optional={
+        "k": st.one_of(st.integers(-3, 20_000), json_values),
+        "exclude": st.one_of(st.lists(ids, max_size=3), json_values),
+        "filter": st.one_of(
+            st.dictionaries(
+                st.sampled_from(["category", "tags", "quality", "nope"]),
+                st.one_of(ids, st.lists(ids, max_size=3), st.integers()),
+                max_size=2,
+            ),
+            json_values,
+        ),
+        "search_params": st.one_of(
+            st.dictionaries(
+                st.sampled_from(["nprobe", "efSearch", "k_factor", "x"]),
+                st.integers(-2, 64),
+                max_size=2,
+            ),
+            json_values,
+        ),
+        "exclude_seen": st.one_of(st.booleans(), json_values),
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def client(trained: TrainResult) -> TestClient:
+    return TestClient(create_app(Retriever.load(trained.bundle)), raise_server_exceptions=False)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=st.one_of(bodies, json_values))
+def test_post_recommend_never_500(client: TestClient, body: object) -> None:
+    response = client.post("/recommend", json=body)
+    assert response.status_code in (200, 422), response.text
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(user=ids, k=st.one_of(st.integers(-3, 20_000), st.text(max_size=4)))
+def test_get_recommend_never_500(client: TestClient, user: str, k: object) -> None:
+    response = client.get("/recommend", params={"user_id": user, "k": k})
+    assert response.status_code in (200, 422), response.text
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=st.one_of(
+        st.fixed_dictionaries(
+            {
+                "events": st.lists(
+                    st.fixed_dictionaries(
+                        {"user_id": ids, "item_id": ids}, optional={"timestamp": scalars}
+                    ),
+                    max_size=3,
+                )
+            }
+        ),
+        json_values,
+    )
+)
+def test_post_events_never_500(client: TestClient, body: object) -> None:
+    response = client.post("/events", json=body)
+    assert response.status_code in (200, 422), response.text
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=st.one_of(
+        st.fixed_dictionaries(
+            {
+                "items": st.lists(
+                    st.dictionaries(
+                        st.sampled_from(["item_id", "category", "tags", "quality", "other"]),
+                        scalars,
+                        max_size=4,
+                    ),
+                    max_size=3,
+                )
+            }
+        ),
+        json_values,
+    )
+)
+def test_post_items_never_500(client: TestClient, body: object) -> None:
+    response = client.post("/items", json=body)
+    assert response.status_code in (200, 422), response.text
