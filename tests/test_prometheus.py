@@ -1,0 +1,104 @@
+"""A real Prometheus server scrapes the app on loopback and stores twotower_* series.
+
+Needs Debian's `prometheus` binary (.ci/run installs it); skipped with the reason when
+it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from towers.pipeline import TrainResult
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def wait_for(check, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def test_prometheus_scrapes_twotower_series(trained: TrainResult, tmp_path: Path) -> None:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip(
+            "Debian's prometheus is not installed (apt-get install prometheus; .ci/run does)"
+        )
+    app_port, prom_port = free_port(), free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "serve.py"),
+            f"bundle={trained.bundle}",
+            f"port={app_port}",
+            f"hydra.run.dir={tmp_path / 'serve'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: twotower\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{app_port}']\n"
+    )
+    prometheus = None
+    try:
+        assert wait_for(lambda: "ok" in get(f"http://127.0.0.1:{app_port}/healthz"), 60), (
+            "the app did not start"
+        )
+        get(f"http://127.0.0.1:{app_port}/recommend?user_id={trained.data.test.user_ids[0]}&k=5")
+        prometheus = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        query = f"http://127.0.0.1:{prom_port}/api/v1/query?query=twotower_requests_total"
+
+        def scraped() -> bool:
+            result = json.loads(get(query))["data"]["result"]
+            return any(r["metric"].get("route") == "/recommend" for r in result)
+
+        assert wait_for(scraped, 60), "Prometheus stored no twotower_requests_total series"
+        items = json.loads(
+            get(f"http://127.0.0.1:{prom_port}/api/v1/query?query=twotower_index_items")
+        )
+        assert float(items["data"]["result"][0]["value"][1]) == len(trained.data.catalogue)
+    finally:
+        for process in (prometheus, server):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
