@@ -124,11 +124,13 @@ class Retriever:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> Retriever:
+    def load(cls, path: str | Path, device: str = "cpu", threads: int | None = None) -> Retriever:
         """Load and verify a bundle: format version, checksums, dimensions and counts.
 
         ``device="cuda"`` puts the index on the GPU when faiss has GPU support and runs the
         towers with onnxruntime's CUDA provider when present; it raises when neither is.
+        ``threads`` caps the threads of onnxruntime and FAISS (1 suits one process per core:
+        several server workers on a small machine otherwise oversubscribe it).
         """
         if device not in DEVICES:
             raise RequestError(f"device must be one of {DEVICES}, got {device!r}")
@@ -137,16 +139,21 @@ class Retriever:
         layout.verify_files(bundle, manifest)
         encoders = FeatureEncoders.load(bundle / layout.ENCODERS)
         providers = cls._providers(device)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            faiss.omp_set_num_threads(threads)
         try:
             index = faiss.read_index(str(bundle / layout.INDEX))
             items = pd.read_parquet(bundle / layout.ITEMS)
             users = pd.read_parquet(bundle / layout.USERS)
             vector_ids, vectors = read_embeddings(bundle / layout.ITEM_EMBEDDINGS)
             user_session = ort.InferenceSession(
-                str(bundle / layout.USER_TOWER), providers=providers
+                str(bundle / layout.USER_TOWER), options, providers=providers
             )
             item_session = ort.InferenceSession(
-                str(bundle / layout.ITEM_TOWER), providers=providers
+                str(bundle / layout.ITEM_TOWER), options, providers=providers
             )
         except Exception as exc:  # faiss / arrow / onnxruntime raise their own types
             raise BundleError(f"{bundle}: cannot load bundle files: {exc}") from exc

@@ -308,4 +308,10 @@ def app_from_env() -> FastAPI:
     path = os.environ.get("TWOTOWER_BUNDLE")
     if not path:
         raise RuntimeError("set TWOTOWER_BUNDLE to the bundle directory to serve")
-    return create_app(Retriever.load(path, device=os.environ.get("TWOTOWER_DEVICE", "cpu")))
+    threads = os.environ.get("TWOTOWER_THREADS")
+    retriever = Retriever.load(
+        path,
+        device=os.environ.get("TWOTOWER_DEVICE", "cpu"),
+        threads=int(threads) if threads else None,
+    )
+    return create_app(retriever)

@@ -18,6 +18,11 @@ def main(cfg: DictConfig) -> None:
     Retriever.load(bundle, device=cfg.device)  # fail here, with the reason, before forking workers
     os.environ["TWOTOWER_BUNDLE"] = str(bundle)
     os.environ["TWOTOWER_DEVICE"] = cfg.device
+    # Several workers on few cores: one compute thread each, or their thread pools fight.
+    threads = cfg.threads if cfg.threads is not None else (1 if int(cfg.workers) > 1 else None)
+    if threads is not None:
+        os.environ["TWOTOWER_THREADS"] = str(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     uvicorn.run(
         "retrieval.server:app_from_env",
         factory=True,

@@ -181,3 +181,11 @@ def test_export_script_from_a_checkpoint(trained: TrainResult, tmp_path: Path) -
         timeout=120,
     )
     assert missing.returncode == 1 and "config.yaml: no such file" in missing.stderr
+
+
+def test_thread_capped_retriever_answers_the_same(trained: TrainResult) -> None:
+    user = trained.data.test.user_ids[0]
+    capped = Retriever.load(trained.bundle, threads=1)
+    assert list(capped.recommend(user_id=user, k=10)[0]) == list(
+        Retriever.load(trained.bundle).recommend(user_id=user, k=10)[0]
+    )
