@@ -13,7 +13,11 @@ from towers.pipeline import TrainResult
 
 ids = st.one_of(st.sampled_from(["u0", "u1", "i1", "i2", "c1", ""]), st.text(max_size=12))
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=False), ids
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 10**6),
+    st.floats(allow_nan=False, allow_infinity=False),
+    ids,
 )
 json_values = st.recursive(
     scalars,
@@ -63,7 +67,10 @@ def client(trained: TrainResult) -> TestClient:
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(body=st.one_of(bodies, json_values))
 def test_post_recommend_never_500(client: TestClient, body: object) -> None:
@@ -72,7 +79,10 @@ def test_post_recommend_never_500(client: TestClient, body: object) -> None:
 
 
 @settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(user=ids, k=st.one_of(st.integers(-3, 20_000), st.text(max_size=4)))
 def test_get_recommend_never_500(client: TestClient, user: str, k: object) -> None:
@@ -81,7 +91,10 @@ def test_get_recommend_never_500(client: TestClient, user: str, k: object) -> No
 
 
 @settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     body=st.one_of(
@@ -104,7 +117,10 @@ def test_post_events_never_500(client: TestClient, body: object) -> None:
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     body=st.one_of(
