@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import hydra
@@ -12,21 +11,7 @@ from omegaconf import DictConfig
 from uvicorn.supervisors import Multiprocess
 
 from retrieval import Retriever
-
-
-def tcp_listener(host: str, port: int) -> socket.socket:
-    """The listening socket for several workers, created with ``IPPROTO_TCP``.
-
-    uvicorn's own ``Config.bind_socket`` leaves ``proto`` at 0, so asyncio never sets
-    TCP_NODELAY on accepted connections and every keep-alive response waits ~40 ms for
-    the peer's delayed ACK (uvicorn issue #3149); measured here as a 48 ms floor.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
+from retrieval.server import tcp_listener
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="serve")

@@ -197,3 +197,21 @@ def test_history_store_is_bounded() -> None:
     for item in "abcde":
         store2.append("u", item)
     assert store2.recent("u") == ["c", "d", "e"]
+
+
+def test_multi_worker_listener_is_tcp_so_connections_get_nodelay() -> None:
+    import socket
+
+    from retrieval.server import tcp_listener
+
+    listener = tcp_listener("127.0.0.1", 0)
+    try:
+        listener.listen()
+        assert listener.proto == socket.IPPROTO_TCP
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        assert accepted.proto == socket.IPPROTO_TCP  # asyncio sets TCP_NODELAY only then
+        accepted.close()
+        client.close()
+    finally:
+        listener.close()
