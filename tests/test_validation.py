@@ -111,3 +111,10 @@ def test_parquet_and_dataframe_sources(tmp_path: Path) -> None:
     events().to_parquet(path)
     assert len(load_tables(path).interactions) == 3
     assert len(load_tables(events()).interactions) == 3
+
+
+def test_datetime_columns_become_epoch_seconds() -> None:
+    frame = events(timestamp=pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03"]))
+    seconds = load_tables(frame).interactions["timestamp"].tolist()
+    assert seconds[0] == pd.Timestamp("2024-01-01", tz="UTC").timestamp()
+    assert seconds[1] - seconds[0] == 86_400

@@ -87,14 +87,12 @@ def parse_timestamps(column: pd.Series, source: str) -> np.ndarray:
     if pd.api.types.is_numeric_dtype(column):
         values = column.to_numpy(dtype=np.float64)
         bad = ~np.isfinite(values)
-    elif pd.api.types.is_datetime64_any_dtype(column):
-        parsed = pd.to_datetime(column, utc=True)
-        bad = parsed.isna().to_numpy()
-        values = np.where(bad, np.nan, parsed.astype("int64", errors="ignore") / 1e9)
     else:
-        numeric = pd.to_numeric(column, errors="coerce")
-        if numeric.notna().all():
-            return parse_timestamps(numeric, source)
+        if not pd.api.types.is_datetime64_any_dtype(column):
+            numeric = pd.to_numeric(column, errors="coerce")
+            if numeric.notna().all():
+                return parse_timestamps(numeric, source)
+        # Seconds via a timedelta, whatever the datetime unit (ns, us, ...) pandas chose.
         parsed = pd.to_datetime(column, errors="coerce", utc=True, format="mixed")
         bad = parsed.isna().to_numpy()
         seconds = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
