@@ -24,7 +24,7 @@ from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
 from towers.data.sources import load_data
 from towers.data.split import make_split, prepare_interactions
 from towers.evaluation.callback import RankingEvaluation, evaluate_module
-from towers.evaluation.ranking import evaluate_popularity
+from towers.evaluation.ranking import evaluate_popularity, evaluate_vectors
 from towers.export.bundle import ExportSettings, export_bundle
 from towers.model.module import TwoTowerModule, embed
 from towers.model.towers import TowerSpec
@@ -82,8 +82,10 @@ def prepare(cfg: DictConfig, fit_on: str = "fit") -> PreparedData:
 def evaluate_all(module: TwoTowerModule, data: PreparedData, ks: list[int]) -> dict[str, float]:
     """Validation and test metrics of the model and of popularity."""
     metrics: dict[str, float] = {}
+    item_vectors = embed(module.model.item_tower, data.catalogue_inputs)  # once for both sets
     for stage, eval_set in (("val", data.validation), ("test", data.test)):
-        metrics.update(evaluate_module(module, data.catalogue_inputs, eval_set, ks, f"{stage}/"))
+        user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
+        metrics.update(evaluate_vectors(user_vectors, item_vectors, eval_set, ks, f"{stage}/"))
         metrics.update(evaluate_popularity(eval_set, ks, f"{stage}_popularity/"))
     return metrics
 
