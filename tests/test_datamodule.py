@@ -63,3 +63,18 @@ def test_batch_item_inputs_are_the_catalogue_rows(cold_prepared) -> None:
     rows = batch["item_rows"].numpy()
     for name, values in cold_prepared.catalogue_inputs.items():
         np.testing.assert_array_equal(batch["item"][name].numpy(), values[rows])
+
+
+def test_target_horizon_rebuilds_histories_per_epoch(cold_prepared) -> None:
+    plain = InteractionBatches.from_prepared(cold_prepared)
+    far = InteractionBatches.from_prepared(cold_prepared, target_horizon=5)
+    sampler = EpochBatchSampler(len(plain), 64, seed=0)
+    request = next(iter(sampler))
+    near_history = plain[request]["user"]["history"].numpy()
+    far_history = far[request]["user"]["history"].numpy()
+    np.testing.assert_array_equal(far_history, far[request]["user"]["history"].numpy())
+    assert (far_history != near_history).any()
+    # a cut history never holds more items than the plain one
+    assert ((far_history != 0).sum(axis=1) <= (near_history != 0).sum(axis=1)).all()
+    with pytest.raises(ValueError, match="target_horizon"):
+        InteractionBatches.from_prepared(cold_prepared, target_horizon=0)

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from retrieval.encoding import PAD_INDEX
-from towers.data.samples import latest_histories, leakage_free_histories
+from towers.data.samples import (
+    HistorySource,
+    history_windows,
+    latest_histories,
+    leakage_free_histories,
+    user_activity_weights,
+)
 from towers.data.schema import RawData
 from towers.data.split import prepare_interactions
 
@@ -40,3 +47,32 @@ def test_latest_histories_take_each_users_last_items() -> None:
     users, histories = latest_histories(events, np.array([2, 3, 4, 5]), 2)
     assert list(users) == ["a", "b"]
     np.testing.assert_array_equal(histories, [[3, 4], [PAD_INDEX, 5]])
+
+
+def test_target_horizon_cuts_histories_up_to_h_minus_1_events_earlier() -> None:
+    codes = np.arange(2, 12)  # one user, 10 events
+    starts, ends = np.zeros(10, dtype=np.int64), np.arange(10)
+    source = HistorySource(codes, starts, ends, length=10)
+    positions = np.repeat(np.arange(10), 50)
+    windows = source.windows(positions, horizon=4, rng=np.random.default_rng(0))
+    lengths = (windows != PAD_INDEX).sum(axis=1)
+    cut = ends[positions] - lengths
+    assert cut.min() == 0 and cut.max() == 3  # every cut 0..3 occurs
+    assert (lengths >= 0).all() and (lengths <= ends[positions]).all()
+    for row in range(len(positions)):  # still the most recent items before the cut
+        kept = windows[row][windows[row] != PAD_INDEX]
+        np.testing.assert_array_equal(kept, codes[: lengths[row]])
+    plain = source.windows(np.arange(10), horizon=1, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(plain, history_windows(codes, starts, ends, 10))
+
+
+def test_user_activity_weights_balance_users_at_power_one() -> None:
+    starts = np.array([0, 0, 0, 0, 4, 6, 6])  # users with 4, 1 and 2 events
+    flat = user_activity_weights(starts, 0.0)
+    np.testing.assert_array_equal(flat, np.ones(7))
+    balanced = user_activity_weights(starts, 1.0)
+    assert balanced.mean() == pytest.approx(1.0)
+    per_user = [balanced[starts == s].sum() for s in (0, 4, 6)]
+    np.testing.assert_allclose(per_user, per_user[0])
+    half = user_activity_weights(starts, 0.5)
+    assert half[0] < half[5] < half[4]

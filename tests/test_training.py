@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from towers.model.module import TwoTowerModule
-from towers.pipeline import METRICS_FILE, TrainResult, evaluate_all, prepare, train
+from towers.pipeline import (
+    METRICS_FILE,
+    TrainResult,
+    build_datamodule,
+    evaluate_all,
+    prepare,
+    train,
+)
 
 from .conftest import ROOT, TINY_OVERRIDES, compose_config
 
@@ -130,3 +137,23 @@ def test_refit_trains_on_all_of_train_for_the_chosen_epochs(tmp_path: Path) -> N
     assert validation_only <= known  # the refit saw the validation events
     assert (tmp_path / "checkpoints" / "refit" / "last.ckpt").is_file()
     assert 0 < result.metrics["test/recall@20"] <= 1
+
+
+def test_horizon_and_user_weighting_train_and_weight_as_asked(tmp_path: Path) -> None:
+    cfg = compose_config(
+        [
+            *TINY_OVERRIDES,
+            "logger=none",
+            "trainer.max_epochs=2",
+            "train.target_horizon=5",
+            "train.user_weight_power=1.0",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    result = train(cfg)
+    assert result is not None and 0 < result.metrics["val/recall@20"] <= 1
+    dataset = build_datamodule(cfg, result.data).dataset
+    assert dataset.target_horizon == 5
+    starts = result.data.sample_histories.starts
+    per_user = {s: float(dataset.weights[starts == s].sum()) for s in set(starts.tolist())}
+    assert max(per_user.values()) == pytest.approx(min(per_user.values()), rel=1e-4)

@@ -6,6 +6,7 @@ config composed by ``hydra.compose`` (setting ``paths.output_dir``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from retrieval.encoding import FeatureColumns
 from towers.data.datamodule import TwoTowerDataModule
 from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
+from towers.data.samples import user_activity_weights
 from towers.data.sources import load_data
 from towers.data.split import make_split, prepare_interactions
 from towers.evaluation.callback import RankingEvaluation, evaluate_module
@@ -90,6 +92,21 @@ def evaluate_all(module: TwoTowerModule, data: PreparedData, ks: list[int]) -> d
     return metrics
 
 
+def build_datamodule(cfg: DictConfig, data: PreparedData) -> TwoTowerDataModule:
+    """Training batches as ``cfg.train`` and ``cfg.model`` ask."""
+    power = float(cfg.train.user_weight_power)
+    if power:
+        weights = data.sample_weights * user_activity_weights(data.sample_histories.starts, power)
+        data = dataclasses.replace(data, sample_weights=weights)
+    return TwoTowerDataModule.from_prepared(
+        data,
+        cfg.train.batch_size,
+        cfg.seed,
+        cfg.model.mixed_negatives,
+        cfg.train.target_horizon,
+    )
+
+
 def build_module(
     cfg: DictConfig, data: PreparedData, datamodule: TwoTowerDataModule
 ) -> TwoTowerModule:
@@ -154,9 +171,7 @@ def refit_on_train(
     )
     pl.seed_everything(cfg.seed, workers=True)
     data = prepare(cfg, fit_on="train")
-    datamodule = TwoTowerDataModule.from_prepared(
-        data, cfg.train.batch_size, cfg.seed, cfg.model.mixed_negatives
-    )
+    datamodule = build_datamodule(cfg, data)
     module = build_module(cfg, data, datamodule)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
@@ -184,9 +199,7 @@ def train(cfg: DictConfig) -> TrainResult | None:
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     data = prepare(cfg)
-    datamodule = TwoTowerDataModule.from_prepared(
-        data, cfg.train.batch_size, cfg.seed, cfg.model.mixed_negatives
-    )
+    datamodule = build_datamodule(cfg, data)
     module = build_module(cfg, data, datamodule)
     trainer, checkpoint, loggers = build_trainer(cfg, data, out)
     # weights_only=False: our checkpoints hold the config (optimiser factory, spec) as hparams

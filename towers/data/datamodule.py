@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from towers.data.prepare import PreparedData
+from towers.data.samples import HistorySource
 
 Batch = dict[str, dict[str, Tensor] | Tensor]
 
@@ -86,6 +87,9 @@ class InteractionBatches(Dataset[Batch]):
     ``catalogue_inputs`` one row per catalogue item. With ``mixed_negatives > 0`` each
     batch also carries that many items drawn uniformly (seeded by epoch and batch) from
     the items seen in training (``item_rows``), never from items held out of training.
+    With ``target_horizon > 1`` each batch rebuilds its samples' histories from
+    ``history_source``, each cut a random 0..horizon-1 events earlier (seeded by epoch and
+    batch): the target is then any of the user's next ``target_horizon`` events.
     """
 
     def __init__(
@@ -96,7 +100,15 @@ class InteractionBatches(Dataset[Batch]):
         weights: np.ndarray | None = None,
         mixed_negatives: int = 0,
         seed: int = 0,
+        history_source: HistorySource | None = None,
+        target_horizon: int = 1,
     ) -> None:
+        if target_horizon < 1:
+            raise ValueError(f"target_horizon must be >= 1, got {target_horizon}")
+        if target_horizon > 1 and history_source is None:
+            raise ValueError("target_horizon > 1 needs a history_source")
+        self.history_source = history_source
+        self.target_horizon = target_horizon
         self.user_inputs = to_tensors(user_inputs)
         self.item_rows = torch.from_numpy(np.asarray(item_rows, dtype=np.int64))
         if weights is None:
@@ -109,7 +121,7 @@ class InteractionBatches(Dataset[Batch]):
 
     @classmethod
     def from_prepared(
-        cls, data: PreparedData, mixed_negatives: int = 0, seed: int = 0
+        cls, data: PreparedData, mixed_negatives: int = 0, seed: int = 0, target_horizon: int = 1
     ) -> InteractionBatches:
         return cls(
             data.sample_user_inputs,
@@ -118,6 +130,8 @@ class InteractionBatches(Dataset[Batch]):
             data.sample_weights,
             mixed_negatives,
             seed,
+            data.sample_histories,
+            target_horizon,
         )
 
     def __len__(self) -> int:
@@ -135,6 +149,10 @@ class InteractionBatches(Dataset[Batch]):
             "item_rows": item_rows,
             "weights": self.weights[index],
         }
+        if self.target_horizon > 1 and self.history_source is not None:
+            rng = np.random.default_rng((self.seed, request.epoch, request.number, 2))
+            windows = self.history_source.windows(request.positions, self.target_horizon, rng)
+            batch["user"]["history"] = torch.from_numpy(windows)  # type: ignore[index]
         if self.mixed_negatives:
             rng = np.random.default_rng((self.seed, request.epoch, request.number, 1))
             rows = torch.from_numpy(rng.choice(self.negative_pool, self.mixed_negatives))
@@ -154,9 +172,15 @@ class TwoTowerDataModule(pl.LightningDataModule):
 
     @classmethod
     def from_prepared(
-        cls, data: PreparedData, batch_size: int = 512, seed: int = 0, mixed_negatives: int = 0
+        cls,
+        data: PreparedData,
+        batch_size: int = 512,
+        seed: int = 0,
+        mixed_negatives: int = 0,
+        target_horizon: int = 1,
     ) -> TwoTowerDataModule:
-        return cls(InteractionBatches.from_prepared(data, mixed_negatives, seed), batch_size, seed)
+        dataset = InteractionBatches.from_prepared(data, mixed_negatives, seed, target_horizon)
+        return cls(dataset, batch_size, seed)
 
     @property
     def negative_pool_size(self) -> int:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from retrieval.encoding import EntityEncoder, FeatureColumns, FeatureEncoders
 from retrieval.errors import UnknownIdError
-from towers.data.samples import latest_histories, leakage_free_histories
+from towers.data.samples import HistorySource, history_bounds, history_windows, latest_histories
 from towers.data.schema import ITEM_ID, USER_ID, WEIGHT, RawData, infer_feature_columns
 from towers.data.split import Split
 
@@ -68,6 +68,7 @@ class PreparedData:
     sample_user_inputs: dict[str, np.ndarray]
     sample_item_rows: np.ndarray
     sample_weights: np.ndarray
+    sample_histories: HistorySource
     item_log_p: np.ndarray
     validation: EvalSet
     test: EvalSet
@@ -195,7 +196,9 @@ def prepare_data(
     fit = split.fit if fit_on == "fit" else split.train
     encoders = fit_encoders(raw, fit, settings)
     item_codes = encoders.items.ids.encode(fit[ITEM_ID])
-    histories = leakage_free_histories(fit, item_codes, settings.history_length)
+    starts, ends = history_bounds(fit)
+    history_source = HistorySource(item_codes, starts, ends, settings.history_length)
+    histories = history_windows(item_codes, starts, ends, settings.history_length)
     sample_users, user_codes = np.unique(fit[USER_ID].to_numpy(dtype=object), return_inverse=True)
     per_user = encoders.users.transform(
         list(sample_users), user_attribute_rows(raw.users, sample_users)
@@ -217,6 +220,7 @@ def prepare_data(
         sample_user_inputs=sample_inputs,
         sample_item_rows=item_rows,
         sample_weights=weights,
+        sample_histories=history_source,
         item_log_p=log_p.astype(np.float32),
         validation=build_eval_set(fit, split.validation, catalogue, raw.users, encoders),
         test=build_eval_set(split.train, split.test, catalogue, raw.users, encoders),

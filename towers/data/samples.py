@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -31,16 +33,44 @@ def _group_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return run_start[run_id], run_end[run_id]
 
 
-def leakage_free_histories(events: pd.DataFrame, item_codes: np.ndarray, length: int) -> np.ndarray:
-    """For every row of ``events`` (sorted by user, then time), the user's last ``length``
-    item codes with a timestamp strictly before the row's; ties in time are excluded."""
+def history_bounds(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """For every row of ``events`` (sorted by user, then time): the position of the user's
+    first event and of the first event at the row's timestamp (its history ends there)."""
     users = pd.factorize(events[USER_ID])[0]
     user_start, _ = _group_bounds(users)
     times = events[TIMESTAMP].to_numpy()
     same_moment = np.empty(len(events), dtype=np.int64)
     same_moment[:] = pd.factorize(pd.MultiIndex.from_arrays([users, times]))[0]
     tie_start, _ = _group_bounds(same_moment)
+    return user_start.astype(np.int64), tie_start.astype(np.int64)
+
+
+def leakage_free_histories(events: pd.DataFrame, item_codes: np.ndarray, length: int) -> np.ndarray:
+    """For every row of ``events`` (sorted by user, then time), the user's last ``length``
+    item codes with a timestamp strictly before the row's; ties in time are excluded."""
+    user_start, tie_start = history_bounds(events)
     return history_windows(item_codes, user_start, tie_start, length)
+
+
+@dataclass(frozen=True)
+class HistorySource:
+    """What rebuilds each training sample's history: the fit events' item codes and, per
+    sample, where its user's events start and where its leakage-free history ends."""
+
+    item_codes: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    length: int
+
+    def windows(self, positions: np.ndarray, horizon: int, rng: np.random.Generator) -> np.ndarray:
+        """Histories of the samples at ``positions``, each cut ``0..horizon-1`` (uniform)
+        further events before its target, so that the model learns to find items that
+        come up to ``horizon`` events later, not just the next one (what a hold-out of a
+        user's next 20% asks). ``horizon=1`` gives the plain leakage-free histories."""
+        starts, ends = self.starts[positions], self.ends[positions]
+        if horizon > 1:
+            ends = np.maximum(ends - rng.integers(0, horizon, len(positions)), starts)
+        return history_windows(self.item_codes, starts, ends, self.length)
 
 
 def latest_histories(
@@ -57,3 +87,15 @@ def latest_histories(
     return np.asarray(uniques, dtype=object), history_windows(
         item_codes, start[first], end[first], length
     )
+
+
+def user_activity_weights(user_starts: np.ndarray, power: float) -> np.ndarray:
+    """Per-sample weight ``n_u ** -power`` (``n_u``: the sample's user's event count, users
+    told apart by ``user_starts``), scaled to mean 1. ``power=0`` weights every event
+    alike, so heavy users dominate the loss; ``power=1`` weights every user alike, as the
+    ranking metrics (averaged over users) do."""
+    if power == 0:
+        return np.ones(len(user_starts), dtype=np.float32)
+    _, inverse, counts = np.unique(user_starts, return_inverse=True, return_counts=True)
+    weights = counts[inverse].astype(np.float64) ** -power
+    return (weights / weights.mean()).astype(np.float32)
