@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from towers.benchmarks.baselines import EASE, EASERecent, ImplicitModel, ItemKNN, Popularity
-from towers.benchmarks.quality import build_matrices, metrics_of, run, top_lists
+from towers.benchmarks.quality import build_matrices, cold_share, metrics_of, run, top_lists
 from towers.evaluation.ranking import evaluate_popularity
 from towers.pipeline import prepare
 
@@ -77,3 +77,50 @@ def test_benchmark_run_scores_every_model_with_one_metric_code(tiny) -> None:
     assert stats["test_users_scored"] == data.test.n_users
     by_model = {r["model"]: r for r in rows}
     assert by_model["ease"]["recall@50"] > by_model["popularity"]["recall@50"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cold(tmp_path_factory: pytest.TempPathFactory):
+    cfg = compose_config(
+        [
+            *TINY_OVERRIDES,
+            "split.cold_items=true",
+            f"paths.output_dir={tmp_path_factory.mktemp('cold')}",
+        ]
+    )
+    data = prepare(cfg)
+    return cfg, data, build_matrices(data)
+
+
+def test_cold_share_counts_cold_items_in_the_top_lists(tiny_cold) -> None:
+    _, data, _ = tiny_cold
+    cold = np.flatnonzero(data.catalogue["item_id"].isin(set(data.split.cold_items)))
+    warm = np.setdiff1d(np.arange(data.n_items), cold)
+    n = data.test.n_users
+    all_cold = np.tile(np.resize(cold, 20), (n, 1))
+    half = np.tile(np.r_[np.resize(cold, 5), np.resize(warm, 5), -np.ones(10, int)], (n, 1))
+    assert cold_share(all_cold, data)["cold_share@20"] == 1.0
+    assert cold_share(half, data)["cold_share@20"] == 0.5
+    assert cold_share(half, data)["cold_share_catalogue"] == pytest.approx(len(cold) / data.n_items)
+
+
+def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:
+    pytest.importorskip("lightfm", reason="lightfm is an optional benchmark extra")
+    from towers.benchmarks.baselines import LightFMModel
+    from towers.benchmarks.quality import item_feature_matrix
+
+    _, data, matrices = tiny_cold
+    is_cold = data.catalogue["item_id"].isin(set(data.split.cold_items)).to_numpy()
+    # one extra feature held by cold items only: it is trained only if they are negatives
+    flag = sp.csr_matrix(is_cold.astype(np.float32)[:, None])
+    features = sp.hstack([item_feature_matrix(data, identity=False), flag]).tocsr()
+    seen_only = LightFMModel(features, seen_items_only=True, no_components=8, epochs=2)
+    every_item = LightFMModel(features, no_components=8, epochs=2)
+    for model in (seen_only, every_item):
+        model.fit(matrices.train)
+    assert seen_only.model.item_biases[-1] == 0.0  # LightFM starts biases at 0
+    assert every_item.model.item_biases[-1] < 0.0  # pushed down as a negative only
+    scores = seen_only.scores(np.arange(3))
+    assert scores.shape == (3, data.n_items) and np.isfinite(scores).all()
+    with pytest.raises(ValueError, match="item features"):
+        LightFMModel(None, seen_items_only=True)

@@ -84,3 +84,13 @@ def test_cold_items_leave_train_entirely(tiny_data: RawData) -> None:
     assert len(split.test) == events["item_id"].isin(set(split.cold_items)).sum()
     other = make_split(events, cold_items=True, cold_fraction=0.1, seed=8)
     assert set(other.cold_items) != set(split.cold_items)
+
+
+def test_cold_validation_holds_out_items_of_train_the_same_way(tiny_data: RawData) -> None:
+    events = prepare_interactions(tiny_data.interactions)
+    split = make_split(events, cold_items=True, cold_fraction=0.1, seed=7)
+    validation_items = set(split.validation["item_id"])
+    assert len(validation_items) == round(0.1 * split.train["item_id"].nunique())
+    assert not split.fit["item_id"].isin(validation_items).any()
+    assert not validation_items & set(split.cold_items)
+    assert len(split.fit) + len(split.validation) == len(split.train)

@@ -136,10 +136,25 @@ class ImplicitModel(Baseline):
 
 
 class LightFMModel(Baseline):
-    """LightFM WARP, pure collaborative or with item features (optional dependency)."""
+    """LightFM WARP, pure collaborative or with item features (optional dependency).
 
-    def __init__(self, item_features: sp.csr_matrix | None = None, **params: Any) -> None:
+    With ``seen_items_only`` (the cold-item split, attribute-only features) the model is
+    fitted on the columns of items that have a training interaction, so WARP never draws
+    a held-out cold item as a negative (as twotower's negatives never are); otherwise each
+    cold item's own attribute tokens would only ever be pushed down. Scores still cover
+    the whole catalogue, built from every item's features.
+    """
+
+    def __init__(
+        self,
+        item_features: sp.csr_matrix | None = None,
+        seen_items_only: bool = False,
+        **params: Any,
+    ) -> None:
+        if seen_items_only and item_features is None:
+            raise ValueError("seen_items_only needs item features to represent unseen items")
         self.item_features = item_features
+        self.seen_items_only = seen_items_only
         self.params = params
         self.name = "lightfm_hybrid" if item_features is not None else "lightfm"
 
@@ -148,9 +163,11 @@ class LightFMModel(Baseline):
 
         epochs = self.params.pop("epochs", 30)
         self.model = LightFM(loss="warp", random_state=42, **self.params)
-        self.model.fit(
-            train.tocoo(), item_features=self.item_features, epochs=epochs, num_threads=2
-        )
+        features = self.item_features
+        if self.seen_items_only and features is not None:
+            seen = np.flatnonzero(np.asarray(train.sum(axis=0)).ravel() > 0)
+            train, features = train[:, seen], features[seen]
+        self.model.fit(train.tocoo(), item_features=features, epochs=epochs, num_threads=2)
         self.params["epochs"] = epochs
         return self
 

@@ -108,13 +108,16 @@ def make_split(
     cold_fraction: float = 0.1,
     seed: int = 42,
 ) -> Split:
-    """The EVALUATION.md split; validation is carved from train by the same temporal rule."""
+    """The EVALUATION.md split; validation is carved from train "the same way": by the
+    temporal rule, or in the cold-item variant by holding out ``cold_fraction`` of train's
+    items (seed + 1), so that model selection is on cold items too."""
     if cold_items:
         train, test, cold = cold_item_holdout(events, cold_fraction, seed)
+        fit, validation, _ = cold_item_holdout(train, cold_fraction, seed + 1)
     else:
         train, test = temporal_holdout(events, test_fraction, min_interactions)
         cold = np.array([], dtype=object)
-    fit, validation = temporal_holdout(train, validation_fraction, min_interactions)
+        fit, validation = temporal_holdout(train, validation_fraction, min_interactions)
     for name, part in (("train", train), ("test", test), ("validation", validation)):
         if part.empty:
             raise EmptyTableError(f"the {name} split is empty: too few interactions per user")
