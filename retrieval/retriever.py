@@ -29,7 +29,7 @@ import pandas as pd
 
 from retrieval import bundle as layout
 from retrieval.embeddings import read_embeddings, write_embeddings
-from retrieval.encoding import FeatureEncoders
+from retrieval.encoding import PAD_INDEX, FeatureEncoders
 from retrieval.errors import BundleError, DuplicateIdError, MissingColumnError, RequestError
 from retrieval.filters import Filter, filter_key, filter_mask
 from retrieval.index import search, search_parameters
@@ -108,6 +108,13 @@ class Retriever:
         # one extra all-missing row, taken for users the bundle does not know
         self._user_attributes = pd.concat(
             [attributes, attributes.iloc[:0].reindex([0])], ignore_index=True
+        )
+        # Tower inputs of every known user (and the all-missing row) encoded once, so a
+        # request without custom attributes costs numpy indexing, not pandas encoding.
+        known_ids: list[Any] = [*self._user_position, None]
+        self._stored_inputs = encoders.users.transform(known_ids, self._user_attributes)
+        self._stored_histories = encoders.encode_histories(
+            [[str(i) for i in h] for h in self._user_histories] + [[]]
         )
         self._user_session = user_session
         self._item_session = item_session
@@ -275,39 +282,65 @@ class Retriever:
         return user_id is not None and str(user_id) in self._user_position
 
     # ---------------------------------------------------------------- encoding
-    def _user_rows(
+    def _positions(self, user_ids: Sequence[Any]) -> np.ndarray:
+        """Row of each user in the bundle's user table; the all-missing row if unknown."""
+        missing = len(self._user_attributes) - 1
+        lookup = self._user_position
+        return np.fromiter(
+            (missing if u is None else lookup.get(str(u), missing) for u in user_ids),
+            np.int64,
+            len(user_ids),
+        )
+
+    def _seen(self, position: int) -> list[str]:
+        """Items the bundle records for the user at ``position`` (none for unknown users)."""
+        if position == len(self._user_attributes) - 1:
+            return []
+        return [str(i) for i in self._user_seen[position]]
+
+    def _user_tower_inputs(
         self,
         user_ids: Sequence[Any],
+        positions: np.ndarray,
         histories: Sequence[Sequence[Any] | None],
         user_features: Sequence[Mapping[str, Any] | None],
-    ) -> tuple[list[list[str]], pd.DataFrame, list[list[str]]]:
-        """Per user: full history (stored + given), attribute rows, seen items."""
+    ) -> dict[str, np.ndarray]:
+        """Tower inputs per user: the stored encoding, with the given recent items appended
+        to the stored history and any given attributes encoded over the stored ones."""
+        inputs = {name: values[positions] for name, values in self._stored_inputs.items()}
         missing = len(self._user_attributes) - 1
-        positions = [
-            self._user_position.get(str(u), missing) if u is not None else missing for u in user_ids
-        ]
-        full_histories, seen = [], []
-        for position, given in zip(positions, histories, strict=True):
-            known = position != missing
-            past = [str(i) for i in self._user_histories[position]] if known else []
-            full_histories.append(past + [str(i) for i in (given or [])])
-            seen.append([str(i) for i in self._user_seen[position]] if known else [])
-        attributes = self._user_attributes.iloc[positions].reset_index(drop=True)
-        for row, features in enumerate(user_features):
-            for name, value in (features or {}).items():
-                if name not in attributes.columns:
-                    attributes[name] = None
-                attributes.at[row, name] = value
-        return full_histories, attributes, seen
+        unknown = np.flatnonzero(positions == missing)
+        id_input = f"{self.encoders.users.prefix}_id"
+        if len(unknown) and id_input in inputs:  # an id in the vocabulary but not the table
+            inputs[id_input][unknown] = self.encoders.users.ids.encode(
+                [str(user_ids[r]) if user_ids[r] is not None else None for r in unknown]
+            )
+        history = self._stored_histories[positions]
+        length = history.shape[1]
+        for row, given in enumerate(histories):
+            if given and length:
+                codes = self.encoders.items.ids.encode([str(i) for i in given])
+                past = history[row][history[row] != PAD_INDEX]
+                recent = np.concatenate([past, codes])[-length:]
+                history[row] = PAD_INDEX
+                history[row, length - len(recent) :] = recent
+        inputs["history"] = history
+        custom = [r for r, features in enumerate(user_features) if features]
+        if custom:
+            attributes = self._user_attributes.iloc[positions[custom]].reset_index(drop=True)
+            for row, r in enumerate(custom):
+                for name, value in (user_features[r] or {}).items():
+                    if name not in attributes.columns:
+                        attributes[name] = None
+                    attributes.at[row, name] = value
+            encoded = self.encoders.users.transform(
+                [str(user_ids[r]) if user_ids[r] is not None else None for r in custom], attributes
+            )
+            for name, values in encoded.items():
+                inputs[name][custom] = values
+        return inputs
 
-    def _encode_users(
-        self, user_ids: Sequence[Any], histories: list[list[str]], attributes: pd.DataFrame
-    ) -> np.ndarray:
-        inputs = self.encoders.user_inputs(
-            [str(u) if u is not None else None for u in user_ids],
-            self.encoders.encode_histories(histories),
-            attributes,
-        )
+    def _encode_users(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self._user_session.run(None, {name: inputs[name] for name in self._user_inputs})[0]
 
     @staticmethod
@@ -350,8 +383,7 @@ class Retriever:
     ) -> np.ndarray:
         """(n, d) user vectors from stored state (known ids), recent items and attributes."""
         ids, hists, feats = self._batch_args(user_ids, histories, user_features)
-        full, attributes, _ = self._user_rows(ids, hists, feats)
-        return self._encode_users(ids, full, attributes)
+        return self._encode_users(self._user_tower_inputs(ids, self._positions(ids), hists, feats))
 
     def embed_items(self, table: pd.DataFrame) -> np.ndarray:
         """(n, d) item vectors for an item table (``item_id`` + attribute columns) via the
@@ -447,12 +479,14 @@ class Retriever:
         ids, hists, feats = self._batch_args(user_ids, histories, user_features)
         knobs = {**self._default_knobs, **dict(search_params or {})}
         search_parameters(state.index, knobs)  # validate before any work
-        full, attributes, seen = self._user_rows(ids, hists, feats)
+        positions = self._positions(ids)
         common = [str(i) for i in (exclude or [])]
         banned = [
             self._banned_rows(
                 state,
-                (seen[r] if exclude_seen else []) + [str(i) for i in (hists[r] or [])] + common,
+                (self._seen(positions[r]) if exclude_seen else [])
+                + [str(i) for i in (hists[r] or [])]
+                + common,
             )
             for r in range(len(ids))
         ]
@@ -465,9 +499,12 @@ class Retriever:
         warm = [r for r in range(len(ids)) if not cold[r]]
         if warm:
             queries = self._encode_users(
-                [ids[r] for r in warm],
-                [full[r] for r in warm],
-                attributes.iloc[warm].reset_index(drop=True),
+                self._user_tower_inputs(
+                    [ids[r] for r in warm],
+                    positions[warm],
+                    [hists[r] for r in warm],
+                    [feats[r] for r in warm],
+                )
             )
             rows, scores = self._top_k(state, queries, [banned[r] for r in warm], allowed, k, knobs)
             out_rows[warm], out_scores[warm] = rows, scores

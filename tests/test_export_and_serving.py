@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from retrieval import RequestError, Retriever
-from retrieval.bundle import ITEM_EMBEDDINGS, USER_EMBEDDINGS
+from retrieval.bundle import HISTORY_COLUMN, ITEM_EMBEDDINGS, USER_EMBEDDINGS, USERS
 from towers.export.bundle import ExportSettings, export_bundle
 from towers.export.onnx_export import ExportError
 from towers.pipeline import TrainResult
@@ -189,3 +189,26 @@ def test_thread_capped_retriever_answers_the_same(trained: TrainResult) -> None:
     assert list(capped.recommend(user_id=user, k=10)[0]) == list(
         Retriever.load(trained.bundle).recommend(user_id=user, k=10)[0]
     )
+
+
+def test_stored_user_inputs_equal_encoding_them_anew(trained: TrainResult) -> None:
+    """The per-user encodings precomputed at load match encoding raw rows per request."""
+    retriever = Retriever.load(trained.bundle)
+    users = [str(u) for u in trained.data.test.user_ids[:6]]
+    items = [str(i) for i in trained.data.catalogue["item_id"].iloc[:3]]
+    given = [items[: 1 + r % 3] for r in range(len(users))]
+    assert trained.data.users is not None
+    rows = trained.data.users.set_index("user_id").loc[users].reset_index(drop=True)
+    features = [{k: v for k, v in row.items() if pd.notna(v)} for row in rows.to_dict("records")]
+    assert all(features)
+    fast = retriever.embed_users(users, given)
+    anew = retriever.embed_users(users, given, features)
+    np.testing.assert_allclose(fast, anew, atol=1e-6)
+    bundle_users = pd.read_parquet(trained.bundle / USERS).set_index("user_id")
+    stored = [[str(i) for i in bundle_users.loc[u, HISTORY_COLUMN]] for u in users]
+    expected = retriever.encoders.encode_histories(
+        [past + more for past, more in zip(stored, given, strict=True)]
+    )
+    positions = retriever._positions(users)
+    inputs = retriever._user_tower_inputs(users, positions, given, [None] * len(users))
+    np.testing.assert_array_equal(inputs["history"], expected)
