@@ -13,7 +13,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request, Response
@@ -25,12 +27,14 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrieval.errors import TwoTowerError
 from retrieval.history import HistoryStore, InMemoryHistoryStore
 from retrieval.retriever import MAX_K, Retriever
+from retrieval.shared import Change, ChangeFeed, ChangeFollower, SQLiteHistoryStore
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 256
@@ -105,13 +109,21 @@ class Status(Strict):
     bundle: str | None = None
     items: int | None = None
     detail: str | None = None
+    worker: int | None = Field(None, description="process id of the worker that answered")
 
 
 class Metrics:
-    """Prometheus series, in a registry of the app's own."""
+    """Prometheus series, in a registry of the app's own.
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` set (``scripts/serve.py`` sets it for several
+    workers), prometheus-client keeps every series in files there and ``/metrics``
+    answers for all workers together, whichever worker serves the scrape.
+    """
 
     def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry()
+        self._bundle_labels: tuple[str, str] | None = None
         self.requests = Counter(
             "twotower_requests",
             "HTTP requests",
@@ -126,13 +138,17 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
         self.index_items = Gauge(
-            "twotower_index_items", "Items in the served index", registry=self.registry
+            "twotower_index_items",
+            "Items in the served index",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.bundle = Gauge(
             "twotower_bundle_info",
-            "The served bundle",
+            "The served bundle (1; a replaced one drops to 0)",
             ["path", "created_at"],
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.events = Counter("twotower_events", "Events received", registry=self.registry)
         self.reloads = Counter(
@@ -141,10 +157,21 @@ class Metrics:
 
     def describe(self, retriever: Retriever) -> None:
         self.index_items.set(len(retriever.item_ids))
-        self.bundle.clear()
-        self.bundle.labels(str(retriever.path), str(retriever.manifest.get("created_at", ""))).set(
-            1
-        )
+        labels = (str(retriever.path), str(retriever.manifest.get("created_at", "")))
+        if self._bundle_labels is not None and self._bundle_labels != labels:
+            self.bundle.labels(*self._bundle_labels).set(0)  # what other workers' files hold
+            if not self.multiprocess:
+                self.bundle.remove(*self._bundle_labels)
+        self.bundle.labels(*labels).set(1)
+        self._bundle_labels = labels
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format: this process's series, or every worker's."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
 
 
 class ServerState:
@@ -156,6 +183,24 @@ class ServerState:
         self.metrics = metrics
         self.reload_lock = threading.Lock()
         metrics.describe(retriever)
+
+    def swap(self, retriever: Retriever) -> None:
+        """Serve ``retriever`` from the next request on."""
+        self.retriever = retriever
+        self.metrics.describe(retriever)
+
+    def apply(self, change: Change) -> None:
+        """Replay a change another worker recorded (see :mod:`retrieval.shared`)."""
+        if change.kind == "reload":
+            with self.reload_lock:
+                self.swap(Retriever.load(change.payload, device=self.retriever.device))
+            self.metrics.reloads.labels("followed").inc()
+        elif change.kind == "items":
+            import pandas as pd
+
+            self.retriever.add_items(pd.DataFrame(change.payload))
+            self.metrics.index_items.set(len(self.retriever.item_ids))
+        log.info("applied change %d (%s) from another worker", change.seq, change.kind)
 
     def histories(self, users: list[UserQuery]) -> list[list[str]]:
         """Each query's history plus the events the server holds for that user."""
@@ -177,16 +222,36 @@ def _recommendations(ids: Any, scores: Any, user_ids: list[str | None]) -> list[
     return results
 
 
-def create_app(retriever: Retriever, history: HistoryStore | None = None) -> FastAPI:
-    """The app over a loaded Retriever; ``history`` defaults to an in-memory store."""
+def create_app(
+    retriever: Retriever,
+    history: HistoryStore | None = None,
+    changes: ChangeFeed | None = None,
+    poll_seconds: float = 0.5,
+) -> FastAPI:
+    """The app over a loaded Retriever; ``history`` defaults to an in-memory store.
+
+    ``changes``: with several worker processes, the feed through which added items and
+    reloads reach the other workers (each replays it within ``poll_seconds``).
+    """
     metrics = Metrics()
-    state = ServerState(
-        retriever, history or InMemoryHistoryStore(retriever.encoders.history_length), metrics
-    )
+    if history is None:  # not `history or ...`: an empty store has len() 0
+        history = InMemoryHistoryStore(retriever.encoders.history_length)
+    state = ServerState(retriever, history, metrics)
+    follower = ChangeFollower(changes, state.apply, poll_seconds) if changes else None
+    if follower is not None:
+        follower.start()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if follower is not None:
+            follower.stop()
+
     app = FastAPI(
         title="twotower",
         version="1",
         description="Two-tower retrieval: recommendations, similar items, events.",
+        lifespan=lifespan,
     )
     app.state.twotower = state
 
@@ -255,6 +320,8 @@ def create_app(retriever: Retriever, history: HistoryStore | None = None) -> Fas
         table = pd.DataFrame(body.items)
         added = state.retriever.add_items(table)
         metrics.index_items.set(len(state.retriever.item_ids))
+        if changes is not None:
+            changes.record("items", body.items)
         return ItemsResponse(added=added, catalogue_size=len(state.retriever.item_ids))
 
     @app.post("/events", response_model=EventsResponse)
@@ -274,11 +341,16 @@ def create_app(retriever: Retriever, history: HistoryStore | None = None) -> Fas
     @app.get("/readyz", response_model=Status)
     def readyz() -> Status:
         retriever = state.retriever
-        return Status(status="ready", bundle=str(retriever.path), items=len(retriever.item_ids))
+        return Status(
+            status="ready",
+            bundle=str(retriever.path),
+            items=len(retriever.item_ids),
+            worker=os.getpid(),
+        )
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload", response_model=Status, responses={409: {"model": Status}})
     def reload(body: ReloadRequest) -> Any:
@@ -296,9 +368,10 @@ def create_app(retriever: Retriever, history: HistoryStore | None = None) -> Fas
                         status="kept", bundle=str(state.retriever.path), detail=str(exc)
                     ).model_dump(),
                 )
-            state.retriever = fresh
-            metrics.describe(fresh)
+            state.swap(fresh)
             metrics.reloads.labels("ok").inc()
+            if changes is not None:
+                changes.record("reload", str(Path(fresh.path).resolve()))
         return Status(status="reloaded", bundle=str(fresh.path), items=len(fresh.item_ids))
 
     return app
@@ -320,7 +393,11 @@ def tcp_listener(host: str, port: int) -> socket.socket:
 
 
 def app_from_env() -> FastAPI:
-    """App factory for ``uvicorn --factory``: the bundle path comes from TWOTOWER_BUNDLE."""
+    """App factory for ``uvicorn --factory``: the bundle path comes from TWOTOWER_BUNDLE.
+
+    With TWOTOWER_STATE_FILE (a SQLite path; ``scripts/serve.py`` sets one for several
+    workers) events, added items and reloads are shared by every worker process.
+    """
     path = os.environ.get("TWOTOWER_BUNDLE")
     if not path:
         raise RuntimeError("set TWOTOWER_BUNDLE to the bundle directory to serve")
@@ -330,4 +407,11 @@ def app_from_env() -> FastAPI:
         device=os.environ.get("TWOTOWER_DEVICE", "cpu"),
         threads=int(threads) if threads else None,
     )
-    return create_app(retriever)
+    shared = os.environ.get("TWOTOWER_STATE_FILE")
+    if not shared:
+        return create_app(retriever)
+    return create_app(
+        retriever,
+        SQLiteHistoryStore(shared, retriever.encoders.history_length),
+        ChangeFeed(shared),
+    )

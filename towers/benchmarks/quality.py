@@ -249,10 +249,19 @@ def run_twotower(cfg: DictConfig, data: PreparedData) -> dict[str, Any]:
 
 
 def run(
-    cfg: DictConfig, models: Sequence[str] | None = None
+    cfg: DictConfig,
+    models: Sequence[str] | None = None,
+    twotower_cfg: DictConfig | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """All requested models on the split of ``cfg``; returns rows and split statistics."""
+    """All requested models on the split of ``cfg``; returns rows and split statistics.
+
+    ``twotower_cfg`` (default ``cfg``) trains twotower, e.g. with other features; it must
+    make the same split (same ``split`` settings, seed and data)."""
     data = prepare(cfg)
+    if twotower_cfg is not None and (
+        twotower_cfg.split != cfg.split or twotower_cfg.seed != cfg.seed
+    ):
+        raise ValueError("twotower_cfg must make the same split as cfg")
     matrices = build_matrices(data)
     try:
         import lightfm  # noqa: F401
@@ -275,7 +284,7 @@ def run(
     rows = []
     for name in wanted:
         if name == "twotower":
-            rows.append(run_twotower(cfg, data))
+            rows.append(run_twotower(twotower_cfg or cfg, data))
         elif name in grids:
             rows.append(run_baseline(name, grids[name], data, matrices))
         else:
