@@ -63,7 +63,10 @@ def main() -> None:
         {"items": args.items, "index": args.index, "seconds": args.seconds},
         rows,
         COLUMNS,
-        "wrk shares the machine's 2 cores with the server, so the rates are a floor.",
+        "wrk shares the machine's cores with the server, so the rates are a floor. wrk's "
+        "keep-alive connections stay with the worker that accepted them, and a shared "
+        "listening socket does not balance them: with two workers the split of the "
+        "connections between them (not the workers' capacity) can bound a row.",
     )
     print(args.out.with_suffix(".md").read_text())
 
