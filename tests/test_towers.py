@@ -154,3 +154,20 @@ def test_item_id_dropout_replaces_ids_with_oov_only_in_training() -> None:
     torch.testing.assert_close(model.item_tower(inputs), model.item_tower(oov))
     model.eval()
     assert not torch.allclose(model.item_tower(inputs), model.item_tower(oov))
+
+
+def test_zero_attribute_init_makes_unseen_tokens_add_nothing() -> None:
+    model = TwoTowerModel(SPEC, 16, attribute_init="zeros")
+    attribute_tables = [
+        m
+        for tower in (model.item_tower, model.user_tower)
+        for m in tower.attributes.modules()
+        if isinstance(m, torch.nn.Embedding)
+    ]
+    assert attribute_tables and all(not t.weight.any() for t in attribute_tables)
+    assert model.item_tower.item_embedding.weight[2:].abs().sum() > 0  # ids stay random
+    inputs = item_inputs(4)
+    other_bag = {**inputs, "item_bag": torch.randint(0, 6, inputs["item_bag"].shape) % 6}
+    torch.testing.assert_close(model.item_tower(inputs), model.item_tower(other_bag))
+    with pytest.raises(ValueError, match="attribute_init"):
+        TwoTowerModel(SPEC, 16, attribute_init="uniform")

@@ -56,6 +56,7 @@ class TwoTowerModule(pl.LightningModule):
         history_pooling: str = "mean",
         sparse_embeddings: bool = False,
         item_id_dropout: float = 0.0,
+        attribute_init: str = "normal",
         temperature: float = 0.1,
         learn_temperature: bool = False,
         logq_correction: bool = True,
@@ -78,6 +79,7 @@ class TwoTowerModule(pl.LightningModule):
             history_pooling,
             sparse_embeddings,
             item_id_dropout,
+            attribute_init,
         )
         self.log_temperature = nn.Parameter(
             torch.tensor(math.log(temperature)), requires_grad=learn_temperature

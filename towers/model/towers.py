@@ -79,6 +79,7 @@ def masked_mean(embedded: Tensor, tokens: Tensor) -> Tensor:
 
 NORMS = ("none", "layer", "batch")
 POOLINGS = ("mean", "recency", "attention")
+ATTRIBUTE_INITS = ("normal", "zeros")
 
 
 def mlp(
@@ -250,8 +251,13 @@ class TwoTowerModel(nn.Module):
         history_pooling: str = "mean",
         sparse_embeddings: bool = False,
         item_id_dropout: float = 0.0,
+        attribute_init: str = "normal",
     ) -> None:
         super().__init__()
+        if attribute_init not in ATTRIBUTE_INITS:
+            raise ValueError(
+                f"attribute_init must be one of {ATTRIBUTE_INITS}, got {attribute_init!r}"
+            )
         shape = shape or TowerShape()
         self.spec = spec
         item_embedding = embedding(spec.items.id_size, embedding_dim, sparse_embeddings)
@@ -276,6 +282,13 @@ class TwoTowerModel(nn.Module):
                 nn.init.normal_(module.weight, std=0.05)
                 with torch.no_grad():
                     module.weight[PAD_INDEX].zero_()
+        if attribute_init == "zeros":
+            # Attribute tokens never seen in training (a cold item's own title words) then
+            # add nothing to its vector instead of random noise.
+            for tower in (self.item_tower, self.user_tower):
+                for module in tower.attributes.modules():
+                    if isinstance(module, nn.Embedding):
+                        nn.init.zeros_(module.weight)
 
 
 class PositionalTower(nn.Module):
