@@ -102,7 +102,6 @@ class Retriever:
         self._state = state
         users = users.reset_index(drop=True)
         self._user_position = {str(u): i for i, u in enumerate(users[USER_ID])}
-        self._user_histories = users[layout.HISTORY_COLUMN].to_numpy()
         self._user_seen = users[layout.SEEN_COLUMN].to_numpy()
         attributes = users.drop(columns=[layout.HISTORY_COLUMN, layout.SEEN_COLUMN])
         # one extra all-missing row, taken for users the bundle does not know
@@ -111,10 +110,11 @@ class Retriever:
         )
         # Tower inputs of every known user (and the all-missing row) encoded once, so a
         # request without custom attributes costs numpy indexing, not pandas encoding.
+        self._missing_row = len(attributes)
         known_ids: list[Any] = [*self._user_position, None]
         self._stored_inputs = encoders.users.transform(known_ids, self._user_attributes)
         self._stored_histories = encoders.encode_histories(
-            [[str(i) for i in h] for h in self._user_histories] + [[]]
+            [[str(i) for i in h] for h in users[layout.HISTORY_COLUMN]] + [[]]
         )
         self._user_session = user_session
         self._item_session = item_session
@@ -284,8 +284,7 @@ class Retriever:
     # ---------------------------------------------------------------- encoding
     def _positions(self, user_ids: Sequence[Any]) -> np.ndarray:
         """Row of each user in the bundle's user table; the all-missing row if unknown."""
-        missing = len(self._user_attributes) - 1
-        lookup = self._user_position
+        missing, lookup = self._missing_row, self._user_position
         return np.fromiter(
             (missing if u is None else lookup.get(str(u), missing) for u in user_ids),
             np.int64,
@@ -294,7 +293,7 @@ class Retriever:
 
     def _seen(self, position: int) -> list[str]:
         """Items the bundle records for the user at ``position`` (none for unknown users)."""
-        if position == len(self._user_attributes) - 1:
+        if position == self._missing_row:
             return []
         return [str(i) for i in self._user_seen[position]]
 
@@ -308,8 +307,7 @@ class Retriever:
         """Tower inputs per user: the stored encoding, with the given recent items appended
         to the stored history and any given attributes encoded over the stored ones."""
         inputs = {name: values[positions] for name, values in self._stored_inputs.items()}
-        missing = len(self._user_attributes) - 1
-        unknown = np.flatnonzero(positions == missing)
+        unknown = np.flatnonzero(positions == self._missing_row)
         id_input = f"{self.encoders.users.prefix}_id"
         if len(unknown) and id_input in inputs:  # an id in the vocabulary but not the table
             inputs[id_input][unknown] = self.encoders.users.ids.encode(

@@ -15,9 +15,9 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from fastapi import FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import (
@@ -176,31 +176,51 @@ class Metrics:
 
 
 class ServerState:
-    """The served Retriever (swapped atomically on reload) and the event store."""
+    """The served Retriever (swapped atomically on reload), the event store and, with
+    several workers, the feed that passes added items and reloads to the others."""
 
-    def __init__(self, retriever: Retriever, history: HistoryStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        retriever: Retriever,
+        history: HistoryStore,
+        metrics: Metrics,
+        changes: ChangeFeed | None = None,
+    ) -> None:
         self.retriever = retriever
         self.history = history
         self.metrics = metrics
+        self.changes = changes
         self.reload_lock = threading.Lock()
         metrics.describe(retriever)
 
-    def swap(self, retriever: Retriever) -> None:
-        """Serve ``retriever`` from the next request on."""
-        self.retriever = retriever
-        self.metrics.describe(retriever)
+    def reload(self, path: str, share: bool = True) -> Retriever:
+        """Load the bundle at ``path`` and serve it from the next request on; raises (and
+        keeps the current one) when it does not load. ``share`` records it for the other
+        workers."""
+        with self.reload_lock:
+            fresh = Retriever.load(path, device=self.retriever.device)
+            self.retriever = fresh
+            self.metrics.describe(fresh)
+            if share and self.changes is not None:
+                self.changes.record("reload", str(fresh.path))
+        return fresh
+
+    def add_items(self, records: list[dict[str, Any]], share: bool = True) -> int:
+        """Add cold-start items to the served catalogue; ``share`` records them for the
+        other workers."""
+        added = self.retriever.add_items(pd.DataFrame(records))
+        self.metrics.index_items.set(len(self.retriever.item_ids))
+        if share and self.changes is not None:
+            self.changes.record("items", records)
+        return added
 
     def apply(self, change: Change) -> None:
         """Replay a change another worker recorded (see :mod:`retrieval.shared`)."""
         if change.kind == "reload":
-            with self.reload_lock:
-                self.swap(Retriever.load(change.payload, device=self.retriever.device))
+            self.reload(change.payload, share=False)
             self.metrics.reloads.labels("followed").inc()
         elif change.kind == "items":
-            import pandas as pd
-
-            self.retriever.add_items(pd.DataFrame(change.payload))
-            self.metrics.index_items.set(len(self.retriever.item_ids))
+            self.add_items(change.payload, share=False)
         log.info("applied change %d (%s) from another worker", change.seq, change.kind)
 
     def histories(self, users: list[UserQuery]) -> list[list[str]]:
@@ -266,7 +286,7 @@ def create_app(
     metrics = Metrics()
     if history is None:  # not `history or ...`: an empty store has len() 0
         history = InMemoryHistoryStore(retriever.encoders.history_length)
-    state = ServerState(retriever, history, metrics)
+    state = ServerState(retriever, history, metrics, changes)
     follower = ChangeFollower(changes, state.apply, poll_seconds) if changes else None
     if follower is not None:
         follower.start()
@@ -341,13 +361,7 @@ def create_app(
     @app.post("/items", response_model=ItemsResponse)
     def add_items(body: ItemsRequest) -> ItemsResponse:
         """Cold-start items: embedded by the item tower and searchable at once."""
-        import pandas as pd
-
-        table = pd.DataFrame(body.items)
-        added = state.retriever.add_items(table)
-        metrics.index_items.set(len(state.retriever.item_ids))
-        if changes is not None:
-            changes.record("items", body.items)
+        added = state.add_items(body.items)
         return ItemsResponse(added=added, catalogue_size=len(state.retriever.item_ids))
 
     @app.post("/events", response_model=EventsResponse)
@@ -381,23 +395,19 @@ def create_app(
     @app.post("/admin/reload", response_model=Status, responses={409: {"model": Status}})
     def reload(body: ReloadRequest) -> Any:
         """Load a bundle and swap it in; on failure keep serving the old one and say why."""
-        with state.reload_lock:
-            path = body.path or str(state.retriever.path)
-            try:
-                fresh = Retriever.load(path, device=state.retriever.device)
-            except (TwoTowerError, OSError) as exc:
-                metrics.reloads.labels("failed").inc()
-                log.warning("reload of %s failed: %s", path, exc)
-                return JSONResponse(
-                    status_code=409,
-                    content=Status(
-                        status="kept", bundle=str(state.retriever.path), detail=str(exc)
-                    ).model_dump(),
-                )
-            state.swap(fresh)
-            metrics.reloads.labels("ok").inc()
-            if changes is not None:
-                changes.record("reload", str(Path(fresh.path).resolve()))
+        path = body.path or str(state.retriever.path)
+        try:
+            fresh = state.reload(path)
+        except (TwoTowerError, OSError) as exc:
+            metrics.reloads.labels("failed").inc()
+            log.warning("reload of %s failed: %s", path, exc)
+            return JSONResponse(
+                status_code=409,
+                content=Status(
+                    status="kept", bundle=str(state.retriever.path), detail=str(exc)
+                ).model_dump(),
+            )
+        metrics.reloads.labels("ok").inc()
         return Status(status="reloaded", bundle=str(fresh.path), items=len(fresh.item_ids))
 
     return app

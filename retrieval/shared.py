@@ -70,6 +70,10 @@ class _Database:
             self._local.connection = connection
         return connection
 
+    def rows(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read query."""
+        return self.connection().execute(sql, parameters).fetchall()
+
 
 class SQLiteHistoryStore:
     """The last ``max_items`` items of at most ``max_users`` users (the least recently
@@ -108,34 +112,23 @@ class SQLiteHistoryStore:
     def prune(self) -> None:
         """Forget the least recently active users beyond ``max_users``."""
         connection = self._db.connection()
+        oldest = "SELECT user_id FROM users ORDER BY last_seq LIMIT ?"
         with connection:
             (n_users,) = connection.execute("SELECT count(*) FROM users").fetchone()
             excess = n_users - self.max_users
-            if excess > 0:
-                connection.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS forget (user_id TEXT PRIMARY KEY)"
-                )
-                connection.execute("DELETE FROM forget")
-                connection.execute(
-                    "INSERT INTO forget SELECT user_id FROM users ORDER BY last_seq LIMIT ?",
-                    (excess,),
-                )
-                connection.execute("DELETE FROM events WHERE user_id IN (SELECT * FROM forget)")
-                connection.execute("DELETE FROM users WHERE user_id IN (SELECT * FROM forget)")
+            if excess > 0:  # events first: the users table still names whom to forget
+                connection.execute(f"DELETE FROM events WHERE user_id IN ({oldest})", (excess,))
+                connection.execute(f"DELETE FROM users WHERE user_id IN ({oldest})", (excess,))
 
     def recent(self, user_id: str) -> list[str]:
-        rows = (
-            self._db.connection()
-            .execute(
-                "SELECT item_id FROM events WHERE user_id = ? ORDER BY seq DESC LIMIT ?",
-                (user_id, self.max_items),
-            )
-            .fetchall()
+        rows = self._db.rows(
+            "SELECT item_id FROM events WHERE user_id = ? ORDER BY seq DESC LIMIT ?",
+            (user_id, self.max_items),
         )
         return [item for (item,) in reversed(rows)]
 
     def __len__(self) -> int:
-        (count,) = self._db.connection().execute("SELECT count(*) FROM users").fetchone()
+        ((count,),) = self._db.rows("SELECT count(*) FROM users")
         return int(count)
 
 
@@ -180,13 +173,8 @@ class ChangeFeed:
 
     def since(self, seq: int) -> list[Change]:
         """Changes after ``seq``, oldest first."""
-        rows = (
-            self._db.connection()
-            .execute(
-                "SELECT seq, kind, payload, origin FROM changes WHERE seq > ? ORDER BY seq",
-                (seq,),
-            )
-            .fetchall()
+        rows = self._db.rows(
+            "SELECT seq, kind, payload, origin FROM changes WHERE seq > ? ORDER BY seq", (seq,)
         )
         return [Change(s, k, json.loads(p), o) for s, k, p, o in rows]
 

@@ -9,9 +9,9 @@ import pytest
 from retrieval.encoding import PAD_INDEX
 from towers.data.samples import (
     HistorySource,
+    history_bounds,
     history_windows,
     latest_histories,
-    leakage_free_histories,
     user_activity_weights,
 )
 from towers.data.schema import RawData
@@ -25,7 +25,7 @@ def test_no_history_item_is_at_or_after_its_target(tiny_data: RawData) -> None:
     events = prepare_interactions(events)
     codes = np.arange(len(events)) + 2  # code = row + 2 to find each item's row again
     length = 10
-    histories = leakage_free_histories(events, codes, length)
+    histories = history_windows(codes, *history_bounds(events), length)
     times = events["timestamp"].to_numpy()
     users = events["user_id"].to_numpy()
     for row in range(len(events)):

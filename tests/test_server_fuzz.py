@@ -11,6 +11,17 @@ from retrieval import Retriever
 from retrieval.server import create_app
 from towers.pipeline import TrainResult
 
+
+def fuzz(examples: int) -> settings:
+    """Deterministic (derandomized) runs of ``examples`` inputs against the shared client."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+
 ids = st.one_of(st.sampled_from(["u0", "u1", "i1", "i2", "c1", ""]), st.text(max_size=12))
 scalars = st.one_of(
     st.none(),
@@ -66,36 +77,21 @@ def client(trained: TrainResult) -> TestClient:
     return TestClient(create_app(Retriever.load(trained.bundle)), raise_server_exceptions=False)
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@fuzz(150)
 @given(body=st.one_of(bodies, json_values))
 def test_post_recommend_never_500(client: TestClient, body: object) -> None:
     response = client.post("/recommend", json=body)
     assert response.status_code in (200, 422), response.text
 
 
-@settings(
-    max_examples=80,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@fuzz(80)
 @given(user=ids, k=st.one_of(st.integers(-3, 20_000), st.text(max_size=4)))
 def test_get_recommend_never_500(client: TestClient, user: str, k: object) -> None:
     response = client.get("/recommend", params={"user_id": user, "k": k})
     assert response.status_code in (200, 422), response.text
 
 
-@settings(
-    max_examples=80,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@fuzz(80)
 @given(
     body=st.one_of(
         st.fixed_dictionaries(
@@ -116,12 +112,7 @@ def test_post_events_never_500(client: TestClient, body: object) -> None:
     assert response.status_code in (200, 422), response.text
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@fuzz(40)
 @given(
     body=st.one_of(
         st.fixed_dictionaries(

@@ -113,7 +113,7 @@ def cold_share(top: np.ndarray, data: PreparedData, k: int = 20) -> dict[str, fl
     cold, so a model that ranks cold items high *because* they are unseen (never a
     negative) gains recall without knowing which cold item a user wants; this column
     makes that visible. Empty outside the cold split."""
-    if data.split.cold_items is None or not len(data.split.cold_items):
+    if not len(data.split.cold_items):
         return {}
     cold = data.catalogue[ITEM_ID].isin(set(data.split.cold_items)).to_numpy()
     listed = top[:, :k]

@@ -198,13 +198,12 @@ def prepare_data(
     item_codes = encoders.items.ids.encode(fit[ITEM_ID])
     starts, ends = history_bounds(fit)
     history_source = HistorySource(item_codes, starts, ends, settings.history_length)
-    histories = history_windows(item_codes, starts, ends, settings.history_length)
     sample_users, user_codes = np.unique(fit[USER_ID].to_numpy(dtype=object), return_inverse=True)
     per_user = encoders.users.transform(
         list(sample_users), user_attribute_rows(raw.users, sample_users)
     )
     sample_inputs = {name: values[user_codes] for name, values in per_user.items()}
-    sample_inputs["history"] = histories
+    sample_inputs["history"] = history_windows(item_codes, starts, ends, settings.history_length)
     item_rows = catalogue_rows(catalogue, fit[ITEM_ID])
     counts = np.bincount(item_rows, minlength=len(catalogue)).astype(np.float64)
     log_p = np.log(np.maximum(counts, 1.0) / counts.sum())

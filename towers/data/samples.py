@@ -1,4 +1,5 @@
-"""Training samples without leakage: each event with the user's last L items strictly before it."""
+"""Training samples without leakage: each event with the user's last L items strictly before
+it (``history_windows`` over ``history_bounds``; ties in time are excluded)."""
 
 from __future__ import annotations
 
@@ -43,13 +44,6 @@ def history_bounds(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     same_moment[:] = pd.factorize(pd.MultiIndex.from_arrays([users, times]))[0]
     tie_start, _ = _group_bounds(same_moment)
     return user_start.astype(np.int64), tie_start.astype(np.int64)
-
-
-def leakage_free_histories(events: pd.DataFrame, item_codes: np.ndarray, length: int) -> np.ndarray:
-    """For every row of ``events`` (sorted by user, then time), the user's last ``length``
-    item codes with a timestamp strictly before the row's; ties in time are excluded."""
-    user_start, tie_start = history_bounds(events)
-    return history_windows(item_codes, user_start, tie_start, length)
 
 
 @dataclass(frozen=True)
