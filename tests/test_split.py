@@ -94,3 +94,13 @@ def test_cold_validation_holds_out_items_of_train_the_same_way(tiny_data: RawDat
     assert not split.fit["item_id"].isin(validation_items).any()
     assert not validation_items & set(split.cold_items)
     assert len(split.fit) + len(split.validation) == len(split.train)
+
+
+def test_split_seed_fixes_the_cold_items_whatever_the_model_seed() -> None:
+    from tests.conftest import compose_config
+    from towers.pipeline import split_settings
+
+    follows = split_settings(compose_config(["split.cold_items=true", "seed=5"]))
+    assert follows["seed"] == 5
+    fixed = split_settings(compose_config(["split.cold_items=true", "seed=5", "split.seed=42"]))
+    assert fixed["seed"] == 42 and fixed["cold_items"] is True

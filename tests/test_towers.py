@@ -54,7 +54,7 @@ def user_inputs(n: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("pooling", ["mean", "recency", "attention"])
+@pytest.mark.parametrize("pooling", ["mean", "recency", "attention", "recency+mean"])
 @pytest.mark.parametrize("norm", ["none", "layer", "batch"])
 def test_towers_give_unit_vectors(pooling: str, norm: str) -> None:
     model = TwoTowerModel(
@@ -66,7 +66,7 @@ def test_towers_give_unit_vectors(pooling: str, norm: str) -> None:
     torch.testing.assert_close(users.norm(dim=1), torch.ones(9))
 
 
-@pytest.mark.parametrize("mode", ["mean", "recency", "attention"])
+@pytest.mark.parametrize("mode", ["mean", "recency", "attention", "recency+mean"])
 def test_pooling_ignores_padding(mode: str) -> None:
     pooling = HistoryPooling(mode, length=4, dim=3)
     with torch.no_grad():
@@ -78,7 +78,7 @@ def test_pooling_ignores_padding(mode: str) -> None:
     changed = embedded.clone()
     changed[0, :2] = 100.0  # values under padding must not matter
     torch.testing.assert_close(pooling(changed, tokens), pooled)
-    torch.testing.assert_close(pooled[1], torch.zeros(3))
+    torch.testing.assert_close(pooled[1], torch.zeros(pooling.out_dim))
 
 
 def test_recency_pooling_weights_recent_items_more() -> None:
@@ -88,6 +88,39 @@ def test_recency_pooling_weights_recent_items_more() -> None:
     embedded = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
     pooled = pooling(embedded, torch.tensor([[2, 3, 4]]))
     assert pooled[0, 1] > 0.95
+
+
+def test_recency_plus_mean_pooling_puts_both_views_side_by_side() -> None:
+    both = HistoryPooling("recency+mean", length=3, dim=2)
+    with torch.no_grad():
+        both.position_logits.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    embedded = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    tokens = torch.tensor([[PAD_INDEX, 3, 4]])
+    pooled = both(embedded, tokens)
+    assert both.out_dim == 4 and pooled.shape == (1, 4)
+    assert pooled[0, 1] > 0.95  # the recency view: the last item
+    torch.testing.assert_close(pooled[0, 2:], torch.tensor([0.5, 0.5]))  # the plain mean
+
+
+def test_logq_weight_scales_the_popularity_correction() -> None:
+    torch.manual_seed(0)
+    batch = {
+        "user": user_inputs(8),
+        "item": item_inputs(8),
+        "item_rows": torch.arange(8),
+        "weights": torch.ones(8),
+    }
+    log_p = torch.log(torch.linspace(1.0, 12.0, 12) / 78.0).numpy()
+
+    def loss(**kwargs: object) -> float:
+        torch.manual_seed(1)
+        module = TwoTowerModule(SPEC.to_dict(), n_catalogue_items=12, **kwargs)
+        module.set_item_log_p(log_p)
+        return module.model_step(batch).item()
+
+    assert loss(logq_weight=0.0) == pytest.approx(loss(logq_correction=False))
+    assert loss(logq_weight=1.0) == pytest.approx(loss())
+    assert len({round(loss(logq_weight=w), 6) for w in (0.0, 1.0, 2.0)}) == 3
 
 
 def test_history_shares_the_item_id_embedding_by_default() -> None:

@@ -71,11 +71,18 @@ def export_settings(cfg: DictConfig) -> ExportSettings:
     return ExportSettings(**values)
 
 
+def split_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.split`` as ``make_split`` keywords; configs without ``split.seed`` use ``seed``."""
+    settings = dict(OmegaConf.to_container(cfg.split, resolve=True))  # type: ignore[arg-type]
+    settings.setdefault("seed", cfg.seed)
+    return settings
+
+
 def prepare(cfg: DictConfig, fit_on: str = "fit") -> PreparedData:
     """Load, split and encode the data named by ``cfg.data`` (see ``prepare_data``)."""
     raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
     events = prepare_interactions(raw.interactions, cfg.data.get("min_rating"))
-    split = make_split(events, **cfg.split, seed=cfg.seed)
+    split = make_split(events, **split_settings(cfg))
     data = prepare_data(raw, split, feature_settings(cfg.features), fit_on)
     log.info("split %s", data.info)
     return data

@@ -36,7 +36,7 @@ from towers.data.prepare import EvalSet, PreparedData, catalogue_rows
 from towers.data.schema import ITEM_ID, USER_ID
 from towers.evaluation.metrics import ranking_metrics
 from towers.evaluation.ranking import top_k_excluding
-from towers.pipeline import prepare, train
+from towers.pipeline import prepare, split_settings, train
 
 log = logging.getLogger(__name__)
 KS = (10, 20, 50)
@@ -258,9 +258,7 @@ def run(
     ``twotower_cfg`` (default ``cfg``) trains twotower, e.g. with other features; it must
     make the same split (same ``split`` settings, seed and data)."""
     data = prepare(cfg)
-    if twotower_cfg is not None and (
-        twotower_cfg.split != cfg.split or twotower_cfg.seed != cfg.seed
-    ):
+    if twotower_cfg is not None and (split_settings(twotower_cfg) != split_settings(cfg)):
         raise ValueError("twotower_cfg must make the same split as cfg")
     matrices = build_matrices(data)
     try:

@@ -60,6 +60,7 @@ class TwoTowerModule(pl.LightningModule):
         temperature: float = 0.1,
         learn_temperature: bool = False,
         logq_correction: bool = True,
+        logq_weight: float = 1.0,
         remove_accidental_hits: bool = True,
         mixed_negatives: int = 0,
         negative_pool_size: int = 0,
@@ -113,7 +114,9 @@ class TwoTowerModule(pl.LightningModule):
         log_q = None
         if self.hparams.logq_correction:
             pool = self.hparams.negative_pool_size
-            log_q = candidate_log_q(self.item_log_p[rows], n_negatives, pool)
+            log_q = self.hparams.logq_weight * candidate_log_q(
+                self.item_log_p[rows], n_negatives, pool
+            )
         loss = in_batch_softmax_loss(
             users,
             items,

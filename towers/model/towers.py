@@ -78,7 +78,7 @@ def masked_mean(embedded: Tensor, tokens: Tensor) -> Tensor:
 
 
 NORMS = ("none", "layer", "batch")
-POOLINGS = ("mean", "recency", "attention")
+POOLINGS = ("mean", "recency", "attention", "recency+mean")
 ATTRIBUTE_INITS = ("normal", "zeros")
 
 
@@ -108,7 +108,9 @@ class HistoryPooling(nn.Module):
 
     ``mean``: plain average. ``recency``: softmax over a learned weight per position
     from the end. ``attention``: softmax over a learned score of each item's embedding
-    plus the recency weight. Padding never receives weight; an empty history gives 0.
+    plus the recency weight. ``recency+mean``: the recency view and the plain average side
+    by side (a short- and a long-term view; twice the width). Padding never receives
+    weight; an empty history gives 0.
     """
 
     def __init__(self, mode: str, length: int, dim: int) -> None:
@@ -116,6 +118,7 @@ class HistoryPooling(nn.Module):
         if mode not in POOLINGS:
             raise ValueError(f"history_pooling must be one of {POOLINGS}, got {mode!r}")
         self.mode = mode
+        self.out_dim = 2 * dim if mode == "recency+mean" else dim
         self.position_logits = nn.Parameter(torch.zeros(max(length, 1))) if mode != "mean" else None
         self.scorer = (
             nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1, bias=False))
@@ -132,7 +135,10 @@ class HistoryPooling(nn.Module):
             logits = logits + self.scorer(embedded).squeeze(-1)
         logits = logits.masked_fill(~valid, -1e9)
         weights = torch.softmax(logits, dim=1) * valid.to(embedded.dtype)
-        return (embedded * weights.unsqueeze(-1)).sum(dim=1)
+        pooled = (embedded * weights.unsqueeze(-1)).sum(dim=1)
+        if self.mode == "recency+mean":
+            return torch.cat([pooled, masked_mean(embedded, tokens)], dim=-1)
+        return pooled
 
 
 def embedding(size: int, dim: int, sparse: bool) -> nn.Embedding:
@@ -228,7 +234,7 @@ class UserTower(nn.Module):
         self.item_embedding = item_embedding
         self.pooling = HistoryPooling(history_pooling, history_length, dim)
         self.attributes = AttributeEmbedder(spec, dim, sparse)
-        in_dim = self.attributes.out_dim + dim + (dim if self.use_id else 0)
+        in_dim = self.attributes.out_dim + self.pooling.out_dim + (dim if self.use_id else 0)
         self.mlp = mlp(in_dim, shape.hidden, shape.output_dim, shape.dropout, shape.norm)
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
