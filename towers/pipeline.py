@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -194,16 +195,34 @@ def refit_on_train(
     )
     trainer.fit(module, datamodule=datamodule, weights_only=False)
     module = module.cpu().eval()
-    test = evaluate_module(module, data.catalogue_inputs, data.test, list(cfg.eval.ks), "test/")
-    test.update(evaluate_popularity(data.test, list(cfg.eval.ks), "test_popularity/"))
-    return module, data, {**test, "refit_epochs": float(epochs)}
+    return (
+        module,
+        data,
+        {**score_test(module, data, list(cfg.eval.ks)), "refit_epochs": float(epochs)},
+    )
 
 
-def train(cfg: DictConfig) -> TrainResult | None:
-    """Run the whole job; writes ``metrics.json``, logs, checkpoints and the bundle into
-    ``cfg.paths.output_dir``. Returns None on DDP processes other than rank 0."""
-    out = Path(cfg.paths.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+def score_test(module: TwoTowerModule, data: PreparedData, ks: list[int]) -> dict[str, float]:
+    """Test metrics of the model and of popularity."""
+    test = evaluate_module(module, data.catalogue_inputs, data.test, ks, "test/")
+    test.update(evaluate_popularity(data.test, ks, "test_popularity/"))
+    return test
+
+
+@dataclass
+class Selection:
+    """One training run's outcome: its best model on validation, and what made it."""
+
+    module: TwoTowerModule
+    data: PreparedData
+    best: Path | None
+    global_step: int
+    loggers: list[Any]
+
+
+def fit_and_select(cfg: DictConfig, out: Path) -> Selection | None:
+    """Train on the fit split with early stopping; the best epoch's model on the CPU.
+    None on DDP processes other than rank 0."""
     pl.seed_everything(cfg.seed, workers=True)
     data = prepare(cfg)
     datamodule = build_datamodule(cfg, data)
@@ -217,16 +236,87 @@ def train(cfg: DictConfig) -> TrainResult | None:
     if best is not None:
         log.info("best checkpoint %s (%s %.4f)", best, MONITOR, checkpoint.best_model_score)
         module = TwoTowerModule.load_from_checkpoint(best, map_location="cpu", weights_only=False)
-    module = module.cpu().eval()
-    metrics = evaluate_all(module, data, list(cfg.eval.ks))
-    if cfg.train.get("refit") and best is not None:
-        module, data, test_metrics = refit_on_train(cfg, best, out)
-        metrics.update(test_metrics)
+    return Selection(module.cpu().eval(), data, best, trainer.global_step, loggers)
+
+
+def member_config(cfg: DictConfig, index: int, out: Path) -> DictConfig:
+    """Ensemble member ``index``: a single tower pair trained with seed ``seed + index``
+    on the same split, writing under ``out/members/<index>``."""
+    member = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    member.model.ensemble = 1
+    member.split.seed = split_settings(cfg)["seed"]
+    member.seed = int(cfg.seed) + index
+    member.paths.output_dir = str(out / "members" / str(index))
+    return member
+
+
+def assemble(cfg: DictConfig, data: PreparedData, members: list[TwoTowerModule]) -> TwoTowerModule:
+    """One module whose towers are the members' towers side by side (``model.ensemble``)."""
+    module = build_module(cfg, data, build_datamodule(cfg, data))
+    for index, member in enumerate(members):
+        for side in ("item_tower", "user_tower"):
+            target = getattr(module.model, side).members[index]
+            target.load_state_dict(getattr(member.model, side).state_dict())
+    return module.cpu().eval()
+
+
+def train_ensemble(cfg: DictConfig, out: Path) -> tuple[Selection, TwoTowerModule, dict] | None:
+    """``model.ensemble=n``: n tower pairs trained as separate runs (seed, seed+1, ...; each
+    with its own early stopping and refit), assembled into one model; its metrics."""
+    if cfg.get("ckpt_path"):
+        raise ValueError("ckpt_path (resuming) is not supported with model.ensemble > 1")
+    n = int(cfg.model.ensemble)
+    configs = [member_config(cfg, index, out) for index in range(n)]
+    selections = []
+    for index, member_cfg in enumerate(configs):
+        log.info("ensemble member %d/%d (seed %d)", index + 1, n, member_cfg.seed)
+        selection = fit_and_select(member_cfg, Path(member_cfg.paths.output_dir))
+        if selection is None:
+            continue
+        selections.append(selection)
+    if len(selections) < n:
+        return None
+    first = selections[0]
+    module = assemble(cfg, first.data, [s.module for s in selections])
+    metrics = evaluate_all(module, first.data, list(cfg.eval.ks))
+    if cfg.train.get("refit") and all(s.best is not None for s in selections):
+        refits = [
+            refit_on_train(member_cfg, s.best, Path(member_cfg.paths.output_dir))  # type: ignore[arg-type]
+            for member_cfg, s in zip(configs, selections, strict=True)
+        ]
+        refit_data = refits[0][1]
+        module = assemble(cfg, refit_data, [r[0] for r in refits])
+        metrics.update(score_test(module, refit_data, list(cfg.eval.ks)))
+        metrics["refit_epochs"] = float(np.mean([r[2]["refit_epochs"] for r in refits]))
+        first = dataclasses.replace(first, data=refit_data)
+    return first, module, metrics
+
+
+def train(cfg: DictConfig) -> TrainResult | None:
+    """Run the whole job; writes ``metrics.json``, logs, checkpoints and the bundle into
+    ``cfg.paths.output_dir``. Returns None on DDP processes other than rank 0."""
+    out = Path(cfg.paths.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if int(cfg.model.get("ensemble", 1)) > 1:
+        outcome = train_ensemble(cfg, out)
+        if outcome is None:
+            return None
+        selection, module, metrics = outcome
+        data, best = selection.data, None
+    else:
+        chosen = fit_and_select(cfg, out)
+        if chosen is None:
+            return None
+        selection, module, data, best = chosen, chosen.module, chosen.data, chosen.best
+        metrics = evaluate_all(module, data, list(cfg.eval.ks))
+        if cfg.train.get("refit") and best is not None:
+            module, data, test_metrics = refit_on_train(cfg, best, out)
+            metrics.update(test_metrics)
     config = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(config, dict)
-    for logger in loggers:
+    for logger in selection.loggers:
         logger.log_metrics(
-            {k: v for k, v in metrics.items() if not k.endswith("users")}, trainer.global_step
+            {k: v for k, v in metrics.items() if not k.endswith("users")}, selection.global_step
         )
         if isinstance(logger, TensorBoardLogger):
             log_hparams(logger, config, metrics)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from towers.model.loss import candidate_log_q, in_batch_softmax_loss
-from towers.model.towers import TowerShape, TowerSpec, TwoTowerModel
+from towers.model.towers import TowerShape, TowerSpec, TwoTowerModel, member_vectors
 
 # The module moves its own batches (see transfer_batch_to_device); Lightning warns that a
 # datamodule is also present, which is expected here.
@@ -57,6 +57,7 @@ class TwoTowerModule(pl.LightningModule):
         sparse_embeddings: bool = False,
         item_id_dropout: float = 0.0,
         attribute_init: str = "normal",
+        ensemble: int = 1,
         temperature: float = 0.1,
         learn_temperature: bool = False,
         logq_correction: bool = True,
@@ -81,6 +82,7 @@ class TwoTowerModule(pl.LightningModule):
             sparse_embeddings,
             item_id_dropout,
             attribute_init,
+            ensemble,
         )
         self.log_temperature = nn.Parameter(
             torch.tensor(math.log(temperature)), requires_grad=learn_temperature
@@ -98,34 +100,45 @@ class TwoTowerModule(pl.LightningModule):
         self.item_log_p.copy_(torch.as_tensor(log_p, dtype=torch.float32))
 
     def model_step(self, batch: dict[str, Any]) -> Tensor:
-        users = gather_keeping_local_grad(self, self.model.user_tower(batch["user"]))
-        items = gather_keeping_local_grad(self, self.model.item_tower(batch["item"]))
+        """The sampled-softmax loss of the batch; with an ensemble, the mean of its members'
+        losses (each member pair scored against its own candidates)."""
+        user_parts = member_vectors(self.model.user_tower, batch["user"])
+        item_parts = member_vectors(self.model.item_tower, batch["item"])
         rows = gather_keeping_local_grad(self, batch["item_rows"])
         weights = gather_keeping_local_grad(self, batch["weights"])
         n_negatives = 0
+        negative_parts: list[Tensor | None] = [None] * len(item_parts)
+        candidate_rows = rows
         if "negatives" in batch:
-            negatives = gather_keeping_local_grad(self, self.model.item_tower(batch["negatives"]))
+            negative_parts = list(member_vectors(self.model.item_tower, batch["negatives"]))
             negative_rows = gather_keeping_local_grad(self, batch["negative_rows"])
             n_negatives = len(negative_rows)
-            items = torch.cat([items, negatives])
             candidate_rows = torch.cat([rows, negative_rows])
-        else:
-            candidate_rows = rows
         log_q = None
         if self.hparams.logq_correction:
             pool = self.hparams.negative_pool_size
             log_q = self.hparams.logq_weight * candidate_log_q(
                 self.item_log_p[rows], n_negatives, pool
             )
-        loss = in_batch_softmax_loss(
-            users,
-            items,
-            self.temperature,
-            item_ids=candidate_rows if self.hparams.remove_accidental_hits else None,
-            item_log_q=log_q,
-            weights=weights,
-        )
-        return loss
+        losses = []
+        for user_vectors, item_vectors, negatives in zip(
+            user_parts, item_parts, negative_parts, strict=True
+        ):
+            users = gather_keeping_local_grad(self, user_vectors)
+            items = gather_keeping_local_grad(self, item_vectors)
+            if negatives is not None:
+                items = torch.cat([items, gather_keeping_local_grad(self, negatives)])
+            losses.append(
+                in_batch_softmax_loss(
+                    users,
+                    items,
+                    self.temperature,
+                    item_ids=candidate_rows if self.hparams.remove_accidental_hits else None,
+                    item_log_q=log_q,
+                    weights=weights,
+                )
+            )
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def on_train_epoch_start(self) -> None:
         self._epoch_loss = torch.zeros((), device=self.device)

@@ -245,8 +245,40 @@ class UserTower(nn.Module):
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
 
 
+class ConcatTowers(nn.Module):
+    """Several towers of the same kind side by side: their unit vectors concatenated and
+    scaled by ``1/sqrt(n)``, so the result is a unit vector and a dot product of two such
+    vectors is the mean of the members' cosine scores (an ensemble in one FAISS index)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def member_vectors(self, inputs: dict[str, Tensor]) -> list[Tensor]:
+        return [member(inputs) for member in self.members]
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        return torch.cat(self.member_vectors(inputs), dim=-1) / len(self.members) ** 0.5
+
+
+def member_vectors(tower: nn.Module, inputs: dict[str, Tensor]) -> list[Tensor]:
+    """Each ensemble member's vectors (a plain tower is an ensemble of one)."""
+    if isinstance(tower, ConcatTowers):
+        return tower.member_vectors(inputs)
+    return [tower(inputs)]
+
+
+def tower_members(tower: nn.Module) -> list[nn.Module]:
+    return list(tower.members) if isinstance(tower, ConcatTowers) else [tower]
+
+
 class TwoTowerModel(nn.Module):
-    """The user and item towers, sharing the item id embedding table by default."""
+    """The user and item towers, sharing the item id embedding table by default.
+
+    With ``ensemble=n > 1`` each side is :class:`ConcatTowers` of ``n`` independently
+    initialised towers (each pair with its own embedding tables), trained side by side
+    with a loss per pair; the served vectors are ``n x output_dim`` wide.
+    """
 
     def __init__(
         self,
@@ -258,31 +290,41 @@ class TwoTowerModel(nn.Module):
         sparse_embeddings: bool = False,
         item_id_dropout: float = 0.0,
         attribute_init: str = "normal",
+        ensemble: int = 1,
     ) -> None:
         super().__init__()
         if attribute_init not in ATTRIBUTE_INITS:
             raise ValueError(
                 f"attribute_init must be one of {ATTRIBUTE_INITS}, got {attribute_init!r}"
             )
+        if ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {ensemble}")
         shape = shape or TowerShape()
         self.spec = spec
-        item_embedding = embedding(spec.items.id_size, embedding_dim, sparse_embeddings)
-        history_embedding = (
-            item_embedding
-            if share_item_embedding
-            else embedding(spec.items.id_size, embedding_dim, sparse_embeddings)
-        )
-        self.item_tower = ItemTower(
-            spec.items, item_embedding, shape, sparse_embeddings, item_id_dropout
-        )
-        self.user_tower = UserTower(
-            spec.users,
-            history_embedding,
-            spec.history_length,
-            shape,
-            history_pooling,
-            sparse_embeddings,
-        )
+        item_towers: list[nn.Module] = []
+        user_towers: list[nn.Module] = []
+        for _ in range(ensemble):
+            item_embedding = embedding(spec.items.id_size, embedding_dim, sparse_embeddings)
+            history_embedding = (
+                item_embedding
+                if share_item_embedding
+                else embedding(spec.items.id_size, embedding_dim, sparse_embeddings)
+            )
+            item_towers.append(
+                ItemTower(spec.items, item_embedding, shape, sparse_embeddings, item_id_dropout)
+            )
+            user_towers.append(
+                UserTower(
+                    spec.users,
+                    history_embedding,
+                    spec.history_length,
+                    shape,
+                    history_pooling,
+                    sparse_embeddings,
+                )
+            )
+        self.item_tower = item_towers[0] if ensemble == 1 else ConcatTowers(item_towers)
+        self.user_tower = user_towers[0] if ensemble == 1 else ConcatTowers(user_towers)
         for module in self.modules():
             if isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.05)
@@ -291,7 +333,7 @@ class TwoTowerModel(nn.Module):
         if attribute_init == "zeros":
             # Attribute tokens never seen in training (a cold item's own title words) then
             # add nothing to its vector instead of random noise.
-            for tower in (self.item_tower, self.user_tower):
+            for tower in item_towers + user_towers:
                 for module in tower.attributes.modules():
                     if isinstance(module, nn.Embedding):
                         nn.init.zeros_(module.weight)
