@@ -91,3 +91,10 @@ def test_hparams_search_presets_compose(search: str) -> None:
     assert "optuna" in sweeper._target_.lower()
     assert sweeper.direction == "maximize" and cfg.optimized_metric.startswith("val/")
     assert all(key.split(".")[0] in ("model", "features", "train") for key in sweeper.params)
+
+
+def test_sweeps_tune_one_tower_pair_even_over_an_ensemble_preset() -> None:
+    preset = compose_config(["experiment=movielens_latest"])
+    assert preset.model.ensemble == 3
+    swept = compose_config(["experiment=movielens_latest", "hparams_search=optuna"])
+    assert swept.model.ensemble == 1 and swept.model.logq_weight == preset.model.logq_weight
