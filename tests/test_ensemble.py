@@ -42,22 +42,10 @@ def test_ensemble_towers_give_unit_vectors_whose_dot_is_the_mean_member_score() 
         TwoTowerModel(SPEC, 16, ensemble=0)
 
 
-def test_ensemble_loss_is_the_mean_of_the_members_losses() -> None:
-    torch.manual_seed(0)
+def test_an_ensemble_module_is_assembled_not_trained_as_one() -> None:
     module = TwoTowerModule(SPEC.to_dict(), n_catalogue_items=12, embedding_dim=16, ensemble=2)
-    batch = {
-        "user": user_inputs(8),
-        "item": item_inputs(8),
-        "item_rows": torch.arange(8),
-        "weights": torch.ones(8),
-    }
-    losses = []
-    for index in range(2):
-        single = TwoTowerModule(SPEC.to_dict(), n_catalogue_items=12, embedding_dim=16)
-        single.model.item_tower.load_state_dict(module.model.item_tower.members[index].state_dict())
-        single.model.user_tower.load_state_dict(module.model.user_tower.members[index].state_dict())
-        losses.append(single.model_step(batch))
-    torch.testing.assert_close(module.model_step(batch), torch.stack(losses).mean())
+    with pytest.raises(ValueError, match="member by member"):
+        module.on_train_start()
 
 
 def test_members_differ_in_seed_only_and_share_the_split(tmp_path: Path) -> None:

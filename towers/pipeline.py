@@ -115,15 +115,13 @@ def build_datamodule(cfg: DictConfig, data: PreparedData) -> TwoTowerDataModule:
     )
 
 
-def build_module(
-    cfg: DictConfig, data: PreparedData, datamodule: TwoTowerDataModule
-) -> TwoTowerModule:
+def build_module(cfg: DictConfig, data: PreparedData, negative_pool_size: int) -> TwoTowerModule:
     """The LightningModule from ``cfg.model``, sized for ``data``."""
     module: TwoTowerModule = hydra.utils.instantiate(
         cfg.model,
         spec=TowerSpec.from_encoders(data.encoders).to_dict(),
         n_catalogue_items=data.n_items,
-        negative_pool_size=datamodule.negative_pool_size,
+        negative_pool_size=negative_pool_size,
         seed=cfg.seed,
     )
     module.set_item_log_p(data.item_log_p)
@@ -166,11 +164,12 @@ def build_trainer(
 
 
 def refit_on_train(
-    cfg: DictConfig, best: Path, output_dir: Path
+    cfg: DictConfig, best: Path, output_dir: Path, data: PreparedData | None = None
 ) -> tuple[TwoTowerModule, PreparedData, dict[str, float]]:
     """EVALUATION.md's protocol: with the epoch count chosen on validation, train again
     from scratch on all of train, and score that model on test (validation metrics stay
-    those of the selection run, since validation is training data here)."""
+    those of the selection run, since validation is training data here). ``data``: the
+    split prepared with ``fit_on="train"``, if already at hand."""
     import torch
 
     epochs = int(torch.load(best, map_location="cpu", weights_only=False)["epoch"]) + 1
@@ -178,9 +177,9 @@ def refit_on_train(
         "refitting on all of train for %d epoch(s), the best epoch count on validation", epochs
     )
     pl.seed_everything(cfg.seed, workers=True)
-    data = prepare(cfg, fit_on="train")
+    data = data or prepare(cfg, fit_on="train")
     datamodule = build_datamodule(cfg, data)
-    module = build_module(cfg, data, datamodule)
+    module = build_module(cfg, data, datamodule.negative_pool_size)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         max_epochs=epochs,
@@ -220,13 +219,15 @@ class Selection:
     loggers: list[Any]
 
 
-def fit_and_select(cfg: DictConfig, out: Path) -> Selection | None:
+def fit_and_select(
+    cfg: DictConfig, out: Path, data: PreparedData | None = None
+) -> Selection | None:
     """Train on the fit split with early stopping; the best epoch's model on the CPU.
-    None on DDP processes other than rank 0."""
+    None on DDP processes other than rank 0. ``data``: ``prepare(cfg)``, if at hand."""
     pl.seed_everything(cfg.seed, workers=True)
-    data = prepare(cfg)
+    data = data or prepare(cfg)
     datamodule = build_datamodule(cfg, data)
-    module = build_module(cfg, data, datamodule)
+    module = build_module(cfg, data, datamodule.negative_pool_size)
     trainer, checkpoint, loggers = build_trainer(cfg, data, out)
     # weights_only=False: our checkpoints hold the config (optimiser factory, spec) as hparams
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
@@ -252,7 +253,7 @@ def member_config(cfg: DictConfig, index: int, out: Path) -> DictConfig:
 
 def assemble(cfg: DictConfig, data: PreparedData, members: list[TwoTowerModule]) -> TwoTowerModule:
     """One module whose towers are the members' towers side by side (``model.ensemble``)."""
-    module = build_module(cfg, data, build_datamodule(cfg, data))
+    module = build_module(cfg, data, members[0].hparams.negative_pool_size)
     for index, member in enumerate(members):
         for side in ("item_tower", "user_tower"):
             target = getattr(module.model, side).members[index]
@@ -262,34 +263,34 @@ def assemble(cfg: DictConfig, data: PreparedData, members: list[TwoTowerModule])
 
 def train_ensemble(cfg: DictConfig, out: Path) -> tuple[Selection, TwoTowerModule, dict] | None:
     """``model.ensemble=n``: n tower pairs trained as separate runs (seed, seed+1, ...; each
-    with its own early stopping and refit), assembled into one model; its metrics."""
+    with its own early stopping and refit) on data prepared once, assembled into one model;
+    its metrics. None on DDP processes other than rank 0."""
     if cfg.get("ckpt_path"):
         raise ValueError("ckpt_path (resuming) is not supported with model.ensemble > 1")
-    n = int(cfg.model.ensemble)
-    configs = [member_config(cfg, index, out) for index in range(n)]
+    configs = [member_config(cfg, index, out) for index in range(int(cfg.model.ensemble))]
+    data = prepare(cfg)  # the members share the split and the features
     selections = []
-    for index, member_cfg in enumerate(configs):
-        log.info("ensemble member %d/%d (seed %d)", index + 1, n, member_cfg.seed)
-        selection = fit_and_select(member_cfg, Path(member_cfg.paths.output_dir))
-        if selection is None:
-            continue
-        selections.append(selection)
-    if len(selections) < n:
+    for member_cfg in configs:
+        log.info(
+            "ensemble member %d/%d (seed %d)", len(selections) + 1, len(configs), member_cfg.seed
+        )
+        selections.append(fit_and_select(member_cfg, Path(member_cfg.paths.output_dir), data))
+    if any(s is None for s in selections):
         return None
-    first = selections[0]
-    module = assemble(cfg, first.data, [s.module for s in selections])
-    metrics = evaluate_all(module, first.data, list(cfg.eval.ks))
-    if cfg.train.get("refit") and all(s.best is not None for s in selections):
+    chosen = [s for s in selections if s is not None]
+    module = assemble(cfg, data, [s.module for s in chosen])
+    metrics = evaluate_all(module, data, list(cfg.eval.ks))
+    if cfg.train.get("refit") and all(s.best is not None for s in chosen):
+        refit_data = prepare(cfg, fit_on="train")
         refits = [
-            refit_on_train(member_cfg, s.best, Path(member_cfg.paths.output_dir))  # type: ignore[arg-type]
-            for member_cfg, s in zip(configs, selections, strict=True)
+            refit_on_train(member_cfg, s.best, Path(member_cfg.paths.output_dir), refit_data)  # type: ignore[arg-type]
+            for member_cfg, s in zip(configs, chosen, strict=True)
         ]
-        refit_data = refits[0][1]
-        module = assemble(cfg, refit_data, [r[0] for r in refits])
+        module = assemble(cfg, refit_data, [refit[0] for refit in refits])
         metrics.update(score_test(module, refit_data, list(cfg.eval.ks)))
-        metrics["refit_epochs"] = float(np.mean([r[2]["refit_epochs"] for r in refits]))
-        first = dataclasses.replace(first, data=refit_data)
-    return first, module, metrics
+        metrics["refit_epochs"] = float(np.mean([refit[2]["refit_epochs"] for refit in refits]))
+        data = refit_data
+    return dataclasses.replace(chosen[0], data=data), module, metrics
 
 
 def train(cfg: DictConfig) -> TrainResult | None:

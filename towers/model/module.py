@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from towers.model.loss import candidate_log_q, in_batch_softmax_loss
-from towers.model.towers import TowerShape, TowerSpec, TwoTowerModel, member_vectors
+from towers.model.towers import TowerShape, TowerSpec, TwoTowerModel
 
 # The module moves its own batches (see transfer_batch_to_device); Lightning warns that a
 # datamodule is also present, which is expected here.
@@ -100,45 +100,41 @@ class TwoTowerModule(pl.LightningModule):
         self.item_log_p.copy_(torch.as_tensor(log_p, dtype=torch.float32))
 
     def model_step(self, batch: dict[str, Any]) -> Tensor:
-        """The sampled-softmax loss of the batch; with an ensemble, the mean of its members'
-        losses (each member pair scored against its own candidates)."""
-        user_parts = member_vectors(self.model.user_tower, batch["user"])
-        item_parts = member_vectors(self.model.item_tower, batch["item"])
+        users = gather_keeping_local_grad(self, self.model.user_tower(batch["user"]))
+        items = gather_keeping_local_grad(self, self.model.item_tower(batch["item"]))
         rows = gather_keeping_local_grad(self, batch["item_rows"])
         weights = gather_keeping_local_grad(self, batch["weights"])
         n_negatives = 0
-        negative_parts: list[Tensor | None] = [None] * len(item_parts)
-        candidate_rows = rows
         if "negatives" in batch:
-            negative_parts = list(member_vectors(self.model.item_tower, batch["negatives"]))
+            negatives = gather_keeping_local_grad(self, self.model.item_tower(batch["negatives"]))
             negative_rows = gather_keeping_local_grad(self, batch["negative_rows"])
             n_negatives = len(negative_rows)
+            items = torch.cat([items, negatives])
             candidate_rows = torch.cat([rows, negative_rows])
+        else:
+            candidate_rows = rows
         log_q = None
         if self.hparams.logq_correction:
             pool = self.hparams.negative_pool_size
             log_q = self.hparams.logq_weight * candidate_log_q(
                 self.item_log_p[rows], n_negatives, pool
             )
-        losses = []
-        for user_vectors, item_vectors, negatives in zip(
-            user_parts, item_parts, negative_parts, strict=True
-        ):
-            users = gather_keeping_local_grad(self, user_vectors)
-            items = gather_keeping_local_grad(self, item_vectors)
-            if negatives is not None:
-                items = torch.cat([items, gather_keeping_local_grad(self, negatives)])
-            losses.append(
-                in_batch_softmax_loss(
-                    users,
-                    items,
-                    self.temperature,
-                    item_ids=candidate_rows if self.hparams.remove_accidental_hits else None,
-                    item_log_q=log_q,
-                    weights=weights,
-                )
+        loss = in_batch_softmax_loss(
+            users,
+            items,
+            self.temperature,
+            item_ids=candidate_rows if self.hparams.remove_accidental_hits else None,
+            item_log_q=log_q,
+            weights=weights,
+        )
+        return loss
+
+    def on_train_start(self) -> None:
+        if self.hparams.ensemble > 1:
+            raise ValueError(
+                "an ensemble (model.ensemble > 1) is trained member by member and assembled "
+                "(towers.pipeline.train_ensemble), not as one module"
             )
-        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def on_train_epoch_start(self) -> None:
         self._epoch_loss = torch.zeros((), device=self.device)

@@ -254,30 +254,17 @@ class ConcatTowers(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
 
-    def member_vectors(self, inputs: dict[str, Tensor]) -> list[Tensor]:
-        return [member(inputs) for member in self.members]
-
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
-        return torch.cat(self.member_vectors(inputs), dim=-1) / len(self.members) ** 0.5
-
-
-def member_vectors(tower: nn.Module, inputs: dict[str, Tensor]) -> list[Tensor]:
-    """Each ensemble member's vectors (a plain tower is an ensemble of one)."""
-    if isinstance(tower, ConcatTowers):
-        return tower.member_vectors(inputs)
-    return [tower(inputs)]
-
-
-def tower_members(tower: nn.Module) -> list[nn.Module]:
-    return list(tower.members) if isinstance(tower, ConcatTowers) else [tower]
+        vectors = [member(inputs) for member in self.members]
+        return torch.cat(vectors, dim=-1) / len(self.members) ** 0.5
 
 
 class TwoTowerModel(nn.Module):
     """The user and item towers, sharing the item id embedding table by default.
 
-    With ``ensemble=n > 1`` each side is :class:`ConcatTowers` of ``n`` independently
-    initialised towers (each pair with its own embedding tables), trained side by side
-    with a loss per pair; the served vectors are ``n x output_dim`` wide.
+    With ``ensemble=n > 1`` each side is :class:`ConcatTowers` of ``n`` towers (each pair
+    with its own embedding tables), filled from ``n`` separately trained single-pair models
+    (``towers.pipeline.assemble``); the served vectors are ``n x output_dim`` wide.
     """
 
     def __init__(
