@@ -24,7 +24,7 @@ def test_ensemble_towers_give_unit_vectors_whose_dot_is_the_mean_member_score() 
     for item_member, user_member in zip(
         model.item_tower.members, model.user_tower.members, strict=True
     ):
-        assert user_member.item_embedding is item_member.item_embedding
+        assert user_member.history_embedding.item_embedding is item_member.item_embedding
     tables = {id(m.item_embedding) for m in model.item_tower.members}
     assert len(tables) == 3
     items, users = item_inputs(6), user_inputs(6)

@@ -125,9 +125,12 @@ def test_logq_weight_scales_the_popularity_correction() -> None:
 
 def test_history_shares_the_item_id_embedding_by_default() -> None:
     model = TwoTowerModel(SPEC, 16)
-    assert model.user_tower.item_embedding is model.item_tower.item_embedding
+    assert model.user_tower.history_embedding.item_embedding is model.item_tower.item_embedding
     separate = TwoTowerModel(SPEC, 16, share_item_embedding=False)
-    assert separate.user_tower.item_embedding is not separate.item_tower.item_embedding
+    assert (
+        separate.user_tower.history_embedding.item_embedding
+        is not separate.item_tower.item_embedding
+    )
 
 
 def test_learned_temperature_moves_and_fixed_one_does_not() -> None:

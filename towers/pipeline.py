@@ -24,6 +24,7 @@ from retrieval.encoding import FeatureColumns
 from towers.data.datamodule import TwoTowerDataModule
 from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
 from towers.data.samples import user_activity_weights
+from towers.data.schema import ITEM_ID
 from towers.data.sources import load_data
 from towers.data.split import make_split, prepare_interactions
 from towers.evaluation.callback import RankingEvaluation, evaluate_module
@@ -125,6 +126,8 @@ def build_module(cfg: DictConfig, data: PreparedData, negative_pool_size: int) -
         seed=cfg.seed,
     )
     module.set_item_log_p(data.item_log_p)
+    codes = data.encoders.items.ids.encode(data.catalogue[ITEM_ID])
+    module.model.set_item_attributes(codes, data.catalogue_inputs)
     return module
 
 

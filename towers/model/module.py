@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_devi
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 MIN_TEMPERATURE = 0.01
+LEGACY_HISTORY_KEY = re.compile(r"^(model\.user_tower\.(?:members\.\d+\.)?)item_embedding\.")
 
 
 def gather_keeping_local_grad(module: pl.LightningModule, tensor: Tensor) -> Tensor:
@@ -58,6 +60,7 @@ class TwoTowerModule(pl.LightningModule):
         item_id_dropout: float = 0.0,
         attribute_init: str = "normal",
         ensemble: int = 1,
+        history_attributes: bool = False,
         temperature: float = 0.1,
         learn_temperature: bool = False,
         logq_correction: bool = True,
@@ -83,6 +86,7 @@ class TwoTowerModule(pl.LightningModule):
             item_id_dropout,
             attribute_init,
             ensemble,
+            history_attributes,
         )
         self.log_temperature = nn.Parameter(
             torch.tensor(math.log(temperature)), requires_grad=learn_temperature
@@ -188,6 +192,15 @@ class TwoTowerModule(pl.LightningModule):
         # averaged gradient that of one process with the whole global batch.
         world_size = self._trainer.world_size if self._trainer is not None else 1
         return loss * world_size
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Read checkpoints written before history items had their own embedder, where the
+        user tower's shared id table was ``user_tower.item_embedding``."""
+        state = checkpoint.get("state_dict", {})
+        for key in list(state):
+            renamed = LEGACY_HISTORY_KEY.sub(r"\1history_embedding.item_embedding.", key)
+            if renamed != key:
+                state[renamed] = state.pop(key)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters; sparse embedding tables in their own ``sparse=True`` group."""

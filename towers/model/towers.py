@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -215,6 +216,76 @@ class ItemTower(nn.Module):
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
 
 
+class HistoryItemEmbedder(nn.Module):
+    """Embeds history item codes: the id embedding, plus (optionally) the item's attributes.
+
+    With ``attributes`` (the item tower's :class:`AttributeEmbedder`, shared) each history
+    item also adds its genres, title words, numbers... looked up by id code in buffers
+    filled once by :meth:`set_item_attributes`, so a rarely seen item in a history still
+    says what kind of item it is. The buffers travel in checkpoints and in the ONNX graph,
+    so the served user tower keeps taking plain item codes.
+    """
+
+    def __init__(
+        self, item_embedding: nn.Embedding, attributes: AttributeEmbedder | None = None
+    ) -> None:
+        super().__init__()
+        self.item_embedding = item_embedding
+        self.attributes = attributes
+        n_codes = item_embedding.num_embeddings
+        self.prefix = attributes.prefix if attributes is not None else "item"
+        if attributes is not None:
+            n_cat = len(attributes.categorical)
+            width = sum(attributes.bag_widths)
+            n_num = attributes.numeric.in_features if attributes.numeric is not None else 0
+            self.register_buffer("code_cat", torch.zeros(n_codes, n_cat, dtype=torch.long))
+            self.register_buffer("code_bag", torch.zeros(n_codes, width, dtype=torch.long))
+            self.register_buffer("code_num", torch.zeros(n_codes, n_num))
+            # 1 where a code's attributes are filled in: padding and unknown codes add nothing
+            self.register_buffer("code_known", torch.zeros(n_codes))
+
+    def set_item_attributes(self, codes: Tensor, item_inputs: dict[str, Tensor]) -> None:
+        """Fill the lookup from the catalogue: ``codes[r]`` is row r's id code and
+        ``item_inputs`` its item-tower inputs. Codes below 2 (padding, unknown) stay empty."""
+        if self.attributes is None:
+            return
+        known = codes >= 2
+        known_codes = codes[known]
+        with torch.no_grad():
+            self.code_known.zero_()
+            self.code_known[known_codes] = 1.0
+            for name, buffer in (
+                ("cat", self.code_cat),
+                ("bag", self.code_bag),
+                ("num", self.code_num),
+            ):
+                key = f"{self.prefix}_{name}"
+                if key in item_inputs and buffer.shape[1]:
+                    buffer[known_codes] = item_inputs[key][known].to(buffer.dtype)
+
+    def forward(self, history: Tensor) -> Tensor:
+        embedded = self.item_embedding(history)
+        if self.attributes is None:
+            return embedded
+        if self.training:
+            # Each distinct item once: a batch's histories repeat items many times, and
+            # their (sparse) attribute gradients would repeat with them. Same result.
+            codes, where = torch.unique(history, return_inverse=True)
+        else:
+            codes, where = history.reshape(-1), None
+        inputs = {
+            f"{self.prefix}_cat": self.code_cat[codes],
+            f"{self.prefix}_bag": self.code_bag[codes],
+            f"{self.prefix}_num": self.code_num[codes],
+        }
+        parts = self.attributes(inputs)
+        if not parts:
+            return embedded
+        extra = torch.stack(parts, dim=0).sum(dim=0) * self.code_known[codes].unsqueeze(-1)
+        extra = extra[where] if where is not None else extra.reshape(*history.shape, -1)
+        return embedded + extra
+
+
 class UserTower(nn.Module):
     """Optional user id + attributes + pooled recent item embeddings -> MLP -> unit vector."""
 
@@ -226,12 +297,17 @@ class UserTower(nn.Module):
         shape: TowerShape,
         history_pooling: str = "mean",
         sparse: bool = False,
+        history_embedder: HistoryItemEmbedder | None = None,
     ) -> None:
         super().__init__()
         dim = item_embedding.embedding_dim
         self.use_id = spec.use_id
         self.user_embedding = embedding(spec.id_size, dim, sparse) if self.use_id else None
-        self.item_embedding = item_embedding
+        self.history_embedding = (
+            history_embedder
+            if history_embedder is not None
+            else HistoryItemEmbedder(item_embedding)
+        )
         self.pooling = HistoryPooling(history_pooling, history_length, dim)
         self.attributes = AttributeEmbedder(spec, dim, sparse)
         in_dim = self.attributes.out_dim + self.pooling.out_dim + (dim if self.use_id else 0)
@@ -239,7 +315,7 @@ class UserTower(nn.Module):
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         history = inputs["history"]
-        parts = [self.pooling(self.item_embedding(history), history), *self.attributes(inputs)]
+        parts = [self.pooling(self.history_embedding(history), history), *self.attributes(inputs)]
         if self.user_embedding is not None:
             parts.insert(0, self.user_embedding(inputs["user_id"]))
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)
@@ -265,6 +341,9 @@ class TwoTowerModel(nn.Module):
     With ``ensemble=n > 1`` each side is :class:`ConcatTowers` of ``n`` towers (each pair
     with its own embedding tables), filled from ``n`` separately trained single-pair models
     (``towers.pipeline.assemble``); the served vectors are ``n x output_dim`` wide.
+    With ``history_attributes`` the user tower's history items also carry the item
+    tower's attribute embeddings (:class:`HistoryItemEmbedder`; fill its lookup with
+    :meth:`set_item_attributes`).
     """
 
     def __init__(
@@ -278,6 +357,7 @@ class TwoTowerModel(nn.Module):
         item_id_dropout: float = 0.0,
         attribute_init: str = "normal",
         ensemble: int = 1,
+        history_attributes: bool = False,
     ) -> None:
         super().__init__()
         if attribute_init not in ATTRIBUTE_INITS:
@@ -297,9 +377,10 @@ class TwoTowerModel(nn.Module):
                 if share_item_embedding
                 else embedding(spec.items.id_size, embedding_dim, sparse_embeddings)
             )
-            item_towers.append(
-                ItemTower(spec.items, item_embedding, shape, sparse_embeddings, item_id_dropout)
+            item_tower = ItemTower(
+                spec.items, item_embedding, shape, sparse_embeddings, item_id_dropout
             )
+            item_towers.append(item_tower)
             user_towers.append(
                 UserTower(
                     spec.users,
@@ -308,6 +389,9 @@ class TwoTowerModel(nn.Module):
                     shape,
                     history_pooling,
                     sparse_embeddings,
+                    HistoryItemEmbedder(
+                        history_embedding, item_tower.attributes if history_attributes else None
+                    ),
                 )
             )
         self.item_tower = item_towers[0] if ensemble == 1 else ConcatTowers(item_towers)
@@ -324,6 +408,14 @@ class TwoTowerModel(nn.Module):
                 for module in tower.attributes.modules():
                     if isinstance(module, nn.Embedding):
                         nn.init.zeros_(module.weight)
+
+    def set_item_attributes(self, codes: np.ndarray, item_inputs: dict[str, np.ndarray]) -> None:
+        """Give every user tower's history the catalogue's item attributes (a no-op unless
+        built with ``history_attributes``): ``codes[r]`` is catalogue row r's id code."""
+        tensors = {name: torch.as_tensor(values) for name, values in item_inputs.items()}
+        towers = getattr(self.user_tower, "members", [self.user_tower])
+        for tower in towers:
+            tower.history_embedding.set_item_attributes(torch.as_tensor(codes), tensors)
 
 
 class PositionalTower(nn.Module):
