@@ -98,3 +98,27 @@ def test_sweeps_tune_one_tower_pair_even_over_an_ensemble_preset() -> None:
     assert preset.model.ensemble == 3
     swept = compose_config(["experiment=movielens_latest", "hparams_search=optuna"])
     assert swept.model.ensemble == 1 and swept.model.logq_weight == preset.model.logq_weight
+
+
+@pytest.mark.parametrize("experiment", ["movielens_100k", "movielens_latest"])
+def test_movielens_presets_give_history_items_attributes_but_not_cold_runs_or_baselines(
+    experiment: str,
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_quality", CONF_DIR.parent / "scripts" / "bench_quality.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    preset = compose_config([f"experiment={experiment}"])
+    assert preset.model.history_attributes
+    assert dict(preset.features.item_columns) == {"multi_hot": ["genres"], "numeric": ["year"]}
+    cold = compose_config(
+        [f"experiment={experiment}", *bench.COLD_TWOTOWER, *bench.MOVIELENS_COLD_TWOTOWER]
+    )
+    assert not cold.model.history_attributes and not cold.features.use_item_id
+    assert cold.model.ensemble == 1
+    baselines = compose_config([f"experiment={experiment}", *bench.BASELINE_FEATURES])
+    assert baselines.features.item_columns is None  # the reader's columns, titles included
