@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from towers.data.schema import RawData
 from towers.data.synthetic import generate_synthetic
+from towers.pipeline import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -28,6 +30,21 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
     """The real Hydra config, as ``scripts/train.py`` would see it, with overrides."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides or [])
+
+
+def served_test_metrics(result: TrainResult) -> dict[str, float]:
+    """The run's test metrics as its bundle serves them: every test user's top 50 through
+    ``Retriever.recommend``, scored by the pipeline's metric code."""
+    from retrieval import Retriever
+    from towers.evaluation.metrics import ranking_metrics
+
+    retriever = Retriever.load(result.bundle)
+    test = result.data.test
+    rows = {item: row for row, item in enumerate(retriever.item_ids)}
+    top = np.array(
+        [[rows[i] for i in retriever.recommend(user_id=u, k=50)[0]] for u in test.user_ids]
+    )
+    return ranking_metrics(top, test.target_users, test.target_items, len(rows))
 
 
 def dataset_dir(name: str) -> Path:

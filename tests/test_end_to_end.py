@@ -9,8 +9,9 @@ import sys
 import numpy as np
 
 from retrieval import Retriever
-from towers.evaluation.metrics import ranking_metrics
 from towers.pipeline import METRICS_FILE, TrainResult
+
+from .conftest import served_test_metrics
 
 
 def test_model_beats_popularity_on_validation(trained: TrainResult) -> None:
@@ -40,13 +41,7 @@ def test_retriever_returns_k_distinct_unseen_items(trained: TrainResult) -> None
 
 
 def test_retriever_reproduces_the_pipeline_test_metrics(trained: TrainResult) -> None:
-    retriever = Retriever.load(trained.bundle)
-    test = trained.data.test
-    rows = {item: row for row, item in enumerate(retriever.item_ids)}
-    top = np.array(
-        [[rows[i] for i in retriever.recommend(user_id=u, k=50)[0]] for u in test.user_ids]
-    )
-    served = ranking_metrics(top, test.target_users, test.target_items, len(rows))
+    served = served_test_metrics(trained)
     for key in ("recall@20", "ndcg@20", "recall@50"):
         assert abs(served[key] - trained.metrics[f"test/{key}"]) < 1e-3, key
 

@@ -6,14 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import Retriever
 from retrieval.encoding import OOV_INDEX, PAD_INDEX
-from towers.evaluation.metrics import ranking_metrics
 from towers.model.module import TwoTowerModule
 from towers.model.towers import TwoTowerModel
 from towers.pipeline import train
 
-from .conftest import TINY_OVERRIDES, compose_config
+from .conftest import TINY_OVERRIDES, compose_config, served_test_metrics
 from .test_towers import SPEC, item_inputs, user_inputs
 
 CATALOGUE_CODES = np.array([5, 2, OOV_INDEX, 11])  # row r's id code; row 2 is unknown
@@ -95,13 +93,7 @@ def test_the_lookup_travels_in_checkpoints(attribute_run) -> None:
 
 
 def test_the_served_user_tower_looks_attributes_up_as_training_did(attribute_run) -> None:
-    retriever = Retriever.load(attribute_run.bundle)
-    test = attribute_run.data.test
-    rows = {item: row for row, item in enumerate(retriever.item_ids)}
-    top = np.array(
-        [[rows[i] for i in retriever.recommend(user_id=u, k=50)[0]] for u in test.user_ids]
-    )
-    served = ranking_metrics(top, test.target_users, test.target_items, len(rows))
+    served = served_test_metrics(attribute_run)
     assert served["recall@20"] == pytest.approx(attribute_run.metrics["test/recall@20"], abs=1e-3)
     assert served["ndcg@20"] == pytest.approx(attribute_run.metrics["test/ndcg@20"], abs=1e-3)
 

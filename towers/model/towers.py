@@ -233,8 +233,8 @@ class HistoryItemEmbedder(nn.Module):
         self.item_embedding = item_embedding
         self.attributes = attributes
         n_codes = item_embedding.num_embeddings
-        self.prefix = attributes.prefix if attributes is not None else "item"
         if attributes is not None:
+            self.prefix = attributes.prefix
             n_cat = len(attributes.categorical)
             width = sum(attributes.bag_widths)
             n_num = attributes.numeric.in_features if attributes.numeric is not None else 0
