@@ -168,13 +168,27 @@ _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 class HashedTextEncoder:
     """Words of a free-text column (e.g. a title), lower-cased and hashed into ``buckets``.
 
-    No vocabulary to fit: a stable hash (crc32) sends every word, seen or not, to one of
-    ``buckets`` embedding rows, so new items' titles still encode. The bag is padded to
-    ``max_tokens`` with ``PAD_INDEX``.
+    A stable hash (crc32) sends a word to one of ``buckets`` embedding rows, so new items'
+    titles still encode. With ``known_words`` (fitted with ``min_count`` > 1) only those
+    words are kept: a word too rare in training (one item's own title, or a new item's)
+    adds nothing instead of an untrained or id-like embedding. The bag is the first
+    ``max_tokens`` kept words, padded with ``PAD_INDEX``.
     """
 
     buckets: int = 1 << 14
     max_tokens: int = 8
+    known_words: frozenset[str] | None = None
+
+    @classmethod
+    def fit(
+        cls, column: pd.Series, min_count: int = 1, buckets: int = 1 << 14, max_tokens: int = 8
+    ) -> HashedTextEncoder:
+        """Keep every word (``min_count`` 1) or the words in at least ``min_count`` rows."""
+        if min_count <= 1:
+            return cls(buckets, max_tokens)
+        rows = pd.Series(column).map(lambda text: set(words_of(text)))
+        counts = pd.Series([w for row in rows for w in row], dtype=object).value_counts()
+        return cls(buckets, max_tokens, frozenset(counts.index[counts >= min_count].astype(str)))
 
     @property
     def size(self) -> int:
@@ -183,20 +197,33 @@ class HashedTextEncoder:
     def encode(self, column: pd.Series) -> np.ndarray:
         out = np.full((len(column), self.max_tokens), PAD_INDEX, dtype=np.int64)
         for row, text in enumerate(pd.Series(column).tolist()):
-            if not isinstance(text, str):
-                continue
-            words = _WORD.findall(text.lower())[: self.max_tokens]
-            for position, word in enumerate(words):
+            words = words_of(text)
+            if self.known_words is not None:
+                words = [w for w in words if w in self.known_words]
+            for position, word in enumerate(words[: self.max_tokens]):
                 bucket = zlib.crc32(word.encode("utf-8")) % self.buckets
                 out[row, position] = bucket + FIRST_KNOWN_INDEX
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"buckets": self.buckets, "max_tokens": self.max_tokens}
+        data: dict[str, Any] = {"buckets": self.buckets, "max_tokens": self.max_tokens}
+        if self.known_words is not None:
+            data["known_words"] = sorted(self.known_words)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HashedTextEncoder:
-        return cls(int(data["buckets"]), int(data["max_tokens"]))
+        known = data.get("known_words")
+        return cls(
+            int(data["buckets"]),
+            int(data["max_tokens"]),
+            None if known is None else frozenset(str(w) for w in known),
+        )
+
+
+def words_of(text: Any) -> list[str]:
+    """Lower-cased words of a text cell (none for a missing or non-string cell)."""
+    return _WORD.findall(text.lower()) if isinstance(text, str) else []
 
 
 @dataclass
@@ -272,8 +299,15 @@ class EntityEncoder:
         separator: str = "|",
         text_buckets: int = 1 << 14,
         max_text_tokens: int = 8,
+        text_min_count: int = 1,
     ) -> EntityEncoder:
-        """Fit the id vocabulary on ``id_values`` (training events) and attributes on ``table``."""
+        """Fit the id vocabulary on ``id_values`` (training events) and attributes on ``table``.
+
+        Text words are counted over the rows of ``table`` whose id is in ``id_values``
+        (entities seen in training), so a held-out item's title never decides which words
+        are kept.
+        """
+        id_values = list(id_values)
         ids = Vocabulary.fit(id_values, id_min_count)
         if table is None:
             table = pd.DataFrame()
@@ -294,7 +328,15 @@ class EntityEncoder:
                 for c in columns.multi_hot
             },
             numeric={c: NumericEncoder.fit(table[c]) for c in columns.numeric},
-            text={c: HashedTextEncoder(text_buckets, max_text_tokens) for c in columns.text},
+            text={
+                c: HashedTextEncoder.fit(
+                    seen_rows(table, f"{prefix}_id", id_values)[c],
+                    text_min_count,
+                    text_buckets,
+                    max_text_tokens,
+                )
+                for c in columns.text
+            },
         )
 
     @property
@@ -375,6 +417,15 @@ class EntityEncoder:
             numeric={c: NumericEncoder.from_dict(v) for c, v in data["numeric"].items()},
             text={c: HashedTextEncoder.from_dict(v) for c, v in data.get("text", {}).items()},
         )
+
+
+def seen_rows(table: pd.DataFrame, id_column: str, id_values: Sequence[Any]) -> pd.DataFrame:
+    """Rows of ``table`` whose ``id_column`` value is among ``id_values`` (all rows if the
+    table has no such column)."""
+    if id_column not in table.columns:
+        return table
+    seen = set(_as_str_or_none(id_values).dropna())
+    return table[_as_str_or_none(table[id_column]).isin(seen).to_numpy()]
 
 
 @dataclass

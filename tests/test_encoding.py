@@ -13,6 +13,7 @@ from retrieval.encoding import (
     EntityEncoder,
     FeatureColumns,
     FeatureEncoders,
+    HashedTextEncoder,
     MultiHotEncoder,
     NumericEncoder,
     Vocabulary,
@@ -106,3 +107,29 @@ def test_unknown_user_attributes_are_missing_not_errors() -> None:
     assert inputs["user_id"][0] == OOV_INDEX
     assert inputs["user_cat"][0, 0] == OOV_INDEX
     assert inputs["user_num"][0, 0] == 0.0
+
+
+def test_text_min_count_keeps_words_of_enough_seen_items(tmp_path: Path) -> None:
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c", "new"],
+            "title": ["Star Wars", "Star Trek II", "Alien II", "Star Wars: Alien Part II"],
+        }
+    )
+    columns = FeatureColumns(text=["title"])
+    # counted over items seen in training only: "new" (never in id_values) cannot make
+    # "wars" or "alien" frequent
+    encoder = EntityEncoder.fit("item", ["a", "b", "c"], items, columns, text_min_count=2)
+    assert encoder.text["title"].known_words == frozenset({"star", "ii"})
+    every_word = EntityEncoder.fit("item", ["a", "b", "c"], items, columns)
+    assert every_word.text["title"].known_words is None
+    bags = encoder.transform(items["item_id"].tolist(), items)["item_bag"]
+    hashed = every_word.transform(items["item_id"].tolist(), items)["item_bag"]
+    star, ii = hashed[1, 0], hashed[1, 2]
+    # kept words move up to the first positions; rare and unseen words add nothing
+    np.testing.assert_array_equal(bags[3], [star, ii] + [PAD_INDEX] * 6)
+    np.testing.assert_array_equal(bags[2], [ii] + [PAD_INDEX] * 7)
+    assert (hashed[3] != PAD_INDEX).sum() == 5
+    loaded = HashedTextEncoder.from_dict(encoder.text["title"].to_dict())
+    assert loaded == encoder.text["title"]
+    assert HashedTextEncoder.from_dict({"buckets": 8, "max_tokens": 2}).known_words is None

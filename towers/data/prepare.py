@@ -35,6 +35,7 @@ class FeatureSettings:
     separator: str = "|"
     text_buckets: int = 1 << 14
     max_text_tokens: int = 8
+    text_min_count: int = 1
     item_columns: FeatureColumns | None = None
     user_columns: FeatureColumns | None = None
 
@@ -113,6 +114,7 @@ def fit_encoders(
         "separator": settings.separator,
         "text_buckets": settings.text_buckets,
         "max_text_tokens": settings.max_text_tokens,
+        "text_min_count": settings.text_min_count,
     }
     items = EntityEncoder.fit(
         "item", fit_events[ITEM_ID], raw.items, item_columns, use_id=settings.use_item_id, **common
