@@ -124,3 +124,20 @@ def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:
     assert scores.shape == (3, data.n_items) and np.isfinite(scores).all()
     with pytest.raises(ValueError, match="item features"):
         LightFMModel(None, seen_items_only=True)
+
+
+def test_item_feature_matrix_drops_tokens_of_too_few_seen_items(tiny_cold) -> None:
+    from towers.benchmarks.quality import item_feature_matrix
+
+    _, data, matrices = tiny_cold
+    every = item_feature_matrix(data, identity=False)
+    seen = np.asarray(matrices.fit.sum(axis=0)).ravel() > 0
+    carried = np.asarray((every[seen] > 0).sum(axis=0)).ravel()
+    threshold = int(np.median(carried[carried > 0])) + 1
+    kept = item_feature_matrix(data, identity=False, min_items=threshold, seen=matrices.fit)
+    assert kept.shape[1] == int((carried >= threshold).sum()) < every.shape[1]
+    with_ids = item_feature_matrix(data, min_items=threshold, seen=matrices.fit)
+    assert with_ids.shape == (data.n_items, data.n_items + kept.shape[1])
+    np.testing.assert_allclose(np.asarray(with_ids.sum(axis=1)).ravel(), 1.0)
+    with pytest.raises(ValueError, match="seen"):
+        item_feature_matrix(data, min_items=2)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from towers.benchmarks.report import write_report
 from towers.benchmarks.serving import parse_wrk
+from towers.benchmarks.splits import split_summary
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8000
   2 threads and 4 connections
@@ -40,3 +43,31 @@ def test_report_writes_json_and_markdown(tmp_path: Path) -> None:
     write_report(tmp_path / "r", "Title", "Intro.", {"a": 1}, [{"x": 1.5, "y": "z"}], ["x", "y"])
     assert json.loads((tmp_path / "r.json").read_text())["results"] == [{"x": 1.5, "y": "z"}]
     assert "| 1.500 | z |" in (tmp_path / "r.md").read_text()
+
+
+def test_split_summary_gives_mean_spread_and_every_split() -> None:
+    runs = {
+        42: [{"model": "a", "recall@20": 0.1}, {"model": "b", "recall@20": 0.3}],
+        1: [{"model": "a", "recall@20": 0.3}],
+    }
+    columns, table = split_summary(runs, ["recall@20"])
+    assert columns == [
+        "model",
+        "splits",
+        "recall@20 mean",
+        "recall@20 sd",
+        "recall@20 s42",
+        "recall@20 s1",
+    ]
+    a, b = table
+    assert a["splits"] == 2 and abs(a["recall@20 mean"] - 0.2) < 1e-12
+    assert abs(a["recall@20 sd"] - 0.1414213562) < 1e-9 and a["recall@20 s1"] == 0.3
+    assert b == {
+        "model": "b",
+        "splits": 1,
+        "recall@20 mean": 0.3,
+        "recall@20 sd": 0.0,
+        "recall@20 s42": 0.3,
+    }
+    with pytest.raises(ValueError, match="no split"):
+        split_summary({}, ["recall@20"])

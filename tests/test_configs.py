@@ -120,5 +120,6 @@ def test_movielens_presets_give_history_items_attributes_but_not_cold_runs_or_ba
     )
     assert not cold.model.history_attributes and not cold.features.use_item_id
     assert cold.model.ensemble == 1
+    assert list(cold.features.item_columns.text) == ["title"] and cold.features.text_min_count > 1
     baselines = compose_config([f"experiment={experiment}", *bench.BASELINE_FEATURES])
     assert baselines.features.item_columns is None  # the reader's columns, titles included

@@ -43,6 +43,9 @@ KS = (10, 20, 50)
 CURVE_KS = tuple(range(1, 51))
 SELECT_ON = "ndcg@20"
 RECENT_ITEMS = 20
+# LightFM hybrid: keep attribute tokens carried by at least this many training items
+# (searched on validation; 20 is twotower's features.text_min_count on MovieLens cold items)
+TOKEN_MIN_ITEMS = (1, 20)
 
 
 @dataclass
@@ -154,7 +157,12 @@ def candidates(
         # Held-out cold items' identity features are never trained: in the cold split the
         # hybrid represents items by their attributes only, and draws negatives only from
         # items seen in training (as twotower does).
-        features = item_feature_matrix(data, identity=not cold)
+        # Attribute tokens in fewer than min_token_items training items (rare title words)
+        # can be dropped, as twotower may drop them: chosen on validation like the rest.
+        features = {
+            m: item_feature_matrix(data, identity=not cold, min_items=m, seen=matrices.fit)
+            for m in TOKEN_MIN_ITEMS
+        }
         models["lightfm"] = grid(
             lambda **p: LightFMModel(None, **p),
             no_components=(64,),
@@ -162,7 +170,10 @@ def candidates(
             epochs=(20, 40),
         )
         models["lightfm_hybrid"] = grid(
-            lambda **p: LightFMModel(features, seen_items_only=cold, **p),
+            lambda min_token_items, **p: LightFMModel(
+                features[min_token_items], seen_items_only=cold, **p
+            ),
+            min_token_items=TOKEN_MIN_ITEMS,
             no_components=(64,),
             learning_rate=(0.05,),
             epochs=(20, 40),
@@ -170,9 +181,18 @@ def candidates(
     return models
 
 
-def item_feature_matrix(data: PreparedData, identity: bool = True) -> sp.csr_matrix:
-    """[Identity +] categorical / multi-hot / text tokens of every item (LightFM hybrid)."""
-    blocks = [sp.identity(data.n_items, format="csr", dtype=np.float32)] if identity else []
+def item_feature_matrix(
+    data: PreparedData,
+    identity: bool = True,
+    min_items: int = 1,
+    seen: sp.csr_matrix | None = None,
+) -> sp.csr_matrix:
+    """[Identity +] categorical / multi-hot / text tokens of every item (LightFM hybrid).
+
+    With ``min_items`` > 1 an attribute token is kept only if at least that many items with
+    an interaction in ``seen`` (a user x item matrix) carry it, as twotower's
+    ``features.text_min_count`` keeps title words."""
+    blocks = []
     for name, values in data.catalogue_inputs.items():
         if name in ("item_cat", "item_bag"):
             rows = np.repeat(np.arange(data.n_items), values.shape[1])
@@ -185,7 +205,18 @@ def item_feature_matrix(data: PreparedData, identity: bool = True) -> sp.csr_mat
                     shape=(data.n_items, width),
                 )
             )
-    matrix = sp.hstack(blocks).tocsr()
+    attributes = sp.hstack(blocks).tocsr() if blocks else sp.csr_matrix((data.n_items, 0))
+    if min_items > 1:
+        if seen is None:
+            raise ValueError("min_items > 1 needs the seen interactions to count items")
+        seen_items = np.asarray(seen.sum(axis=0)).ravel() > 0
+        carried = np.asarray((attributes[seen_items] > 0).sum(axis=0)).ravel()
+        attributes = attributes[:, np.flatnonzero(carried >= min_items)]
+    if identity:
+        attributes = sp.hstack(
+            [sp.identity(data.n_items, format="csr", dtype=np.float32), attributes]
+        )
+    matrix = attributes.tocsr()
     norms = np.asarray(matrix.sum(axis=1)).ravel()
     return sp.diags(1.0 / np.maximum(norms, 1.0)) @ matrix
 
