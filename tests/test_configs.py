@@ -95,7 +95,7 @@ def test_hparams_search_presets_compose(search: str) -> None:
 
 def test_sweeps_tune_one_tower_pair_even_over_an_ensemble_preset() -> None:
     preset = compose_config(["experiment=movielens_latest"])
-    assert preset.model.ensemble == 3
+    assert preset.model.ensemble > 1
     swept = compose_config(["experiment=movielens_latest", "hparams_search=optuna"])
     assert swept.model.ensemble == 1 and swept.model.logq_weight == preset.model.logq_weight
 
