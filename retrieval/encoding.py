@@ -186,9 +186,8 @@ class HashedTextEncoder:
         """Keep every word (``min_count`` 1) or the words in at least ``min_count`` rows."""
         if min_count <= 1:
             return cls(buckets, max_tokens)
-        rows = pd.Series(column).map(lambda text: set(words_of(text)))
-        counts = pd.Series([w for row in rows for w in row], dtype=object).value_counts()
-        return cls(buckets, max_tokens, frozenset(counts.index[counts >= min_count].astype(str)))
+        words = [word for text in pd.Series(column) for word in set(words_of(text))]
+        return cls(buckets, max_tokens, frozenset(Vocabulary.fit(words, min_count).values))
 
     @property
     def size(self) -> int:
@@ -316,6 +315,7 @@ class EntityEncoder:
             raise MissingColumnError(
                 f"{prefix} feature column(s) {missing} not in the {prefix} table"
             )
+        seen = seen_rows(table, f"{prefix}_id", id_values) if columns.text else table
         return cls(
             prefix=prefix,
             ids=ids,
@@ -329,12 +329,7 @@ class EntityEncoder:
             },
             numeric={c: NumericEncoder.fit(table[c]) for c in columns.numeric},
             text={
-                c: HashedTextEncoder.fit(
-                    seen_rows(table, f"{prefix}_id", id_values)[c],
-                    text_min_count,
-                    text_buckets,
-                    max_text_tokens,
-                )
+                c: HashedTextEncoder.fit(seen[c], text_min_count, text_buckets, max_text_tokens)
                 for c in columns.text
             },
         )

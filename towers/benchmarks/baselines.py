@@ -165,7 +165,7 @@ class LightFMModel(Baseline):
         self.model = LightFM(loss="warp", random_state=42, **self.params)
         features = self.item_features
         if self.seen_items_only and features is not None:
-            seen = np.flatnonzero(np.asarray(train.sum(axis=0)).ravel() > 0)
+            seen = np.flatnonzero(interacted_items(train))
             train, features = train[:, seen], features[seen]
         self.model.fit(train.tocoo(), item_features=features, epochs=epochs, num_threads=2)
         self.params["epochs"] = epochs
@@ -175,6 +175,11 @@ class LightFMModel(Baseline):
         biases, factors = self.model.get_item_representations(self.item_features)
         _, user_factors = self.model.get_user_representations()
         return user_factors[users] @ factors.T + biases[None, :]
+
+
+def interacted_items(matrix: sp.csr_matrix) -> np.ndarray:
+    """Boolean mask over the columns (items) of a user x item matrix: any interaction."""
+    return np.asarray(matrix.sum(axis=0)).ravel() > 0
 
 
 @dataclass

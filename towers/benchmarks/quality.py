@@ -31,6 +31,7 @@ from towers.benchmarks.baselines import (
     Popularity,
     RandomScores,
     grid,
+    interacted_items,
 )
 from towers.data.prepare import EvalSet, PreparedData, catalogue_rows
 from towers.data.schema import ITEM_ID, USER_ID
@@ -209,8 +210,7 @@ def item_feature_matrix(
     if min_items > 1:
         if seen is None:
             raise ValueError("min_items > 1 needs the seen interactions to count items")
-        seen_items = np.asarray(seen.sum(axis=0)).ravel() > 0
-        carried = np.asarray((attributes[seen_items] > 0).sum(axis=0)).ravel()
+        carried = np.asarray((attributes[interacted_items(seen)] > 0).sum(axis=0)).ravel()
         attributes = attributes[:, np.flatnonzero(carried >= min_items)]
     if identity:
         attributes = sp.hstack(
