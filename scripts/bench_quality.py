@@ -67,6 +67,10 @@ COLUMNS = [
     "params",
 ]
 
+# cold split only: how much of each top-20 is held-out items, and the scores of a ranking
+# among the held-out items alone ("knows which new item", not "ranks new items first")
+COLD_COLUMNS = ["cold_share@20", "cold_only_recall@20", "cold_only_ndcg@20"]
+
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
@@ -161,7 +165,8 @@ def main() -> None:
         for seed in seeds:
             cfg, twotower_cfg = configs([f"split.seed={seed}"])
             runs[seed], _ = run(cfg, models, twotower_cfg)
-        columns, table = split_summary(runs, ("recall@20", "ndcg@20"))
+        metrics = ("recall@20", "ndcg@20", *(COLD_COLUMNS[1:] if args.cold else ()))
+        columns, table = split_summary(runs, metrics)
         stem = args.out_dir / f"quality_{name}_splits"
         write_report(
             stem,
@@ -199,7 +204,7 @@ def main() -> None:
         f"Command: `{command}`.",
         {"seed": cfg.seed, **settings},
         table_rows,
-        [*COLUMNS[:-3], "cold_share@20", *COLUMNS[-3:]] if args.cold else COLUMNS,
+        [*COLUMNS[:-3], *COLD_COLUMNS, *COLUMNS[-3:]] if args.cold else COLUMNS,
     )
     plot(rows, stem.with_suffix(".png"), f"Recall@K on {name} (test)")
     print(stem.with_suffix(".md").read_text())

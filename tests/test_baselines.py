@@ -7,7 +7,15 @@ import pytest
 import scipy.sparse as sp
 
 from towers.benchmarks.baselines import EASE, EASERecent, ImplicitModel, ItemKNN, Popularity
-from towers.benchmarks.quality import build_matrices, cold_share, metrics_of, run, top_lists
+from towers.benchmarks.quality import (
+    among_cold,
+    build_matrices,
+    cold_rows,
+    cold_share,
+    metrics_of,
+    run,
+    top_lists,
+)
 from towers.evaluation.ranking import evaluate_popularity
 from towers.pipeline import prepare
 
@@ -102,6 +110,24 @@ def test_cold_share_counts_cold_items_in_the_top_lists(tiny_cold) -> None:
     assert cold_share(all_cold, data)["cold_share@20"] == 1.0
     assert cold_share(half, data)["cold_share@20"] == 0.5
     assert cold_share(half, data)["cold_share_catalogue"] == pytest.approx(len(cold) / data.n_items)
+
+
+def test_among_cold_ranks_the_held_out_items_only(tiny_cold) -> None:
+    cfg, data, matrices = tiny_cold
+    cold = cold_rows(data)
+    assert len(cold) == len(data.split.cold_items)
+    rows = matrices.rows(data.test.user_ids)
+    model = Popularity().fit(matrices.train)  # cold items have no count: last in full ranking
+    full = top_lists(model.scores, rows, data.test, data.n_items, k=5)
+    only = top_lists(model.scores, rows, among_cold(data), data.n_items, k=5)
+    assert not set(full.ravel()) & set(cold)
+    assert set(only.ravel()) <= set(cold)
+    assert metrics_of(only, data.test, data.n_items, (5,))["recall@5"] > 0
+    by_model = {r["model"]: r for r in run(cfg, ["popularity", "random"])[0]}
+    assert by_model["popularity"]["recall@20"] == 0.0
+    assert by_model["popularity"]["cold_only_recall@20"] > 0.0
+    for row in by_model.values():
+        assert row["cold_only_recall@20"] >= row["recall@20"]
 
 
 def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:

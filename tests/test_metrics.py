@@ -66,3 +66,23 @@ def test_top_k_excludes_and_matches_a_full_sort() -> None:
         banned = set(ex_items[ex_users == u])
         expected = [i for i in np.argsort(-scores[u], kind="stable") if i not in banned][:20]
         assert list(top[u]) == expected
+
+
+def test_top_k_never_returns_unavailable_items() -> None:
+    rng = np.random.default_rng(2)
+    scores = rng.normal(size=(11, 40))
+    unavailable = np.array([3, 17, 25])
+    scores[:, unavailable] += 100.0  # the best-scored items, yet no one's candidates
+    top = top_k_excluding(
+        lambda lo, hi: scores[lo:hi],
+        11,
+        10,
+        np.array([0]),
+        np.array([5]),
+        chunk_size=4,
+        unavailable_items=unavailable,
+    )
+    for u in range(11):
+        banned = set(unavailable) | ({5} if u == 0 else set())
+        expected = [i for i in np.argsort(-scores[u], kind="stable") if i not in banned][:10]
+        assert list(top[u]) == expected

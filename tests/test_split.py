@@ -96,6 +96,35 @@ def test_cold_validation_holds_out_items_of_train_the_same_way(tiny_data: RawDat
     assert len(split.fit) + len(split.validation) == len(split.train)
 
 
+def test_cold_validation_ranks_only_trains_items(tiny_data: RawData) -> None:
+    """Validation mirrors test: test ranks every item with its held-out items unseen;
+    validation ranks train's items with its own held-out items unseen, and the test's
+    held-out items (validation's future) are no one's candidate."""
+    from towers.data.prepare import FeatureSettings, prepare_data
+    from towers.evaluation.ranking import top_k_excluding
+
+    split = make_split(prepare_interactions(tiny_data.interactions), cold_items=True, seed=7)
+    data = prepare_data(tiny_data, split, FeatureSettings(history_length=5))
+    test_cold = np.flatnonzero(data.catalogue["item_id"].isin(set(split.cold_items)))
+    assert sorted(data.validation.unavailable_items) == sorted(test_cold)
+    assert len(data.test.unavailable_items) == 0
+    # scores that put the test's held-out items first: validation never ranks them
+    scores = np.zeros(data.n_items)
+    scores[test_cold] = 1.0
+    eval_set = data.validation
+    top = top_k_excluding(
+        lambda lo, hi: np.broadcast_to(scores, (hi - lo, data.n_items)),
+        eval_set.n_users,
+        10,
+        eval_set.exclude_users,
+        eval_set.exclude_items,
+        unavailable_items=eval_set.unavailable_items,
+    )
+    assert not set(top.ravel()) & set(test_cold)
+    warm = make_split(prepare_interactions(tiny_data.interactions), seed=7)
+    assert len(prepare_data(tiny_data, warm, FeatureSettings()).validation.unavailable_items) == 0
+
+
 def test_split_seed_fixes_the_cold_items_whatever_the_model_seed() -> None:
     from tests.conftest import compose_config
     from towers.pipeline import split_settings

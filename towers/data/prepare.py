@@ -42,7 +42,11 @@ class FeatureSettings:
 
 @dataclass
 class EvalSet:
-    """Users to score, their tower inputs, what to exclude and what to find (catalogue rows)."""
+    """Users to score, their tower inputs, what to exclude and what to find (catalogue rows).
+
+    ``unavailable_items``: catalogue rows that are no one's candidate in this evaluation
+    (in the cold-item split, validation does not rank the test's held-out items: they
+    belong to the test's future, as the validation items belong to validation's)."""
 
     user_ids: np.ndarray
     user_inputs: dict[str, np.ndarray]
@@ -51,6 +55,7 @@ class EvalSet:
     target_users: np.ndarray
     target_items: np.ndarray
     popularity: np.ndarray
+    unavailable_items: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
     def n_users(self) -> int:
@@ -159,8 +164,10 @@ def build_eval_set(
     catalogue: pd.DataFrame,
     users: pd.DataFrame | None,
     encoders: FeatureEncoders,
+    unavailable_items: np.ndarray | None = None,
 ) -> EvalSet:
-    """Score the users of ``held_out`` from their ``known`` events (history and exclusions)."""
+    """Score the users of ``held_out`` from their ``known`` events (history and exclusions);
+    ``unavailable_items`` (item ids) are ranked for no one."""
     user_ids = np.asarray(pd.unique(held_out[USER_ID]), dtype=object)
     position = pd.Index(user_ids)
     item_codes = encoders.items.ids.encode(known[ITEM_ID])
@@ -181,6 +188,9 @@ def build_eval_set(
         target_users=position.get_indexer(held_out[USER_ID]).astype(np.int64),
         target_items=catalogue_rows(catalogue, held_out[ITEM_ID]),
         popularity=popularity.astype(np.float64),
+        unavailable_items=catalogue_rows(
+            catalogue, np.asarray([] if unavailable_items is None else unavailable_items)
+        ),
     )
 
 
@@ -223,7 +233,11 @@ def prepare_data(
         sample_weights=weights,
         sample_histories=history_source,
         item_log_p=log_p.astype(np.float32),
-        validation=build_eval_set(fit, split.validation, catalogue, raw.users, encoders),
+        # the cold split's test items do not exist yet in validation's world: validation
+        # ranks train's items only, its own held-out items among them, as test ranks all
+        validation=build_eval_set(
+            fit, split.validation, catalogue, raw.users, encoders, split.cold_items
+        ),
         test=build_eval_set(split.train, split.test, catalogue, raw.users, encoders),
         info={"dataset": raw.name, "trained_on": fit_on, **split.stats()},
     )

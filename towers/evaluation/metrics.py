@@ -17,11 +17,12 @@ DEFAULT_KS = (10, 20, 50)
 def hit_matrix(
     top_items: np.ndarray, target_users: np.ndarray, target_items: np.ndarray, n_items: int
 ) -> np.ndarray:
-    """Boolean (n_users, K): is the item at each rank one of that user's targets."""
+    """Boolean (n_users, K): is the item at each rank one of that user's targets
+    (a negative row, padding a short list, never is)."""
     n_users = top_items.shape[0]
     ranked_codes = np.arange(n_users, dtype=np.int64)[:, None] * n_items + top_items
     target_codes = target_users.astype(np.int64) * n_items + target_items.astype(np.int64)
-    return np.isin(ranked_codes, target_codes)
+    return np.isin(ranked_codes, target_codes) & (top_items >= 0)
 
 
 def ranking_metrics(
@@ -55,6 +56,7 @@ def ranking_metrics(
         metrics[f"{prefix}ndcg@{k}"] = float(np.mean((hits_k * discounts[:k]).sum(axis=1) / idcg))
         metrics[f"{prefix}precision@{k}"] = float(np.mean(n_hits / k))
         metrics[f"{prefix}hitrate@{k}"] = float(np.mean(n_hits > 0))
-        metrics[f"{prefix}coverage@{k}"] = float(len(np.unique(top_items[scored, :k])) / n_items)
+        listed = top_items[scored, :k]
+        metrics[f"{prefix}coverage@{k}"] = float(len(np.unique(listed[listed >= 0])) / n_items)
     metrics[f"{prefix}users"] = float(scored.sum())
     return metrics

@@ -19,11 +19,14 @@ def top_k_excluding(
     exclude_users: np.ndarray,
     exclude_items: np.ndarray,
     chunk_size: int = 1024,
+    unavailable_items: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(n_users, k) best catalogue rows per user, excluded pairs never returned.
+    """(n_users, k) best catalogue rows per user, excluded pairs never returned (unless a
+    user has fewer than ``k`` candidates: then excluded rows fill the end of the list).
 
     ``score_chunk(lo, hi)`` gives the (hi - lo, n_items) scores of users ``lo..hi-1``;
-    ``exclude_users`` must be sorted. Ties are broken by catalogue row.
+    ``exclude_users`` must be sorted; ``unavailable_items`` (catalogue rows) are returned
+    for no user (while it has other candidates). Ties are broken by catalogue row.
     """
     out = np.empty((n_users, k), dtype=np.int64)
     for lo in range(0, n_users, chunk_size):
@@ -31,6 +34,8 @@ def top_k_excluding(
         scores = np.array(score_chunk(lo, hi), dtype=np.float64, copy=True)
         a, b = np.searchsorted(exclude_users, [lo, hi])
         scores[exclude_users[a:b] - lo, exclude_items[a:b]] = -np.inf
+        if unavailable_items is not None and len(unavailable_items):
+            scores[:, unavailable_items] = -np.inf
         kk = min(k, scores.shape[1])
         part = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
         part_scores = np.take_along_axis(scores, part, axis=1)
@@ -71,6 +76,11 @@ def evaluate_scores(
 ) -> dict[str, float]:
     """Rank with exclusions and compute the metrics of EVALUATION.md."""
     top = top_k_excluding(
-        score_chunk, eval_set.n_users, max(ks), eval_set.exclude_users, eval_set.exclude_items
+        score_chunk,
+        eval_set.n_users,
+        max(ks),
+        eval_set.exclude_users,
+        eval_set.exclude_items,
+        unavailable_items=eval_set.unavailable_items,
     )
     return ranking_metrics(top, eval_set.target_users, eval_set.target_items, n_items, ks, prefix)
