@@ -167,3 +167,14 @@ def test_item_feature_matrix_drops_tokens_of_too_few_seen_items(tiny_cold) -> No
     np.testing.assert_allclose(np.asarray(with_ids.sum(axis=1)).ravel(), 1.0)
     with pytest.raises(ValueError, match="seen"):
         item_feature_matrix(data, min_items=2)
+
+
+def test_lightfm_fits_are_deterministic(tiny) -> None:
+    pytest.importorskip("lightfm", reason="lightfm is an optional benchmark extra")
+    from towers.benchmarks.baselines import LightFMModel
+
+    _, _, matrices = tiny
+    first, second = (
+        LightFMModel(None, no_components=8, epochs=3).fit(matrices.train) for _ in range(2)
+    )
+    np.testing.assert_array_equal(first.scores(np.arange(4)), second.scores(np.arange(4)))

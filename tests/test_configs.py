@@ -101,7 +101,7 @@ def test_sweeps_tune_one_tower_pair_even_over_an_ensemble_preset() -> None:
 
 
 @pytest.mark.parametrize("experiment", ["movielens_100k", "movielens_latest"])
-def test_movielens_presets_give_history_items_attributes_but_not_cold_runs_or_baselines(
+def test_movielens_presets_and_cold_runs_give_history_items_attributes_not_baselines(
     experiment: str,
 ) -> None:
     import importlib.util
@@ -118,8 +118,8 @@ def test_movielens_presets_give_history_items_attributes_but_not_cold_runs_or_ba
     cold = compose_config(
         [f"experiment={experiment}", *bench.COLD_TWOTOWER, *bench.MOVIELENS_COLD_TWOTOWER]
     )
-    assert not cold.model.history_attributes and not cold.features.use_item_id
-    assert cold.model.ensemble == 1
+    assert cold.model.history_attributes and not cold.features.use_item_id
+    assert cold.model.ensemble == 1 and cold.model.logq_weight == 1.0
     assert list(cold.features.item_columns.text) == ["title"] and cold.features.text_min_count > 1
     baselines = compose_config([f"experiment={experiment}", *bench.BASELINE_FEATURES])
     assert baselines.features.item_columns is None  # the reader's columns, titles included

@@ -167,7 +167,9 @@ class LightFMModel(Baseline):
         if self.seen_items_only and features is not None:
             seen = np.flatnonzero(interacted_items(train))
             train, features = train[:, seen], features[seen]
-        self.model.fit(train.tocoo(), item_features=features, epochs=epochs, num_threads=2)
+        # one thread: LightFM's multi-threaded SGD is lock-free and so differs run to run
+        # (two settings tied on validation could swap and halve a cold test number)
+        self.model.fit(train.tocoo(), item_features=features, epochs=epochs, num_threads=1)
         self.params["epochs"] = epochs
         return self
 
