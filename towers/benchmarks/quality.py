@@ -146,10 +146,15 @@ def among_cold(data: PreparedData) -> EvalSet:
     return dataclasses.replace(data.test, unavailable_items=warm)
 
 
-def among_cold_metrics(top: np.ndarray, data: PreparedData) -> dict[str, float]:
-    """``cold_only_recall@20`` / ``cold_only_ndcg@20`` of top lists ranked among the cold
-    split's held-out items (:func:`among_cold`)."""
-    metrics = metrics_of(top, data.test, data.n_items, (20,))
+def among_cold_metrics(
+    rank_among_cold: Callable[[], np.ndarray], data: PreparedData
+) -> dict[str, float]:
+    """``cold_only_recall@20`` / ``cold_only_ndcg@20`` of the top lists ``rank_among_cold()``
+    returns, ranked among the cold split's held-out items (:func:`among_cold`); empty (and
+    nothing ranked) outside the cold split."""
+    if not len(data.split.cold_items):
+        return {}
+    metrics = metrics_of(rank_among_cold(), data.test, data.n_items, (20,))
     return {f"cold_only_{name}@20": metrics[f"{name}@20"] for name in ("recall", "ndcg")}
 
 
@@ -273,10 +278,8 @@ def run_baseline(
     model.fit(matrices.train)
     fit_seconds = time.perf_counter() - start
     top = top_lists(model.scores, test_rows, data.test, data.n_items)
-    cold_only = (
-        among_cold_metrics(top_lists(model.scores, test_rows, among_cold(data), data.n_items), data)
-        if len(data.split.cold_items)
-        else {}
+    cold_only = among_cold_metrics(
+        lambda: top_lists(model.scores, test_rows, among_cold(data), data.n_items), data
     )
     return {
         "model": name,
@@ -299,12 +302,8 @@ def run_twotower(cfg: DictConfig, data: PreparedData) -> dict[str, Any]:
     retriever = Retriever.load(result.bundle)
     users = list(data.test.user_ids)
     rows = served_rows(retriever, users, data)
-    cold_only = (
-        among_cold_metrics(
-            served_rows(retriever, users, data, {ITEM_ID: list(data.split.cold_items)}), data
-        )
-        if len(data.split.cold_items)
-        else {}
+    cold_only = among_cold_metrics(
+        lambda: served_rows(retriever, users, data, {ITEM_ID: list(data.split.cold_items)}), data
     )
     return {
         "model": "twotower",
