@@ -72,6 +72,11 @@ class RecommendRequest(Strict):
     exclude: list[str] | None = Field(None, max_length=10_000)
     filter: dict[str, str | int | float | list[str | int | float]] | None = None
     search_params: dict[str, int | float] | None = None
+    new_item_boost: float = Field(
+        0.0,
+        allow_inf_nan=False,
+        description="added to the scores of items without a training event",
+    )
 
 
 class RecommendResponse(Strict):
@@ -341,6 +346,7 @@ def create_app(
             exclude=body.exclude,
             filter=body.filter,
             search_params=body.search_params,
+            new_item_boost=body.new_item_boost,
         )
         return RecommendResponse(
             results=_recommendations(ids, scores, [u.user_id for u in body.users])

@@ -172,3 +172,38 @@ def test_cold_start_add_remove_save(retriever: Retriever, users: list[str], tmp_
         "new-1"
     ]
     assert again.manifest["counts"]["items"] == len(retriever.item_ids)
+
+
+def test_new_item_boost_lifts_items_without_training_events(
+    retriever: Retriever, bundles: dict[str, Path], users: list[str]
+) -> None:
+    new = pd.DataFrame(
+        {"item_id": ["new-a", "new-b"], "category": ["c1", "c2"], "tags": ["t1", "t3|t4"]}
+    )
+    exact = Retriever.load(bundles["Flat"])
+    for served in (retriever, exact):
+        served.add_items(new)
+    is_new = {str(i) for i, n in zip(exact.item_ids, exact.item_counts, strict=True) if n == 0}
+    assert {"new-a", "new-b"} <= is_new
+    plain = retriever.recommend_batch(users, k=10)
+    same = retriever.recommend_batch(users, k=10, new_item_boost=0.0)
+    np.testing.assert_array_equal(plain[0], same[0])
+    first, scores = retriever.recommend_batch(users, k=10, new_item_boost=2.0)
+    for row in first:  # cosine scores lie in [-1, 1]: a boost of 2 puts every new item first
+        leading = [i for i in row if i in is_new]
+        assert list(row[: len(leading)]) == leading and len(leading) == min(10, len(is_new))
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    # against the exact ranking of the boosted scores over the whole catalogue
+    everything, raw = exact.recommend_batch(users, k=len(exact.item_ids))
+    for r, _ in enumerate(users):
+        valid = [j for j, i in enumerate(everything[r]) if i is not None]
+        boosted = [raw[r][j] + (0.1 if everything[r][j] in is_new else 0.0) for j in valid]
+        truth = [everything[r][valid[j]] for j in np.argsort(boosted, kind="stable")[::-1][:10]]
+        got = retriever.recommend(user_id=users[r], k=10, new_item_boost=0.1)[0]
+        assert len(set(got) & set(truth)) >= 8
+
+
+@pytest.mark.parametrize("boost", [float("nan"), float("inf"), "0.1", True, None])
+def test_new_item_boost_must_be_a_finite_number(retriever: Retriever, boost: object) -> None:
+    with pytest.raises(RequestError, match="new_item_boost"):
+        retriever.recommend(user_id=retriever.item_ids[0], new_item_boost=boost)  # type: ignore[arg-type]

@@ -133,6 +133,23 @@ def test_cold_start_items_via_post(client: TestClient) -> None:
     assert duplicate.status_code == 422 and "already in the catalogue" in duplicate.text
 
 
+def test_new_item_boost_via_post(client: TestClient, user: str) -> None:
+    added = client.post("/items", json={"items": [{"item_id": "fresh-boost", "category": "c1"}]})
+    assert added.status_code == 200
+
+    def scores(boost: float) -> dict[str, float]:
+        body = {"users": [{"user_id": user}], "k": 50, "filter": {"category": "c1"}}
+        response = client.post("/recommend", json={**body, "new_item_boost": boost})
+        assert response.status_code == 200, response.text
+        return {i["item_id"]: i["score"] for i in response.json()["results"][0]["items"]}
+
+    plain, boosted = scores(0.0), scores(2.0)
+    assert boosted["fresh-boost"] == pytest.approx(plain["fresh-boost"] + 2.0, abs=1e-5)
+    assert next(iter(boosted.values())) >= 1.0 - 1e-6  # a new item leads
+    bad = client.post("/recommend", json={"users": [{"user_id": user}], "new_item_boost": "x"})
+    assert bad.status_code == 422 and "new_item_boost" in bad.text
+
+
 def test_health_readiness_and_metrics(client: TestClient, user: str) -> None:
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()
