@@ -168,7 +168,7 @@ def main() -> None:
         for seed in seeds:
             cfg, twotower_cfg = configs([f"split.seed={seed}"])
             runs[seed], _ = run(cfg, models, twotower_cfg)
-        metrics = ("recall@20", "ndcg@20", *(COLD_COLUMNS[1:] if args.cold else ()))
+        metrics = ("recall@20", "ndcg@20", *(COLD_COLUMNS if args.cold else ()))
         columns, table = split_summary(runs, metrics)
         stem = args.out_dir / f"quality_{name}_splits"
         write_report(

@@ -12,11 +12,13 @@ from towers.benchmarks.quality import (
     build_matrices,
     cold_rows,
     cold_share,
+    exposure_matched_row,
+    exposure_matching_boost,
     metrics_of,
     run,
     top_lists,
 )
-from towers.evaluation.ranking import evaluate_popularity
+from towers.evaluation.ranking import evaluate_popularity, top_k_excluding
 from towers.pipeline import prepare
 
 from .conftest import TINY_OVERRIDES, compose_config
@@ -128,6 +130,49 @@ def test_among_cold_ranks_the_held_out_items_only(tiny_cold) -> None:
     assert by_model["popularity"]["cold_only_recall@20"] > 0.0
     for row in by_model.values():
         assert row["cold_only_recall@20"] >= row["recall@20"]
+
+
+def test_exposure_matching_boost_is_the_smallest_that_reaches_the_target() -> None:
+    assert exposure_matching_boost(lambda b: 0.5, 0.4) == -2.0
+    boost = exposure_matching_boost(lambda b: float(b >= 0.7), 1.0)
+    assert 0.7 <= boost < 0.7 + 1e-5
+    assert -0.3 <= exposure_matching_boost(lambda b: float(b >= -0.3), 0.5) < -0.3 + 1e-5
+
+
+def test_exposure_matched_row_gives_twotower_the_reference_share(tiny_cold) -> None:
+    _, data, _ = tiny_cold
+    test = data.test
+    scores = np.random.default_rng(1).uniform(-1, 1, (test.n_users, data.n_items))
+    new = test.popularity == 0
+    scores[:, new] = scores[:, new] / 2 - 0.5  # new items start low, as seen ones win
+
+    def rank(boost: float) -> np.ndarray:
+        return top_k_excluding(
+            lambda lo, hi: scores[lo:hi] + boost * new,
+            test.n_users,
+            50,
+            test.exclude_users,
+            test.exclude_items,
+        )
+
+    before = cold_share(rank(0.0), data)["cold_share@20"]
+    most = cold_share(rank(2.0), data)["cold_share@20"]
+    twotower = {"model": "twotower", "fit_s": 1.0, "cold_only_recall@20": 0.5}
+    reference = {"model": "other", "cold_share@20": (before + most) / 2}
+    row = exposure_matched_row(twotower, rank, reference, data)
+    assert row["model"] == "twotower_exposure_matched"
+    assert row["cold_share@20"] >= reference["cold_share@20"] > before
+    assert row["cold_only_recall@20"] == 0.5
+    boost = row["params"]["new_item_boost"]
+    assert cold_share(rank(boost - 1e-4), data)["cold_share@20"] < reference["cold_share@20"]
+    assert row["recall@20"] == metrics_of(rank(boost), test, data.n_items)["recall@20"]
+    # a model above the reference's share gets a negative boost
+    high = cold_share(rank(1.2), data)["cold_share@20"]
+    lower = exposure_matched_row(
+        twotower, lambda b: rank(b + 1.2), {"model": "o", "cold_share@20": high / 2}, data
+    )
+    assert lower["params"]["new_item_boost"] < 0
+    assert high / 2 <= lower["cold_share@20"] < high
 
 
 def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:

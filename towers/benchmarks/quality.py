@@ -48,6 +48,9 @@ RECENT_ITEMS = 20
 # LightFM hybrid: keep attribute tokens carried by at least this many training items
 # (searched on validation; 20 is twotower's features.text_min_count on MovieLens cold items)
 TOKEN_MIN_ITEMS = (1, 20)
+# cold split: twotower is also scored with its new items lifted to this model's share of
+# the top-20s (an equal-exposure comparison, next to the protocol's own ranking)
+EXPOSURE_REFERENCE = "lightfm_hybrid"
 
 
 @dataclass
@@ -293,8 +296,9 @@ def run_baseline(
     }
 
 
-def run_twotower(cfg: DictConfig, data: PreparedData) -> dict[str, Any]:
-    """Train with the dataset's default config, then score test through the served bundle."""
+def run_twotower(cfg: DictConfig, data: PreparedData) -> tuple[dict[str, Any], Retriever]:
+    """Train with the dataset's default config, then score test through the served bundle
+    (returned too, for :func:`exposure_matched_row`)."""
     start = time.perf_counter()
     result = train(cfg)
     fit_seconds = time.perf_counter() - start
@@ -305,7 +309,7 @@ def run_twotower(cfg: DictConfig, data: PreparedData) -> dict[str, Any]:
     cold_only = among_cold_metrics(
         lambda: served_rows(retriever, users, data, {ITEM_ID: list(data.split.cold_items)}), data
     )
-    return {
+    row = {
         "model": "twotower",
         "params": {"config": cfg.get("experiment_name", "default")},
         "val_" + SELECT_ON: result.metrics[f"val/{SELECT_ON}"],
@@ -315,15 +319,66 @@ def run_twotower(cfg: DictConfig, data: PreparedData) -> dict[str, Any]:
         **cold_only,
         "curve": metrics_of(rows, data.test, data.n_items, CURVE_KS),
     }
+    return row, retriever
 
 
 def served_rows(
-    retriever: Retriever, users: list, data: PreparedData, filter: dict | None = None
+    retriever: Retriever,
+    users: list,
+    data: PreparedData,
+    filter: dict | None = None,
+    new_item_boost: float = 0.0,
 ) -> np.ndarray:
-    """Top-50 catalogue rows the served bundle recommends to ``users`` (``filter``: the
-    Retriever's attribute filter)."""
-    ids, _ = retriever.recommend_batch(user_ids=users, k=50, filter=filter)
+    """Top-50 catalogue rows the served bundle recommends to ``users`` (``filter`` and
+    ``new_item_boost``: the Retriever's)."""
+    ids, _ = retriever.recommend_batch(
+        user_ids=users, k=50, filter=filter, new_item_boost=new_item_boost
+    )
     return pd.Index(data.catalogue[ITEM_ID]).get_indexer(ids.ravel()).reshape(ids.shape)
+
+
+def exposure_matching_boost(
+    share_at: Callable[[float], float], target: float, steps: int = 24
+) -> float:
+    """The smallest boost in [-2, 2] (to 4 / 2**steps) at which ``share_at(boost)``, the
+    new items' share of the top lists, reaches ``target``. Cosine scores lie in [-1, 1], so
+    a boost of 2 ranks every new item first and -2 last: a model whose lists hold more new
+    items than ``target`` gets a negative boost."""
+    low, high = -2.0, 2.0
+    if share_at(low) >= target:
+        return low
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if share_at(middle) >= target:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def exposure_matched_row(
+    twotower: dict[str, Any],
+    rank: Callable[[float], np.ndarray],
+    reference: dict[str, Any],
+    data: PreparedData,
+) -> dict[str, Any]:
+    """twotower with the Retriever's ``new_item_boost`` set so that new items fill as much
+    of its top-20s as they do in ``reference``'s (``cold_share@20``), scored on test:
+    a comparison at equal new-item exposure, beside the protocol's own ranking (the boost
+    is matched to another model's lists, not chosen on validation). ``rank(boost)``: the
+    served top-50 rows of the test users."""
+    target = float(reference["cold_share@20"])
+    boost = exposure_matching_boost(lambda b: cold_share(rank(b), data)["cold_share@20"], target)
+    rows = rank(boost)
+    return {
+        "model": "twotower_exposure_matched",
+        "params": {"new_item_boost": round(boost, 5), "matched_to": reference["model"]},
+        "fit_s": twotower["fit_s"],
+        **metrics_of(rows, data.test, data.n_items),
+        **cold_share(rows, data),
+        **{k: v for k, v in twotower.items() if k.startswith("cold_only_")},
+        "curve": metrics_of(rows, data.test, data.n_items, CURVE_KS),
+    }
 
 
 def run(
@@ -358,13 +413,26 @@ def run(
         list(models) if models else [m for m in default if m != "random" or cfg.split.cold_items]
     )
     rows = []
+    retriever: Retriever | None = None
     for name in wanted:
         if name == "twotower":
-            rows.append(run_twotower(twotower_cfg or cfg, data))
+            row, retriever = run_twotower(twotower_cfg or cfg, data)
+            rows.append(row)
         elif name in grids:
             rows.append(run_baseline(name, grids[name], data, matrices))
         else:
             log.warning("unknown or unavailable model %s: skipped", name)
+    by_name = {row["model"]: row for row in rows}
+    if retriever is not None and EXPOSURE_REFERENCE in by_name and cfg.split.cold_items:
+        users = list(data.test.user_ids)
+        rows.append(
+            exposure_matched_row(
+                by_name["twotower"],
+                lambda boost: served_rows(retriever, users, data, new_item_boost=boost),
+                by_name[EXPOSURE_REFERENCE],
+                data,
+            )
+        )
     stats = {
         **data.info,
         "test_users_scored": int(np.unique(data.test.target_users).size),
