@@ -538,8 +538,8 @@ class Retriever:
                 )
             )
             warm_banned = [banned[r] for r in warm]
-            new = allowed & (state.popularity == 0)
-            if boost and new.any():
+            new = allowed & (state.popularity == 0) if boost else None
+            if new is not None and new.any():
                 # seen and new items searched apart, the new ones' scores lifted, merged
                 seen_top = self._top_k(state, queries, warm_banned, allowed & ~new, k, knobs)
                 new_rows, new_scores = self._top_k(state, queries, warm_banned, new, k, knobs)
