@@ -178,15 +178,17 @@ def test_exposure_matched_row_gives_twotower_the_reference_share(tiny_cold) -> N
 def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:
     pytest.importorskip("lightfm", reason="lightfm is an optional benchmark extra")
     from towers.benchmarks.baselines import LightFMModel
-    from towers.benchmarks.quality import item_feature_matrix
+    from towers.benchmarks.quality import item_token_matrix
 
     _, data, matrices = tiny_cold
     is_cold = data.catalogue["item_id"].isin(set(data.split.cold_items)).to_numpy()
-    # one extra feature held by cold items only: it is trained only if they are negatives
+    # one extra token held by cold items only, kept in the vocabulary (min_token_items=0):
+    # it is trained only if they are drawn as negatives
     flag = sp.csr_matrix(is_cold.astype(np.float32)[:, None])
-    features = sp.hstack([item_feature_matrix(data, identity=False), flag]).tocsr()
-    seen_only = LightFMModel(features, seen_items_only=True, no_components=8, epochs=2)
-    every_item = LightFMModel(features, no_components=8, epochs=2)
+    tokens = sp.hstack([item_token_matrix(data), flag]).tocsr()
+    settings = {"identity": False, "min_token_items": 0, "no_components": 8, "epochs": 2}
+    seen_only = LightFMModel(tokens, seen_items_only=True, **settings)
+    every_item = LightFMModel(tokens, **settings)
     for model in (seen_only, every_item):
         model.fit(matrices.train)
     assert seen_only.model.item_biases[-1] == 0.0  # LightFM starts biases at 0
@@ -197,21 +199,40 @@ def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:
         LightFMModel(None, seen_items_only=True)
 
 
-def test_item_feature_matrix_drops_tokens_of_too_few_seen_items(tiny_cold) -> None:
-    from towers.benchmarks.quality import item_feature_matrix
+def test_lightfm_hybrid_vocabulary_is_fitted_on_its_training_items(tiny_cold) -> None:
+    pytest.importorskip("lightfm", reason="lightfm is an optional benchmark extra")
+    from towers.benchmarks.baselines import LightFMModel
+    from towers.benchmarks.quality import item_token_matrix
 
     _, data, matrices = tiny_cold
-    every = item_feature_matrix(data, identity=False)
-    seen = np.asarray(matrices.fit.sum(axis=0)).ravel() > 0
-    carried = np.asarray((every[seen] > 0).sum(axis=0)).ravel()
+    is_cold = data.catalogue["item_id"].isin(set(data.split.cold_items)).to_numpy()
+    flag = sp.csr_matrix(is_cold.astype(np.float32)[:, None])
+    tokens = sp.hstack([item_token_matrix(data), flag]).tocsr()
+    model = LightFMModel(tokens, identity=False, seen_items_only=True, no_components=8, epochs=1)
+    model.fit(matrices.train)
+    assert model.item_features is not None
+    # the cold-only token has no column: no training item carries it
+    carried = np.asarray((tokens[~is_cold] > 0).sum(axis=0)).ravel()
+    assert model.item_features.shape == (data.n_items, int((carried > 0).sum()))
+    assert carried[-1] == 0
+    np.testing.assert_allclose(model.item_features[~is_cold].sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_item_features_keep_tokens_of_enough_seen_items(tiny_cold) -> None:
+    from towers.benchmarks.baselines import interacted_items, item_features
+    from towers.benchmarks.quality import item_token_matrix
+
+    _, data, matrices = tiny_cold
+    tokens = item_token_matrix(data)
+    seen = interacted_items(matrices.fit)
+    carried = np.asarray((tokens[seen] > 0).sum(axis=0)).ravel()
     threshold = int(np.median(carried[carried > 0])) + 1
-    kept = item_feature_matrix(data, identity=False, min_items=threshold, seen=matrices.fit)
-    assert kept.shape[1] == int((carried >= threshold).sum()) < every.shape[1]
-    with_ids = item_feature_matrix(data, min_items=threshold, seen=matrices.fit)
+    kept = item_features(tokens, seen, min_items=threshold)
+    assert kept.shape[1] == int((carried >= threshold).sum()) < tokens.shape[1]
+    assert item_features(tokens, seen, min_items=0).shape[1] == tokens.shape[1]
+    with_ids = item_features(tokens, seen, min_items=threshold, identity=True)
     assert with_ids.shape == (data.n_items, data.n_items + kept.shape[1])
-    np.testing.assert_allclose(np.asarray(with_ids.sum(axis=1)).ravel(), 1.0)
-    with pytest.raises(ValueError, match="seen"):
-        item_feature_matrix(data, min_items=2)
+    np.testing.assert_allclose(np.asarray(with_ids.sum(axis=1)).ravel(), 1.0, rtol=1e-6)
 
 
 def test_lightfm_fits_are_deterministic(tiny) -> None:

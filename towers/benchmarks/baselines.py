@@ -138,35 +138,53 @@ class ImplicitModel(Baseline):
 class LightFMModel(Baseline):
     """LightFM WARP, pure collaborative or with item features (optional dependency).
 
+    ``item_tokens`` is an item x token count matrix (genres, title words...; every
+    catalogue row). Its vocabulary is fitted on the matrix the model is trained on, as
+    twotower's encoders are fitted on training data: a token is a feature only if at
+    least ``min_token_items`` items with a training interaction carry it, so a word that
+    only unseen items have gets no column (it could only be an untrained vector). 0 keeps
+    every token of the catalogue. With ``identity`` each item also has its own feature.
+    Features are row-normalised (each item's weights sum to 1).
+
     With ``seen_items_only`` (the cold-item split, attribute-only features) the model is
     fitted on the columns of items that have a training interaction, so WARP never draws
     a held-out cold item as a negative (as twotower's negatives never are); otherwise each
-    cold item's own attribute tokens would only ever be pushed down. Scores still cover
-    the whole catalogue, built from every item's features.
+    cold item's attribute tokens would be pushed down through it. Scores still cover the
+    whole catalogue, built from every item's features.
     """
 
     def __init__(
         self,
-        item_features: sp.csr_matrix | None = None,
+        item_tokens: sp.csr_matrix | None = None,
+        identity: bool = True,
+        min_token_items: int = 1,
         seen_items_only: bool = False,
         **params: Any,
     ) -> None:
-        if seen_items_only and item_features is None:
+        if seen_items_only and item_tokens is None:
             raise ValueError("seen_items_only needs item features to represent unseen items")
-        self.item_features = item_features
+        self.item_tokens = item_tokens
+        self.identity = identity
+        self.min_token_items = min_token_items
         self.seen_items_only = seen_items_only
         self.params = params
-        self.name = "lightfm_hybrid" if item_features is not None else "lightfm"
+        self.item_features: sp.csr_matrix | None = None
+        self.name = "lightfm_hybrid" if item_tokens is not None else "lightfm"
 
     def fit(self, train: sp.csr_matrix) -> LightFMModel:
         from lightfm import LightFM
 
         epochs = self.params.pop("epochs", 30)
         self.model = LightFM(loss="warp", random_state=42, **self.params)
+        seen = interacted_items(train)
+        if self.item_tokens is not None:
+            self.item_features = item_features(
+                self.item_tokens, seen, self.min_token_items, self.identity
+            )
         features = self.item_features
         if self.seen_items_only and features is not None:
-            seen = np.flatnonzero(interacted_items(train))
-            train, features = train[:, seen], features[seen]
+            rows = np.flatnonzero(seen)
+            train, features = train[:, rows], features[rows]
         # one thread: LightFM's multi-threaded SGD is lock-free and so differs run to run
         # (two settings tied on validation could swap and halve a cold test number)
         self.model.fit(train.tocoo(), item_features=features, epochs=epochs, num_threads=1)
@@ -177,6 +195,23 @@ class LightFMModel(Baseline):
         biases, factors = self.model.get_item_representations(self.item_features)
         _, user_factors = self.model.get_user_representations()
         return user_factors[users] @ factors.T + biases[None, :]
+
+
+def item_features(
+    item_tokens: sp.csr_matrix, seen: np.ndarray, min_items: int = 1, identity: bool = False
+) -> sp.csr_matrix:
+    """LightFM item features: [identity +] the tokens of ``item_tokens`` carried by at least
+    ``min_items`` of the ``seen`` items (a boolean mask over rows; 0 keeps every token),
+    each row normalised to sum 1."""
+    tokens = item_tokens.tocsr()
+    if min_items > 0:
+        carried = np.asarray((tokens[seen] > 0).sum(axis=0)).ravel()
+        tokens = tokens[:, np.flatnonzero(carried >= min_items)]
+    if identity:
+        tokens = sp.hstack([sp.identity(tokens.shape[0], format="csr", dtype=np.float32), tokens])
+    matrix = tokens.tocsr().astype(np.float32)
+    norms = np.asarray(matrix.sum(axis=1)).ravel()
+    return (sp.diags(1.0 / np.maximum(norms, 1.0)) @ matrix).tocsr()
 
 
 def interacted_items(matrix: sp.csr_matrix) -> np.ndarray:

@@ -32,7 +32,6 @@ from towers.benchmarks.baselines import (
     Popularity,
     RandomScores,
     grid,
-    interacted_items,
 )
 from towers.data.prepare import EvalSet, PreparedData, catalogue_rows
 from towers.data.schema import ITEM_ID, USER_ID
@@ -162,7 +161,7 @@ def among_cold_metrics(
 
 
 def candidates(
-    data: PreparedData, matrices: Matrices, with_lightfm: bool, cold: bool = False
+    data: PreparedData, with_lightfm: bool, cold: bool = False
 ) -> dict[str, list[Candidate]]:
     """Hyper-parameter grids per baseline (searched on validation only)."""
     l2 = (50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -190,13 +189,10 @@ def candidates(
     if with_lightfm:
         # Held-out cold items' identity features are never trained: in the cold split the
         # hybrid represents items by their attributes only, and draws negatives only from
-        # items seen in training (as twotower does).
-        # Attribute tokens in fewer than min_token_items training items (rare title words)
-        # can be dropped, as twotower may drop them: chosen on validation like the rest.
-        features = {
-            m: item_feature_matrix(data, identity=not cold, min_items=m, seen=matrices.fit)
-            for m in TOKEN_MIN_ITEMS
-        }
+        # items seen in training (as twotower does). Its token vocabulary is fitted on the
+        # items it is trained on; tokens in fewer than min_token_items of them (rare title
+        # words) can be dropped too, as twotower may drop them: chosen on validation.
+        tokens = item_token_matrix(data)
         models["lightfm"] = grid(
             lambda **p: LightFMModel(None, **p),
             no_components=(64,),
@@ -204,9 +200,7 @@ def candidates(
             epochs=(20, 40),
         )
         models["lightfm_hybrid"] = grid(
-            lambda min_token_items, **p: LightFMModel(
-                features[min_token_items], seen_items_only=cold, **p
-            ),
+            lambda **p: LightFMModel(tokens, identity=not cold, seen_items_only=cold, **p),
             min_token_items=TOKEN_MIN_ITEMS,
             no_components=(64,),
             learning_rate=(0.05,),
@@ -215,17 +209,9 @@ def candidates(
     return models
 
 
-def item_feature_matrix(
-    data: PreparedData,
-    identity: bool = True,
-    min_items: int = 1,
-    seen: sp.csr_matrix | None = None,
-) -> sp.csr_matrix:
-    """[Identity +] categorical / multi-hot / text tokens of every item (LightFM hybrid).
-
-    With ``min_items`` > 1 an attribute token is kept only if at least that many items with
-    an interaction in ``seen`` (a user x item matrix) carry it, as twotower's
-    ``features.text_min_count`` keeps title words."""
+def item_token_matrix(data: PreparedData) -> sp.csr_matrix:
+    """Item x token counts of every item's categorical / multi-hot / text tokens (catalogue
+    rows; the LightFM hybrid's raw features, see ``LightFMModel``)."""
     blocks = []
     for name, values in data.catalogue_inputs.items():
         if name in ("item_cat", "item_bag"):
@@ -239,19 +225,7 @@ def item_feature_matrix(
                     shape=(data.n_items, width),
                 )
             )
-    attributes = sp.hstack(blocks).tocsr() if blocks else sp.csr_matrix((data.n_items, 0))
-    if min_items > 1:
-        if seen is None:
-            raise ValueError("min_items > 1 needs the seen interactions to count items")
-        carried = np.asarray((attributes[interacted_items(seen)] > 0).sum(axis=0)).ravel()
-        attributes = attributes[:, np.flatnonzero(carried >= min_items)]
-    if identity:
-        attributes = sp.hstack(
-            [sp.identity(data.n_items, format="csr", dtype=np.float32), attributes]
-        )
-    matrix = attributes.tocsr()
-    norms = np.asarray(matrix.sum(axis=1)).ravel()
-    return sp.diags(1.0 / np.maximum(norms, 1.0)) @ matrix
+    return sp.hstack(blocks).tocsr() if blocks else sp.csr_matrix((data.n_items, 0))
 
 
 def run_baseline(
@@ -403,7 +377,7 @@ def run(
             "lightfm is not installed: its rows are skipped (see README, quality benchmark)"
         )
         with_lightfm = False
-    grids = candidates(data, matrices, with_lightfm, bool(cfg.split.cold_items))
+    grids = candidates(data, with_lightfm, bool(cfg.split.cold_items))
     default = (
         ["popularity", "random", "lightfm_hybrid", "twotower"]
         if cfg.split.cold_items
