@@ -44,8 +44,9 @@ KS = (10, 20, 50)
 CURVE_KS = tuple(range(1, 51))
 SELECT_ON = "ndcg@20"
 RECENT_ITEMS = 20
-# LightFM hybrid: keep attribute tokens carried by at least this many training items
-# (searched on validation; 20 is twotower's features.text_min_count on MovieLens cold items)
+# LightFM hybrid: keep attribute tokens carried by at least this many of the items it is
+# trained on (searched on validation; 1 keeps every token of a training item, 20 frequent
+# words only, as twotower's features.text_min_count may)
 TOKEN_MIN_ITEMS = (1, 20)
 # cold split: twotower is also scored with its new items lifted to this model's share of
 # the top-20s (an equal-exposure comparison, next to the protocol's own ranking)
