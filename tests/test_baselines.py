@@ -175,17 +175,24 @@ def test_exposure_matched_row_gives_twotower_the_reference_share(tiny_cold) -> N
     assert high / 2 <= lower["cold_share@20"] < high
 
 
+def tokens_with_a_cold_only_token(data) -> tuple[np.ndarray, sp.csr_matrix]:
+    """The catalogue's item tokens plus one last token that only the held-out items carry;
+    also the held-out items' mask."""
+    from towers.benchmarks.quality import item_token_matrix
+
+    is_cold = data.catalogue["item_id"].isin(set(data.split.cold_items)).to_numpy()
+    flag = sp.csr_matrix(is_cold.astype(np.float32)[:, None])
+    return is_cold, sp.hstack([item_token_matrix(data), flag]).tocsr()
+
+
 def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:
     pytest.importorskip("lightfm", reason="lightfm is an optional benchmark extra")
     from towers.benchmarks.baselines import LightFMModel
-    from towers.benchmarks.quality import item_token_matrix
 
     _, data, matrices = tiny_cold
-    is_cold = data.catalogue["item_id"].isin(set(data.split.cold_items)).to_numpy()
-    # one extra token held by cold items only, kept in the vocabulary (min_token_items=0):
+    # the extra token held by cold items only, kept in the vocabulary (min_token_items=0):
     # it is trained only if they are drawn as negatives
-    flag = sp.csr_matrix(is_cold.astype(np.float32)[:, None])
-    tokens = sp.hstack([item_token_matrix(data), flag]).tocsr()
+    _, tokens = tokens_with_a_cold_only_token(data)
     settings = {"identity": False, "min_token_items": 0, "no_components": 8, "epochs": 2}
     seen_only = LightFMModel(tokens, seen_items_only=True, **settings)
     every_item = LightFMModel(tokens, **settings)
@@ -201,21 +208,20 @@ def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:
 
 def test_lightfm_hybrid_vocabulary_is_fitted_on_its_training_items(tiny_cold) -> None:
     pytest.importorskip("lightfm", reason="lightfm is an optional benchmark extra")
-    from towers.benchmarks.baselines import LightFMModel
-    from towers.benchmarks.quality import item_token_matrix
+    from towers.benchmarks.baselines import LightFMModel, interacted_items
 
     _, data, matrices = tiny_cold
-    is_cold = data.catalogue["item_id"].isin(set(data.split.cold_items)).to_numpy()
-    flag = sp.csr_matrix(is_cold.astype(np.float32)[:, None])
-    tokens = sp.hstack([item_token_matrix(data), flag]).tocsr()
+    is_cold, tokens = tokens_with_a_cold_only_token(data)
     model = LightFMModel(tokens, identity=False, seen_items_only=True, no_components=8, epochs=1)
     model.fit(matrices.train)
     assert model.item_features is not None
     # the cold-only token has no column: no training item carries it
-    carried = np.asarray((tokens[~is_cold] > 0).sum(axis=0)).ravel()
+    seen = interacted_items(matrices.train)
+    assert not (seen & is_cold).any()
+    carried = np.asarray((tokens[seen] > 0).sum(axis=0)).ravel()
     assert model.item_features.shape == (data.n_items, int((carried > 0).sum()))
     assert carried[-1] == 0
-    np.testing.assert_allclose(model.item_features[~is_cold].sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(model.item_features[seen].sum(axis=1), 1.0, rtol=1e-6)
 
 
 def test_item_features_keep_tokens_of_enough_seen_items(tiny_cold) -> None:
