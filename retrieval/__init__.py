@@ -1,12 +1,12 @@
 """twotower serving side: load a bundle and answer nearest-neighbour queries.
 
 Depends on numpy, pandas, faiss and onnxruntime only; it never imports torch.
-``Retriever`` is imported lazily so that ``retrieval.encoding`` stays cheap to import.
+``Retriever`` is imported lazily so that ``twotower.encoding`` stays cheap to import.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from retrieval.errors import BundleError, RequestError, TwoTowerError
+from twotower.errors import BundleError, RequestError, TwoTowerError
 
 if TYPE_CHECKING:
     from retrieval.retriever import Retriever

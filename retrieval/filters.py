@@ -7,14 +7,16 @@ tokens is among them. Several columns combine with AND.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from retrieval.encoding import split_tokens
-from retrieval.errors import RequestError
+from twotower.encoding import split_tokens
+from twotower.errors import RequestError
 
 Filter = Mapping[str, Any]
 
@@ -59,3 +61,37 @@ def filter_key(filter: Filter | None) -> tuple | None:
     if not filter:
         return None
     return tuple(sorted((str(k), tuple(sorted(_values(v)))) for k, v in filter.items()))
+
+
+class MaskCache:
+    """Filter masks cached per (catalogue version, filter), least recently used out."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def allowed(
+        self,
+        version: int,
+        items: pd.DataFrame,
+        hidden: np.ndarray,
+        filter: Filter | None,
+        separator: str = "|",
+    ) -> np.ndarray:
+        """Rows that may be returned: not ``hidden`` and matching ``filter``."""
+        key = filter_key(filter)
+        if key is None:
+            return ~hidden
+        cache_key = (version, key)
+        with self._lock:
+            mask = self._masks.get(cache_key)
+            if mask is not None:
+                self._masks.move_to_end(cache_key)
+        if mask is None:
+            mask = filter_mask(items, filter, separator)
+            with self._lock:
+                self._masks[cache_key] = mask
+                while len(self._masks) > self.size:
+                    self._masks.popitem(last=False)
+        return mask & ~hidden

@@ -14,7 +14,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.errors import RequestError
+from twotower.errors import RequestError
 
 SEARCH_KNOBS = ("nprobe", "efSearch", "k_factor")
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from towers.benchmarks.baselines import EASE, EASERecent, ImplicitModel, ItemKNN, Popularity
-from towers.benchmarks.quality import (
+from benchmarks.baselines import EASE, EASERecent, ImplicitModel, ItemKNN, Popularity
+from benchmarks.quality import (
     among_cold,
     build_matrices,
     cold_rows,
@@ -178,7 +178,7 @@ def test_exposure_matched_row_gives_twotower_the_reference_share(tiny_cold) -> N
 def tokens_with_a_cold_only_token(data) -> tuple[np.ndarray, sp.csr_matrix]:
     """The catalogue's item tokens plus one last token that only the held-out items carry;
     also the held-out items' mask."""
-    from towers.benchmarks.quality import item_token_matrix
+    from benchmarks.quality import item_token_matrix
 
     is_cold = data.catalogue["item_id"].isin(set(data.split.cold_items)).to_numpy()
     flag = sp.csr_matrix(is_cold.astype(np.float32)[:, None])
@@ -187,7 +187,7 @@ def tokens_with_a_cold_only_token(data) -> tuple[np.ndarray, sp.csr_matrix]:
 
 def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:
     pytest.importorskip("lightfm", reason="lightfm is an optional benchmark extra")
-    from towers.benchmarks.baselines import LightFMModel
+    from benchmarks.baselines import LightFMModel
 
     _, data, matrices = tiny_cold
     # the extra token held by cold items only, kept in the vocabulary (min_token_items=0):
@@ -208,7 +208,7 @@ def test_lightfm_hybrid_never_draws_cold_items_as_negatives(tiny_cold) -> None:
 
 def test_lightfm_hybrid_vocabulary_is_fitted_on_its_training_items(tiny_cold) -> None:
     pytest.importorskip("lightfm", reason="lightfm is an optional benchmark extra")
-    from towers.benchmarks.baselines import LightFMModel, interacted_items
+    from benchmarks.baselines import LightFMModel, interacted_items
 
     _, data, matrices = tiny_cold
     is_cold, tokens = tokens_with_a_cold_only_token(data)
@@ -225,8 +225,8 @@ def test_lightfm_hybrid_vocabulary_is_fitted_on_its_training_items(tiny_cold) ->
 
 
 def test_item_features_keep_tokens_of_enough_seen_items(tiny_cold) -> None:
-    from towers.benchmarks.baselines import interacted_items, item_features
-    from towers.benchmarks.quality import item_token_matrix
+    from benchmarks.baselines import interacted_items, item_features
+    from benchmarks.quality import item_token_matrix
 
     _, data, matrices = tiny_cold
     tokens = item_token_matrix(data)
@@ -243,7 +243,7 @@ def test_item_features_keep_tokens_of_enough_seen_items(tiny_cold) -> None:
 
 def test_lightfm_fits_are_deterministic(tiny) -> None:
     pytest.importorskip("lightfm", reason="lightfm is an optional benchmark extra")
-    from towers.benchmarks.baselines import LightFMModel
+    from benchmarks.baselines import LightFMModel
 
     _, _, matrices = tiny
     first, second = (

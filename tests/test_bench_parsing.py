@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from towers.benchmarks.report import write_report
-from towers.benchmarks.serving import parse_wrk
-from towers.benchmarks.splits import split_summary
+from benchmarks.report import write_report
+from benchmarks.serving import parse_wrk
+from benchmarks.splits import split_summary
 
 WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:8000
   2 threads and 4 connections

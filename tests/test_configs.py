@@ -107,7 +107,7 @@ def test_movielens_presets_and_cold_runs_give_history_items_attributes_not_basel
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "bench_quality", CONF_DIR.parent / "scripts" / "bench_quality.py"
+        "bench_quality", CONF_DIR.parent / "benchmarks" / "bench_quality.py"
     )
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from retrieval.encoding import (
+from twotower.encoding import (
     OOV_INDEX,
     PAD_INDEX,
     EntityEncoder,

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 
 from retrieval import RequestError, Retriever
-from retrieval.bundle import HISTORY_COLUMN, ITEM_EMBEDDINGS, USER_EMBEDDINGS, USERS
 from towers.export.bundle import ExportSettings, export_bundle
 from towers.export.onnx_export import ExportError
 from towers.pipeline import TrainResult
+from twotower.bundle.layout import HISTORY_COLUMN, ITEM_EMBEDDINGS, USER_EMBEDDINGS, USERS
 
 from .conftest import ROOT
 
@@ -34,12 +34,12 @@ def test_auto_index_and_tuned_knobs_reach_the_floor(trained: TrainResult, tmp_pa
     bundle = export_bundle(
         trained.module, trained.data, tmp_path / "b", settings=ExportSettings(index="IVF8,Flat")
     )
-    index = Retriever.load(bundle).manifest["index"]
-    assert index["ann_recall@100"] >= 0.95 and "nprobe" in index["search_params"]
+    index = Retriever.load(bundle).manifest.index
+    assert index.recall_k == 100 and index.ann_recall >= 0.95 and "nprobe" in index.search_params
     auto = export_bundle(
         trained.module, trained.data, tmp_path / "auto", settings=ExportSettings(index="auto")
     )
-    assert Retriever.load(auto).manifest["index"]["factory"] == "Flat"  # a small catalogue
+    assert Retriever.load(auto).manifest.index.factory == "Flat"  # a small catalogue
 
 
 def test_embeddings_parquet_for_batch_jobs(trained: TrainResult, tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_export_script_from_a_checkpoint(trained: TrainResult, tmp_path: Path) -
     )
     assert result.returncode == 0, result.stderr[-2000:]
     exported = Retriever.load(tmp_path / "exported")
-    assert exported.manifest["index"]["factory"] == "HNSW16"
+    assert exported.manifest.index.factory == "HNSW16"
     missing = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "export.py"), str(tmp_path / "nope")],
         capture_output=True,
@@ -209,6 +209,6 @@ def test_stored_user_inputs_equal_encoding_them_anew(trained: TrainResult) -> No
     expected = retriever.encoders.encode_histories(
         [past + more for past, more in zip(stored, given, strict=True)]
     )
-    positions = retriever._positions(users)
-    inputs = retriever._user_tower_inputs(users, positions, given, [None] * len(users))
+    positions = retriever.users.positions(users)
+    inputs = retriever.users.tower_inputs(users, positions, given, [None] * len(users))
     np.testing.assert_array_equal(inputs["history"], expected)

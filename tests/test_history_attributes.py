@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.encoding import OOV_INDEX, PAD_INDEX
 from towers.model.module import TwoTowerModule
 from towers.model.towers import TwoTowerModel
 from towers.pipeline import train
+from twotower.encoding import OOV_INDEX, PAD_INDEX
 
 from .conftest import TINY_OVERRIDES, compose_config, served_test_metrics
 from .test_towers import SPEC, item_inputs, user_inputs

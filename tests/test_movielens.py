@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.encoding import split_tokens
-from retrieval.errors import MissingFileError
 from towers.data.movielens import read_movielens_1m, read_movielens_100k, read_movielens_latest
 from towers.data.schema import ITEM_ID, USER_ID
+from twotower.encoding import split_tokens
+from twotower.errors import MissingFileError
 
 from .conftest import dataset_dir
 

@@ -60,7 +60,6 @@ def test_prometheus_scrapes_twotower_series(trained: TrainResult, tmp_path: Path
             str(ROOT / "scripts" / "serve.py"),
             f"bundle={trained.bundle}",
             f"port={app_port}",
-            f"hydra.run.dir={tmp_path / 'serve'}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

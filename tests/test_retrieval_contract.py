@@ -47,9 +47,9 @@ def seen_by(trained: TrainResult, user: str) -> set[str]:
 
 
 def test_manifest_records_the_index_and_its_recall(retriever: Retriever) -> None:
-    index = retriever.manifest["index"]
-    assert index["ann_recall@100"] >= 0.95
-    assert set(index["search_params"]) == set(retriever.search_params)
+    index = retriever.manifest.index
+    assert index.recall_k == 100 and index.ann_recall >= 0.95
+    assert set(index.search_params) == set(retriever.search_params)
 
 
 def test_single_and_batch_agree(retriever: Retriever, users: list[str]) -> None:
@@ -100,7 +100,7 @@ def test_k_beyond_the_catalogue(
     ids, scores = retriever.recommend(user_id=users[0], k=5000)
     expected = len(retriever.item_ids) - len(seen_by(trained, users[0]))
     assert len(set(ids)) == len(ids) <= expected and np.isfinite(scores).all()
-    if retriever.manifest["index"]["factory"] == "Flat":
+    if retriever.manifest.index.factory == "Flat":
         assert len(ids) == expected
 
 
@@ -171,7 +171,7 @@ def test_cold_start_add_remove_save(retriever: Retriever, users: list[str], tmp_
     assert list(again.recommend(user_id=users[0], k=5, filter={"category": "c-new"})[0]) == [
         "new-1"
     ]
-    assert again.manifest["counts"]["items"] == len(retriever.item_ids)
+    assert again.manifest.counts.items == len(retriever.item_ids)
 
 
 def test_new_item_boost_lifts_items_without_training_events(

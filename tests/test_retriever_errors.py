@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from retrieval import BundleError, RequestError, Retriever
-from retrieval.bundle import INDEX, MANIFEST, USER_TOWER
 from towers.pipeline import TrainResult
+from twotower.bundle.layout import INDEX, MANIFEST, USER_TOWER
 
 
 @pytest.fixture

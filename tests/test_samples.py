@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from retrieval.encoding import PAD_INDEX
 from towers.data.samples import (
     HistorySource,
     history_bounds,
@@ -16,6 +15,7 @@ from towers.data.samples import (
 )
 from towers.data.schema import RawData
 from towers.data.split import prepare_interactions
+from twotower.encoding import PAD_INDEX
 
 
 def test_no_history_item_is_at_or_after_its_target(tiny_data: RawData) -> None:

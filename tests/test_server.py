@@ -10,10 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from retrieval import Retriever
-from retrieval.bundle import USER_TOWER
-from retrieval.history import InMemoryHistoryStore
 from retrieval.server import create_app
+from retrieval.server.history import InMemoryHistoryStore
 from towers.pipeline import TrainResult
+from twotower.bundle.layout import USER_TOWER
 
 
 @pytest.fixture
@@ -129,8 +129,15 @@ def test_cold_start_items_via_post(client: TestClient) -> None:
         "/recommend", json={"users": [{"history": ["i1"]}], "filter": {"category": "c-fresh"}}
     ).json()
     assert [i["item_id"] for i in body["results"][0]["items"]] == ["fresh-1"]
-    duplicate = client.post("/items", json={"items": [{"item_id": "fresh-1"}]})
-    assert duplicate.status_code == 422 and "already in the catalogue" in duplicate.text
+    size = response.json()["catalogue_size"]
+    upsert = client.post("/items", json={"items": [{"item_id": "fresh-1", "category": "c2"}]})
+    assert upsert.status_code == 200 and upsert.json()["catalogue_size"] == size
+    body = client.post(
+        "/recommend", json={"users": [{"history": ["i1"]}], "filter": {"category": "c-fresh"}}
+    ).json()
+    assert body["results"][0]["items"] == []  # the item now has its new category
+    twice = client.post("/items", json={"items": [{"item_id": "x"}, {"item_id": "x"}]})
+    assert twice.status_code == 422 and "more than once" in twice.text
 
 
 def test_new_item_boost_via_post(client: TestClient, user: str) -> None:

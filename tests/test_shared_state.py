@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from benchmarks.serving import start_server
 from retrieval import Retriever
 from retrieval.server import create_app
-from retrieval.shared import ChangeFeed, ChangeFollower, SQLiteHistoryStore
-from towers.benchmarks.serving import start_server
+from retrieval.server.shared import ChangeFeed, ChangeFollower, SQLiteHistoryStore
 from towers.pipeline import TrainResult
 
 

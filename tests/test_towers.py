@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retrieval.encoding import OOV_INDEX, PAD_INDEX
 from towers.model.module import TwoTowerModule
 from towers.model.towers import HistoryPooling, TowerShape, TowerSpec, TwoTowerModel
+from twotower.encoding import OOV_INDEX, PAD_INDEX
 
 SPEC = TowerSpec.from_dict(
     {

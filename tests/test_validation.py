@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from retrieval.errors import (
+from towers.data.readers import load_tables
+from twotower.errors import (
     DuplicateIdError,
     EmptyTableError,
     InvalidValueError,
@@ -16,7 +17,6 @@ from retrieval.errors import (
     MissingFileError,
     UnknownIdError,
 )
-from towers.data.readers import load_tables
 
 
 @pytest.fixture

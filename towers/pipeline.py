@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from retrieval.encoding import FeatureColumns
+from towers.config import absolute_paths
 from towers.data.datamodule import TwoTowerDataModule
 from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
 from towers.data.samples import user_activity_weights
@@ -33,6 +33,7 @@ from towers.export.bundle import ExportSettings, export_bundle
 from towers.model.module import TwoTowerModule, embed
 from towers.model.towers import TowerSpec
 from towers.tensorboard import log_hparams, log_item_projector
+from twotower.encoding import FeatureColumns
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -55,6 +56,14 @@ def _columns(cfg: Any) -> FeatureColumns | None:
     if cfg is None:
         return None
     return FeatureColumns(**{k: list(v) for k, v in dict(cfg).items()})
+
+
+def resolved_yaml(cfg: DictConfig) -> str:
+    """The config as YAML, interpolations resolved where they can be."""
+    try:
+        return OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run
+        return OmegaConf.to_yaml(cfg)
 
 
 def feature_settings(cfg: DictConfig) -> FeatureSettings:
@@ -301,6 +310,8 @@ def train(cfg: DictConfig) -> TrainResult | None:
     ``cfg.paths.output_dir``. Returns None on DDP processes other than rank 0."""
     out = Path(cfg.paths.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    absolute_paths(cfg, Path.cwd())
+    log.info("config:\n%s", resolved_yaml(cfg))
     if int(cfg.model.get("ensemble", 1)) > 1:
         outcome = train_ensemble(cfg, out)
         if outcome is None:

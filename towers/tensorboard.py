@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from retrieval.encoding import FeatureEncoders
 from towers.data.schema import ITEM_ID
+from twotower.encoding import FeatureEncoders
 
 log = logging.getLogger(__name__)
 LABEL_CANDIDATES = ("title", "name")

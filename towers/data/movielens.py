@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from retrieval.encoding import FeatureColumns
-from retrieval.errors import MissingFileError
 from towers.data.schema import (
     ITEM_ID,
     RATING,
@@ -25,6 +23,8 @@ from towers.data.schema import (
     validate_entities,
     validate_interactions,
 )
+from twotower.encoding import FeatureColumns
+from twotower.errors import MissingFileError
 
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from retrieval.encoding import EntityEncoder, FeatureColumns, FeatureEncoders
-from retrieval.errors import UnknownIdError
 from towers.data.samples import HistorySource, history_bounds, history_windows, latest_histories
 from towers.data.schema import ITEM_ID, USER_ID, WEIGHT, RawData, infer_feature_columns
 from towers.data.split import Split
+from twotower.encoding import EntityEncoder, FeatureColumns, FeatureEncoders
+from twotower.errors import UnknownIdError
 
 log = logging.getLogger(__name__)
 

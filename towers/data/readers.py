@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from retrieval.encoding import FeatureColumns
-from retrieval.errors import DataValidationError, MissingFileError
 from towers.data.schema import (
     ITEM_ID,
     USER_ID,
@@ -16,6 +14,8 @@ from towers.data.schema import (
     validate_entities,
     validate_interactions,
 )
+from twotower.encoding import FeatureColumns
+from twotower.errors import DataValidationError, MissingFileError
 
 TableSource = str | Path | pd.DataFrame
 ID_COLUMNS = {USER_ID: str, ITEM_ID: str}

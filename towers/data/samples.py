@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from retrieval.encoding import PAD_INDEX
 from towers.data.schema import TIMESTAMP, USER_ID
+from twotower.encoding import PAD_INDEX
 
 
 def history_windows(

@@ -1,7 +1,7 @@
 """The input schema (interactions, items, users) and its validation.
 
 Validated tables have string ids, float64 timestamps in seconds and, if present, a
-float ``weight``. Every failure raises a specific :mod:`retrieval.errors` exception
+float ``weight``. Every failure raises a specific :mod:`twotower.errors` exception
 whose message names the source, the column and the offending row or id.
 """
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from retrieval.encoding import FeatureColumns
-from retrieval.errors import (
+from twotower.encoding import FeatureColumns
+from twotower.errors import (
     DuplicateIdError,
     EmptyTableError,
     InvalidValueError,

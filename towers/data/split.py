@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from retrieval.errors import EmptyTableError
 from towers.data.schema import ITEM_ID, RATING, TIMESTAMP, USER_ID
+from twotower.errors import EmptyTableError
 
 log = logging.getLogger(__name__)
 

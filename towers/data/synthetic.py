@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from retrieval.encoding import FeatureColumns
 from towers.data.schema import ITEM_ID, TIMESTAMP, USER_ID, RawData
+from twotower.encoding import FeatureColumns
 
 _DAY = 86_400.0
 

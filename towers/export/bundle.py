@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -15,14 +14,14 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from retrieval import bundle as layout
-from retrieval.embeddings import write_embeddings
 from retrieval.index import auto_factory
 from towers.data.prepare import PreparedData, catalogue_rows, user_attribute_rows
 from towers.data.schema import ITEM_ID, USER_ID
 from towers.export.index import IndexReport, build_index, tune_and_check
 from towers.export.onnx_export import export_tower
 from towers.model.module import TwoTowerModule, embed
+from twotower.bundle import Counts, IndexInfo, Manifest, layout, write_bundle
+from twotower.bundle.embeddings import write_embeddings
 
 log = logging.getLogger(__name__)
 PARITY_ROWS = 256
@@ -96,8 +95,8 @@ def _sample(inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
 
 def write_bundle_files(
     module: TwoTowerModule, data: PreparedData, directory: Path, settings: ExportSettings
-) -> dict[str, Any]:
-    """Write every bundle file but the manifest into ``directory``; return manifest facts."""
+) -> Manifest:
+    """Write every bundle file but the manifest into ``directory``; return the manifest."""
     model = module.model.cpu().eval()
     encoders = data.encoders
     item_vectors = embed(model.item_tower, data.catalogue_inputs)
@@ -152,34 +151,38 @@ def write_bundle_files(
             directory / layout.USER_EMBEDDINGS, USER_ID, user_ids, embed(model.user_tower, inputs)
         )
     encoders.save(directory / layout.ENCODERS)
-    return {
-        "embedding_dim": int(item_vectors.shape[1]),
-        "index": {
-            "factory": report.factory,
-            "ntotal": int(index.ntotal),
-            "search_params": report.knobs,
-            f"ann_recall@{report.recall_k}": report.recall,
-            "recall_queries": report.n_queries,
-        },
-        "counts": {
-            "items": len(items),
-            "users": len(users),
-            "known_items": len(encoders.items.ids.values),
-            "known_users": len(encoders.users.ids.values),
-            "train_interactions": len(data.split.train),
-        },
-        "inputs": {"user": encoders.user_input_names, "item": encoders.item_input_names},
-        "onnx_parity_max_abs_diff": parity,
-    }
+    return Manifest(
+        embedding_dim=int(item_vectors.shape[1]),
+        index=IndexInfo(
+            factory=report.factory,
+            ntotal=int(index.ntotal),
+            search_params=report.knobs,
+            recall_k=report.recall_k,
+            ann_recall=report.recall,
+            recall_queries=report.n_queries,
+        ),
+        counts=Counts(
+            items=len(items),
+            users=len(users),
+            known_items=len(encoders.items.ids.values),
+            known_users=len(encoders.users.ids.values),
+            train_interactions=len(data.split.train),
+        ),
+        inputs={"user": encoders.user_input_names, "item": encoders.item_input_names},
+        packages=package_versions(),
+        onnx_parity_max_abs_diff=parity,
+    )
 
 
 def point_latest(link: Path, bundle: Path) -> None:
-    """Switch the ``latest`` symlink to ``bundle`` atomically (new link, then rename)."""
+    """Switch the ``latest`` symlink to ``bundle`` atomically (new link, then rename). The
+    link is relative, so the two can move together (a copied or mounted outputs folder)."""
     link.parent.mkdir(parents=True, exist_ok=True)
     staging = link.with_name(f".{link.name}-{os.getpid()}")
     if staging.is_symlink() or staging.exists():
         staging.unlink()
-    staging.symlink_to(bundle.resolve(), target_is_directory=True)
+    relative = os.path.relpath(bundle.resolve(), link.parent.resolve())
+    staging.symlink_to(relative, target_is_directory=True)
     os.replace(staging, link)
 
 
@@ -195,21 +198,14 @@ def export_bundle(
     """Write the bundle to ``target`` atomically: nothing is left half-written on failure,
     and an existing bundle there is replaced only once the new one is complete."""
     settings = settings or ExportSettings()
-    target = Path(target).resolve()
-    with layout.staged_directory(target) as staging:
-        facts = write_bundle_files(module, data, staging, settings)
-        manifest = {
-            "format_version": layout.FORMAT_VERSION,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "packages": package_versions(),
-            "metric": layout.METRIC,
-            **facts,
-            "metrics": dict(metrics or {}),
-            "config": dict(config or {}),
-            "export": asdict(settings),
-        }
-        layout.write_manifest(staging, manifest)
-    log.info("bundle written to %s", target)
+
+    def write_files(staging: Path) -> Manifest:
+        manifest = write_bundle_files(module, data, staging, settings)
+        return manifest.replace(
+            metrics=dict(metrics or {}), config=dict(config or {}), export=asdict(settings)
+        )
+
+    target = write_bundle(target, write_files)
     if settings.latest:
         point_latest(Path(settings.latest), target)
         log.info("%s -> %s", settings.latest, target)

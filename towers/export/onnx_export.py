@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from retrieval.errors import TwoTowerError
 from towers.model.towers import PositionalTower
+from twotower.errors import TwoTowerError
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-5

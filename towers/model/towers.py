@@ -1,7 +1,7 @@
 """The user tower and the item tower: embeddings of ids and attributes -> MLP -> unit vectors.
 
 Both towers take a dict of named input tensors, the names and layout produced by
-:class:`retrieval.encoding.FeatureEncoders`; the sizes come from :class:`TowerSpec`.
+:class:`twotower.encoding.FeatureEncoders`; the sizes come from :class:`TowerSpec`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from retrieval.encoding import OOV_INDEX, PAD_INDEX, EntityEncoder, FeatureEncoders, MultiHotEncoder
+from twotower.encoding import OOV_INDEX, PAD_INDEX, EntityEncoder, FeatureEncoders, MultiHotEncoder
 
 
 @dataclass
 class EntitySpec:
-    """Sizes of one entity's inputs (see :class:`retrieval.encoding.EntityEncoder`)."""
+    """Sizes of one entity's inputs (see :class:`twotower.encoding.EntityEncoder`)."""
 
     prefix: str
     id_size: int

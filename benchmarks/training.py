@@ -20,10 +20,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from retrieval.encoding import FIRST_KNOWN_INDEX
 from towers.data.datamodule import EpochBatchSampler, InteractionBatches
 from towers.model.module import TwoTowerModule
 from towers.model.optim import SparseDenseAdam
+from twotower.encoding import FIRST_KNOWN_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 
 from retrieval import Retriever
-from retrieval import bundle as layout
-from retrieval.embeddings import write_embeddings
-from retrieval.encoding import EntityEncoder, FeatureEncoders, Vocabulary
 from retrieval.index import search
 from towers.export.index import build_index, tune_and_check
 from towers.export.onnx_export import export_tower
 from towers.model.towers import TowerSpec, TwoTowerModel
+from twotower.bundle import Counts, IndexInfo, Manifest, layout, write_bundle
+from twotower.bundle.embeddings import write_embeddings
+from twotower.encoding import EntityEncoder, FeatureEncoders, Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ def synthetic_bundle(path: Path, n_items: int, factory: str, s: RetrievalBenchSe
     histories = [list(item_ids[rng.integers(0, n_items, s.history_length)]) for _ in range(s.users)]
     user_inputs = encoders.user_inputs(list(user_ids), encoders.encode_histories(histories), None)
     vectors = clustered_vectors(n_items, s.dim, rng)
-    with layout.staged_directory(path) as staging:
+
+    def write_files(staging: Path) -> Manifest:
         export_tower(
             model.user_tower,
             encoders.user_input_names,
@@ -98,21 +99,22 @@ def synthetic_bundle(path: Path, n_items: int, factory: str, s: RetrievalBenchSe
             {"user_id": user_ids, layout.HISTORY_COLUMN: histories, layout.SEEN_COLUMN: histories}
         ).to_parquet(staging / layout.USERS, index=False)
         encoders.save(staging / layout.ENCODERS)
-        manifest = {
-            "format_version": layout.FORMAT_VERSION,
-            "metric": layout.METRIC,
-            "embedding_dim": s.dim,
-            "index": {
-                "factory": report.factory,
-                "ntotal": n_items,
-                "search_params": report.knobs,
-                "ann_recall@100": report.recall,
-            },
-            "counts": {"items": n_items, "users": s.users},
-            "synthetic": True,
-        }
-        layout.write_manifest(staging, manifest)
-    return path
+        return Manifest(
+            embedding_dim=s.dim,
+            index=IndexInfo(
+                factory=report.factory,
+                ntotal=n_items,
+                search_params=report.knobs,
+                recall_k=report.recall_k,
+                ann_recall=report.recall,
+                recall_queries=report.n_queries,
+            ),
+            counts=Counts(items=n_items, users=s.users),
+            inputs={"user": encoders.user_input_names, "item": encoders.item_input_names},
+            config={"synthetic": True},
+        )
+
+    return write_bundle(path, write_files)
 
 
 def percentiles(seconds: list[float]) -> tuple[float, float]:
@@ -127,7 +129,7 @@ def measure(retriever: Retriever, s: RetrievalBenchSettings, threads: int) -> di
     rng = np.random.default_rng(s.seed + 1)
     users = [f"u{i}" for i in rng.integers(0, s.users, s.single_calls)]
     knobs = retriever.search_params
-    index = retriever._state.index
+    index = retriever.catalogue.index.index
     queries = retriever.embed_users(users[: s.batch_size])
     fetch = s.k + s.history_length  # what recommend asks FAISS for: k + the user's seen items
     single, raw_single = [], []
@@ -177,13 +179,13 @@ def run(
             bundle = synthetic_bundle(workdir / f"{n}-{factory.replace(',', '_')}", n, factory, s)
             build_s = time.perf_counter() - start
             retriever = Retriever.load(bundle)
-            index_info = retriever.manifest["index"]
+            index_info = retriever.manifest.index
             for threads in sorted({1, all_threads}):
                 row = {
                     "items": n,
-                    "index": index_info["factory"],
-                    "knobs": str(index_info["search_params"] or "-"),
-                    "ann_recall@100": index_info["ann_recall@100"],
+                    "index": index_info.factory,
+                    "knobs": str(index_info.search_params or "-"),
+                    "ann_recall@100": index_info.ann_recall,
                     "build_s": build_s,
                     **measure(retriever, s, threads),
                 }

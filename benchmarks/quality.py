@@ -21,8 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 from omegaconf import DictConfig
 
-from retrieval import Retriever
-from towers.benchmarks.baselines import (
+from benchmarks.baselines import (
     EASE,
     Candidate,
     EASERecent,
@@ -33,6 +32,7 @@ from towers.benchmarks.baselines import (
     RandomScores,
     grid,
 )
+from retrieval import Retriever
 from towers.data.prepare import EvalSet, PreparedData, catalogue_rows
 from towers.data.schema import ITEM_ID, USER_ID
 from towers.evaluation.metrics import ranking_metrics

@@ -29,16 +29,17 @@ def free_port() -> int:
 
 def start_server(bundle: Path, workers: int, run_dir: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    script = Path(__file__).resolve().parents[2] / "scripts" / "serve.py"
     process = subprocess.Popen(
         [
             sys.executable,
-            str(script),
+            "-m",
+            "twotower",
+            "serve",
             f"bundle={bundle}",
             f"port={port}",
             f"workers={workers}",
             "log_level=warning",
-            f"hydra.run.dir={run_dir}",
+            f"state_file={run_dir / 'shared.sqlite'}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

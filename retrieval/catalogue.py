@@ -1,0 +1,118 @@
+"""The catalogue snapshot: ids, vectors, attributes and the searchable index, immutable.
+
+Every edit (add, upsert, remove) returns a new :class:`Catalogue` and leaves the old one
+as it was (copy-on-write), so a query that holds a snapshot sees the catalogue wholly
+before or wholly after a change, never half of one.
+
+An upsert (adding an id the catalogue already has) appends the new row and marks the
+old one superseded: hidden from every result and no longer found by id. Superseded
+rows are dropped when the catalogue is saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from retrieval.search import CandidateIndex
+from twotower.bundle import layout
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """One consistent view of the catalogue. Row ``r`` of every array is one item."""
+
+    index: CandidateIndex
+    item_ids: np.ndarray
+    vectors: np.ndarray
+    items: pd.DataFrame
+    popularity: np.ndarray
+    removed: np.ndarray
+    superseded: np.ndarray
+    lookup: dict[str, int]
+    version: int = 0
+
+    @classmethod
+    def from_bundle(
+        cls, index: CandidateIndex, items: pd.DataFrame, vectors: np.ndarray
+    ) -> Catalogue:
+        """The catalogue of a loaded bundle (``items.parquet`` rows in index order)."""
+        ids = items[layout.ITEM_ID].astype(str).to_numpy(dtype=object)
+        removed = (
+            items[layout.REMOVED_COLUMN].to_numpy(dtype=bool)
+            if layout.REMOVED_COLUMN in items
+            else np.zeros(len(items), bool)
+        )
+        return cls(
+            index=index,
+            item_ids=ids,
+            vectors=vectors,
+            items=items,
+            popularity=items[layout.COUNT_COLUMN].to_numpy(dtype=np.float32),
+            removed=removed,
+            superseded=np.zeros(len(ids), bool),
+            lookup={item: row for row, item in enumerate(ids)},
+        )
+
+    @property
+    def size(self) -> int:
+        """Rows in the index (removed and superseded rows included)."""
+        return len(self.item_ids)
+
+    @property
+    def live(self) -> int:
+        """Items that can be returned: neither removed nor superseded."""
+        return int((~self.hidden).sum())
+
+    @property
+    def hidden(self) -> np.ndarray:
+        """Rows never returned: removed items and superseded versions of upserted ones."""
+        return self.removed | self.superseded
+
+    def rows_of(self, item_ids: Sequence[Any]) -> np.ndarray:
+        """Current row of each id (-1 when unknown)."""
+        lookup = self.lookup
+        return np.fromiter((lookup.get(str(i), -1) for i in item_ids), np.int64, len(item_ids))
+
+    def with_items(self, table: pd.DataFrame, vectors: np.ndarray) -> Catalogue:
+        """A snapshot with ``table``'s rows (unique string ``item_id``) appended; ids
+        already present are upserted (their old rows superseded), removed ids come back."""
+        n_new = len(table)
+        new_ids = table[layout.ITEM_ID].to_numpy(dtype=object)
+        previous = self.rows_of(list(new_ids))
+        superseded = np.concatenate([self.superseded, np.zeros(n_new, bool)])
+        superseded[previous[previous >= 0]] = True
+        new_rows = table.assign(**{layout.COUNT_COLUMN: 0, layout.REMOVED_COLUMN: False})
+        lookup = dict(self.lookup)
+        lookup.update({item: self.size + j for j, item in enumerate(new_ids)})
+        return Catalogue(
+            index=self.index.with_vectors(vectors),
+            item_ids=np.concatenate([self.item_ids, new_ids]),
+            vectors=np.concatenate([self.vectors, vectors.astype(np.float32)]),
+            items=pd.concat([self.items, new_rows], ignore_index=True),
+            popularity=np.concatenate([self.popularity, np.zeros(n_new, np.float32)]),
+            removed=np.concatenate([self.removed, np.zeros(n_new, bool)]),
+            superseded=superseded,
+            lookup=lookup,
+            version=self.version + 1,
+        )
+
+    def without_items(self, item_ids: Sequence[Any]) -> tuple[Catalogue, int]:
+        """A snapshot with these ids hidden (unknown ids ignored), and how many were newly
+        hidden."""
+        rows = self.rows_of(list(item_ids))
+        rows = rows[rows >= 0]
+        removed = self.removed.copy()
+        newly = int((~removed[rows]).sum())
+        removed[rows] = True
+        items = self.items.copy()
+        items[layout.REMOVED_COLUMN] = removed
+        return replace(self, removed=removed, items=items, version=self.version + 1), newly
+
+    def current_rows(self) -> np.ndarray:
+        """Rows that are not superseded (what a saved bundle keeps), in order."""
+        return np.flatnonzero(~self.superseded)

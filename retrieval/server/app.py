@@ -1,0 +1,247 @@
+"""A reference FastAPI serving layer over :class:`retrieval.Retriever`.
+
+Run it with ``python scripts/serve.py bundle=PATH`` or
+``TWOTOWER_BUNDLE=PATH uvicorn retrieval.server.app:app_from_env --factory``. The OpenAPI
+schema (``/openapi.json``) is the contract; every request and response is a Pydantic
+model, unknown fields are refused, and bad input gets a 4xx that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from retrieval.requests import MAX_K, Recommendations
+from retrieval.retriever import Retriever
+from retrieval.server.history import HistoryStore, InMemoryHistoryStore
+from retrieval.server.metrics import CONTENT_TYPE_LATEST, Metrics, ObserveRequests
+from retrieval.server.schemas import (
+    MAX_ID_LENGTH,
+    EventsRequest,
+    EventsResponse,
+    ItemsRequest,
+    ItemsResponse,
+    Recommendation,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadRequest,
+    ScoredItem,
+    Status,
+    UserQuery,
+)
+from retrieval.server.shared import ChangeFeed, ChangeFollower, SQLiteHistoryStore
+from retrieval.server.state import ServerState
+from twotower.errors import TwoTowerError
+
+log = logging.getLogger(__name__)
+
+
+def _recommendations(
+    found: Recommendations, user_ids: list[str | None], metrics: Metrics
+) -> list[Recommendation]:
+    results = []
+    for row, user in enumerate(user_ids):
+        items = [
+            ScoredItem(item_id=str(i), score=float(s))
+            for i, s in zip(found.ids[row], found.scores[row], strict=True)
+            if i is not None
+        ]
+        served_by = found.served_by[row]
+        if served_by != "model":
+            metrics.fallbacks.labels(served_by).inc()
+        results.append(Recommendation(user_id=user, served_by=served_by, items=items))
+    return results
+
+
+def create_app(
+    retriever: Retriever,
+    history: HistoryStore | None = None,
+    changes: ChangeFeed | None = None,
+    poll_seconds: float = 0.5,
+) -> FastAPI:
+    """The app over a loaded Retriever; ``history`` defaults to an in-memory store.
+
+    ``changes``: with several worker processes, the feed through which added items and
+    reloads reach the other workers (each replays it within ``poll_seconds``).
+    """
+    metrics = Metrics()
+    if history is None:  # not `history or ...`: an empty store has len() 0
+        history = InMemoryHistoryStore(retriever.encoders.history_length)
+    state = ServerState(retriever, history, metrics, changes)
+    follower = ChangeFollower(changes, state.apply, poll_seconds) if changes else None
+    if follower is not None:
+        follower.start()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if follower is not None:
+            follower.stop()
+
+    app = FastAPI(
+        title="twotower",
+        version="1",
+        description="Two-tower retrieval: recommendations, similar items, events.",
+        lifespan=lifespan,
+    )
+    app.state.twotower = state
+
+    app.add_middleware(ObserveRequests, metrics=metrics)
+
+    # The query routes are ``async``: their ~1 ms of numpy / ONNX / FAISS runs on the
+    # event loop, one request after another, instead of in a thread pool where
+    # concurrent requests fight for the GIL and the tail latency grows. Throughput comes
+    # from worker processes (``workers=N``); slow routes (reload, items, events) stay in
+    # the thread pool.
+
+    @app.exception_handler(TwoTowerError)
+    async def bad_request(request: Request, exc: TwoTowerError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.get("/recommend", response_model=Recommendation)
+    async def recommend_one(
+        user_id: str = Query(min_length=1, max_length=MAX_ID_LENGTH),
+        k: int = Query(10, ge=1, le=MAX_K),
+    ) -> Recommendation:
+        """Top-k for one user from the bundle's state plus the events sent to this server."""
+        retriever = state.retriever
+        query = UserQuery(user_id=user_id)
+        found = retriever.retrieve([user_id], state.histories([query]), k=k)
+        return _recommendations(found, [user_id], metrics)[0]
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    async def recommend_many(body: RecommendRequest) -> RecommendResponse:
+        """Top-k for a batch of users (ids, histories, attributes), with exclusions and filters."""
+        retriever = state.retriever
+        found = retriever.retrieve(
+            [u.user_id for u in body.users],
+            state.histories(body.users),
+            [u.user_features for u in body.users],
+            k=body.k,
+            exclude_seen=body.exclude_seen,
+            exclude=body.exclude,
+            filter=body.filter,
+            search_params=body.search_params,
+            new_item_boost=body.new_item_boost,
+        )
+        return RecommendResponse(
+            results=_recommendations(found, [u.user_id for u in body.users], metrics)
+        )
+
+    @app.get("/similar/{item_id}", response_model=Recommendation)
+    async def similar(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> Recommendation:
+        """Items closest to ``item_id`` (popular items for an unknown one)."""
+        if len(item_id) > MAX_ID_LENGTH:
+            raise HTTPException(422, f"item_id longer than {MAX_ID_LENGTH} characters")
+        retriever = state.retriever
+        ids, scores = retriever.similar_items(item_id, k=k)
+        known = retriever.catalogue.rows_of([item_id])[0] >= 0
+        if not known:
+            metrics.fallbacks.labels("popularity").inc()
+        return Recommendation(
+            served_by="model" if known else "popularity",
+            items=[
+                ScoredItem(item_id=str(i), score=float(s)) for i, s in zip(ids, scores, strict=True)
+            ]
+        )
+
+    @app.post("/items", response_model=ItemsResponse)
+    def add_items(body: ItemsRequest) -> ItemsResponse:
+        """Cold-start items: embedded by the item tower and searchable at once."""
+        added = state.add_items(body.items)
+        return ItemsResponse(added=added, catalogue_size=state.retriever.catalogue.live)
+
+    @app.post("/events", response_model=EventsResponse)
+    def events(body: EventsRequest) -> EventsResponse:
+        """Append to users' recent history; the next recommendation uses it, no retraining."""
+        for event in sorted(
+            body.events, key=lambda e: e.timestamp if e.timestamp is not None else float("inf")
+        ):
+            state.history.append(event.user_id, event.item_id)
+        metrics.events.inc(len(body.events))
+        return EventsResponse(accepted=len(body.events))
+
+    @app.get("/healthz", response_model=Status)
+    def healthz() -> Status:
+        return Status(status="ok")
+
+    @app.get("/readyz", response_model=Status)
+    def readyz() -> Status:
+        retriever = state.retriever
+        return Status(
+            status="ready",
+            bundle=str(retriever.path),
+            items=retriever.catalogue.live,
+            worker=os.getpid(),
+        )
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload", response_model=Status, responses={409: {"model": Status}})
+    def reload(body: ReloadRequest) -> Any:
+        """Load a bundle and swap it in; on failure keep serving the old one and say why."""
+        path = body.path or str(state.retriever.path)
+        try:
+            fresh = state.reload(path)
+        except (TwoTowerError, OSError) as exc:
+            metrics.reloads.labels("failed").inc()
+            log.warning("reload of %s failed: %s", path, exc)
+            return JSONResponse(
+                status_code=409,
+                content=Status(
+                    status="kept", bundle=str(state.retriever.path), detail=str(exc)
+                ).model_dump(),
+            )
+        metrics.reloads.labels("ok").inc()
+        return Status(status="reloaded", bundle=str(fresh.path), items=fresh.catalogue.live)
+
+    return app
+
+
+def tcp_listener(host: str, port: int) -> socket.socket:
+    """The listening socket for several uvicorn workers, created with ``IPPROTO_TCP``.
+
+    uvicorn's own ``Config.bind_socket`` leaves ``proto`` at 0, so asyncio never sets
+    TCP_NODELAY on accepted connections and every keep-alive response waits ~40 ms for
+    the peer's delayed ACK (uvicorn issue #3149); measured here as a 48 ms floor.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def app_from_env() -> FastAPI:
+    """App factory for ``uvicorn --factory``: the bundle path comes from TWOTOWER_BUNDLE.
+
+    With TWOTOWER_STATE_FILE (a SQLite path; ``scripts/serve.py`` sets one for several
+    workers) events, added items and reloads are shared by every worker process.
+    """
+    path = os.environ.get("TWOTOWER_BUNDLE")
+    if not path:
+        raise RuntimeError("set TWOTOWER_BUNDLE to the bundle directory to serve")
+    threads = os.environ.get("TWOTOWER_THREADS")
+    retriever = Retriever.load(
+        path,
+        device=os.environ.get("TWOTOWER_DEVICE", "cpu"),
+        threads=int(threads) if threads else None,
+    )
+    shared = os.environ.get("TWOTOWER_STATE_FILE")
+    if not shared:
+        return create_app(retriever)
+    return create_app(
+        retriever,
+        SQLiteHistoryStore(shared, retriever.encoders.history_length),
+        ChangeFeed(shared),
+    )

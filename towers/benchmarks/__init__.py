@@ -1,1 +1,0 @@
-"""Benchmarks behind ``scripts/bench_*.py``: ratios measured within one run."""

@@ -1,0 +1,128 @@
+"""``twotower serve bundle=PATH [port=8000 workers=2 ...]``: serve a bundle over HTTP.
+
+Settings are ``key=value`` words (see :class:`ServeSettings`); the bundle is loaded and
+checked before any worker starts, so a bad bundle fails here with the reason. Needs only
+the base install (no torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ServeSettings:
+    """What ``twotower serve`` takes, as ``key=value``."""
+
+    bundle: str = "outputs/latest"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    device: str = "cpu"
+    # compute threads per worker (onnxruntime, FAISS); None: all cores with one worker,
+    # 1 with more
+    threads: int | None = None
+    log_level: str = "info"
+    # SQLite file holding users' events, added items and reloads for every worker; None: a
+    # fresh one in a temporary directory with workers > 1, in memory with one worker
+    state_file: str | None = None
+
+
+def parse_settings(words: list[str]) -> ServeSettings:
+    """``key=value`` words as :class:`ServeSettings`; a ``ValueError`` names a bad word."""
+    fields = {f.name: f for f in dataclasses.fields(ServeSettings)}
+    values: dict[str, Any] = {}
+    for word in words:
+        key, sep, raw = word.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"{word!r}: expected key=value with a key among {sorted(fields)}")
+        kind = str(fields[key].type)
+        if raw.lower() in ("null", "none", "") and "None" in kind:
+            values[key] = None
+        elif kind.startswith("int"):
+            try:
+                values[key] = int(raw)
+            except ValueError as exc:
+                raise ValueError(f"{word!r}: {key} must be an integer") from exc
+        else:
+            values[key] = raw
+    settings = ServeSettings(**values)
+    if settings.workers < 1 or not 0 < settings.port < 65536:
+        raise ValueError("workers must be >= 1 and port within 1..65535")
+    return settings
+
+
+def usage() -> str:
+    defaults = ServeSettings()
+    lines = [(__doc__ or "").strip(), "", "settings (default):"]
+    lines += [f"  {f.name}={getattr(defaults, f.name)}" for f in dataclasses.fields(defaults)]
+    return "\n".join(lines)
+
+
+def run(argv: list[str]) -> int:
+    """Parse ``argv``, check the bundle, and serve until stopped; the exit status."""
+    if any(word in ("-h", "--help") for word in argv):
+        print(usage())
+        return 0
+    try:
+        settings = parse_settings(argv)
+    except ValueError as exc:
+        print(f"twotower serve: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from retrieval import Retriever
+    from retrieval.server import tcp_listener
+    from retrieval.server.shared import ChangeFeed
+    from twotower.errors import TwoTowerError
+
+    bundle = Path(settings.bundle).resolve()
+    try:  # fail here, with the reason, before forking workers
+        Retriever.load(bundle, device=settings.device)
+    except TwoTowerError as exc:
+        print(f"twotower serve: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    os.environ["TWOTOWER_BUNDLE"] = str(bundle)
+    os.environ["TWOTOWER_DEVICE"] = settings.device
+    workers = settings.workers
+    run_dir = Path(tempfile.mkdtemp(prefix="twotower-serve-"))
+    state_file = settings.state_file or (str(run_dir / "shared.sqlite") if workers > 1 else None)
+    if state_file:
+        # events, added items and reloads reach every worker through this file
+        os.environ["TWOTOWER_STATE_FILE"] = str(Path(state_file).resolve())
+        ChangeFeed(state_file).reset()
+    if workers > 1:
+        # /metrics sums every worker's series (prometheus-client's multiprocess mode)
+        metrics_dir = run_dir / "prometheus"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # Several workers on few cores: one compute thread each, or their thread pools fight.
+    threads = settings.threads if settings.threads is not None else (1 if workers > 1 else None)
+    if threads is not None:
+        os.environ["TWOTOWER_THREADS"] = str(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    config = uvicorn.Config(
+        "retrieval.server.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_level=settings.log_level,
+    )
+    try:
+        if workers == 1:
+            uvicorn.Server(config).run()
+        else:
+            Multiprocess(config, sockets=[tcp_listener(settings.host, settings.port)]).run()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return 0

@@ -1,0 +1,111 @@
+"""Vocabularies: raw values (kept as strings) -> integer indices, and token splitting.
+
+Index conventions for every vocabulary (ids, categories, multi-hot tokens):
+``0`` is padding, ``1`` is the out-of-vocabulary slot, known values start at ``2``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+PAD_INDEX = 0
+OOV_INDEX = 1
+FIRST_KNOWN_INDEX = 2
+
+def as_str_or_none(values: Iterable[Any]) -> pd.Series:
+    """Raw ids/categories as strings, with missing values kept as ``None``."""
+    series = pd.Series(list(values) if not isinstance(values, pd.Series) else values)
+    missing = series.isna().to_numpy()
+    as_str = series.astype(str).astype(object)
+    as_str[missing] = None
+    return as_str
+
+
+SMALL_INPUT = 256
+
+
+def _small_key(value: Any) -> str | None:
+    """The lookup key of one raw value (None for missing), as ``as_str_or_none`` would."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+@dataclass
+class Vocabulary:
+    """Maps raw values (kept as strings) to indices; unknown values go to ``OOV_INDEX``."""
+
+    values: list[str]
+    _index: pd.Index = field(init=False, repr=False, compare=False)
+    _lookup: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._index = pd.Index(self.values, dtype=object)
+        self._index.get_indexer(["warm-up"])  # build pandas' hash table now, once
+        self._lookup = {value: i + FIRST_KNOWN_INDEX for i, value in enumerate(self.values)}
+
+    @classmethod
+    def fit(cls, values: Iterable[Any], min_count: int = 1) -> Vocabulary:
+        """Keep values seen at least ``min_count`` times, most frequent first (ties by value)."""
+        series = as_str_or_none(values).dropna()
+        counts = series.value_counts()
+        counts = counts[counts >= min_count]
+        frame = pd.DataFrame({"value": counts.index.astype(str), "count": counts.to_numpy()})
+        frame = frame.sort_values(["count", "value"], ascending=[False, True], kind="mergesort")
+        return cls(values=frame["value"].tolist())
+
+    @property
+    def size(self) -> int:
+        """Number of embedding rows needed: padding + OOV + known values."""
+        return len(self.values) + FIRST_KNOWN_INDEX
+
+    def encode(self, values: Iterable[Any]) -> np.ndarray:
+        """Indices (int64) of ``values``; missing or unknown values map to ``OOV_INDEX``."""
+        if isinstance(values, (list, tuple)) and len(values) <= SMALL_INPUT:
+            # Serving asks for a handful of values at a time: a dict beats pandas there.
+            return np.fromiter(
+                (self._lookup.get(_small_key(v), OOV_INDEX) for v in values), np.int64, len(values)
+            )
+        as_str = as_str_or_none(values)
+        positions = self._index.get_indexer(as_str.fillna("\x00missing").to_numpy())
+        return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(np.int64)
+
+    def contains(self, values: Iterable[Any]) -> np.ndarray:
+        """Boolean mask: which ``values`` are known to the vocabulary."""
+        return self.encode(values) >= FIRST_KNOWN_INDEX
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"values": self.values}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Vocabulary:
+        return cls(values=[str(v) for v in data["values"]])
+
+
+def split_tokens(cell: Any, separator: str) -> list[str]:
+    """Tokens of one multi-hot cell: a ``separator``-joined string or a list of values."""
+    if cell is None:
+        return []
+    if isinstance(cell, str):
+        return [t.strip() for t in cell.split(separator) if t.strip()]
+    if isinstance(cell, (list, tuple, np.ndarray)):
+        return [str(t).strip() for t in cell if t is not None and str(t).strip()]
+    if isinstance(cell, float) and np.isnan(cell):
+        return []
+    return [str(cell)]
+
+
+
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
+
+
+def words_of(text: Any) -> list[str]:
+    """Lower-cased words of a text cell (none for a missing or non-string cell)."""
+    return _WORD.findall(text.lower()) if isinstance(text, str) else []
+
