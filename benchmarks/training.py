@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from towers.data.datamodule import EpochBatchSampler, InteractionBatches
 from towers.model.module import TwoTowerModule
 from towers.model.optim import SparseDenseAdam
+from towers.model.spec import TowerConfig
 from twotower.encoding import FIRST_KNOWN_INDEX
 
 log = logging.getLogger(__name__)
@@ -96,16 +97,10 @@ def synthetic_batches(s: BenchSettings) -> tuple[InteractionBatches, dict[str, A
 def build_module(spec: dict[str, Any], s: BenchSettings, setup: str) -> TwoTowerModule:
     sparse, optimizer = OPTIMIZER_SETUPS[setup]
     torch.manual_seed(s.seed)
-    module = TwoTowerModule(
-        spec,
-        n_catalogue_items=s.items,
-        embedding_dim=s.dim,
-        hidden=[128],
-        output_dim=s.dim,
-        sparse_embeddings=sparse,
-        optimizer=optimizer,
-        seed=s.seed,
+    towers = TowerConfig(
+        embedding_dim=s.dim, hidden=[128], output_dim=s.dim, sparse_embeddings=sparse
     )
+    module = TwoTowerModule(spec, s.items, towers, optimizer=optimizer, seed=s.seed)
     module.set_item_log_p(np.full(s.items, -np.log(s.items), dtype=np.float32))
     return module
 

@@ -36,10 +36,10 @@ def test_missing_movielens_folder_fails_cleanly(tmp_path: Path) -> None:
 
 def test_csv_with_a_missing_column_names_it(tmp_path: Path) -> None:
     events = tmp_path / "events.csv"
-    pd.DataFrame({"user_id": ["a"], "item_id": ["x"]}).to_csv(events, index=False)
+    pd.DataFrame({"user_id": ["a"], "timestamp": [1]}).to_csv(events, index=False)
     result = run_train(tmp_path, "data=csv", f"data.interactions={events}")
     assert result.returncode != 0
-    assert "events.csv: interactions table has no column 'timestamp'" in result.stderr
+    assert "events.csv: interactions table has no column 'item_id'" in result.stderr
     assert not (tmp_path / "bundle").exists()
 
 

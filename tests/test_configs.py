@@ -8,7 +8,8 @@ import pytorch_lightning as pl
 
 from towers.data.prepare import FeatureSettings
 from towers.model.module import TwoTowerModule
-from towers.pipeline import feature_settings
+from towers.model.spec import TowerSpec
+from towers.pipeline import feature_settings, model_config
 
 from .conftest import CONF_DIR, compose_config
 
@@ -41,6 +42,17 @@ SPEC = {
 }
 
 
+
+def build(cfg) -> TwoTowerModule:
+    """The module of a composed config, as the pipeline builds it."""
+    return TwoTowerModule.from_config(model_config(cfg), TowerSpec.from_dict(SPEC), 8)
+
+
+def test_a_misspelt_model_key_is_an_error() -> None:
+    cfg = compose_config(["+model.temprature=0.2"])
+    with pytest.raises(ValueError, match="temprature"):
+        model_config(cfg)
+
 @pytest.mark.parametrize("data", DATA_CONFIGS)
 def test_data_configs_compose(data: str) -> None:
     cfg = compose_config([f"data={data}"])
@@ -51,7 +63,7 @@ def test_data_configs_compose(data: str) -> None:
 @pytest.mark.parametrize("model", MODEL_CONFIGS)
 def test_model_configs_instantiate(model: str) -> None:
     cfg = compose_config([f"model={model}"])
-    module = hydra.utils.instantiate(cfg.model, spec=SPEC, n_catalogue_items=8)
+    module = build(cfg)
     assert isinstance(module, TwoTowerModule)
     assert module.configure_optimizers() is not None
 
@@ -77,7 +89,7 @@ def test_experiment_presets_compose_and_instantiate(experiment: str) -> None:
     cfg = compose_config([f"experiment={experiment}"])
     assert cfg.data.kind
     assert isinstance(feature_settings(cfg.features), FeatureSettings)
-    module = hydra.utils.instantiate(cfg.model, spec=SPEC, n_catalogue_items=8)
+    module = build(cfg)
     assert isinstance(module, TwoTowerModule)
 
 

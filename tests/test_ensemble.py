@@ -11,6 +11,7 @@ import torch
 from retrieval import Retriever
 from towers.evaluation.ranking import evaluate_vectors
 from towers.model.module import TwoTowerModule, embed
+from towers.model.spec import TowerConfig
 from towers.model.towers import ConcatTowers, TwoTowerModel
 from towers.pipeline import member_config, train
 
@@ -19,7 +20,7 @@ from .test_towers import SPEC, item_inputs, user_inputs
 
 
 def test_ensemble_towers_give_unit_vectors_whose_dot_is_the_mean_member_score() -> None:
-    model = TwoTowerModel(SPEC, 16, ensemble=3).eval()
+    model = TwoTowerModel(SPEC, TowerConfig(embedding_dim=16, ensemble=3)).eval()
     assert isinstance(model.item_tower, ConcatTowers) and len(model.item_tower.members) == 3
     for item_member, user_member in zip(
         model.item_tower.members, model.user_tower.members, strict=True
@@ -39,11 +40,13 @@ def test_ensemble_towers_give_unit_vectors_whose_dot_is_the_mean_member_score() 
         (user_vectors * item_vectors).sum(-1), torch.stack(member_scores).mean(0)
     )
     with pytest.raises(ValueError, match="ensemble"):
-        TwoTowerModel(SPEC, 16, ensemble=0)
+        TwoTowerModel(SPEC, TowerConfig(embedding_dim=16, ensemble=0))
 
 
 def test_an_ensemble_module_is_assembled_not_trained_as_one() -> None:
-    module = TwoTowerModule(SPEC.to_dict(), n_catalogue_items=12, embedding_dim=16, ensemble=2)
+    module = TwoTowerModule(
+        SPEC.to_dict(), n_catalogue_items=12, towers=TowerConfig(embedding_dim=16, ensemble=2)
+    )
     with pytest.raises(ValueError, match="member by member"):
         module.on_train_start()
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from towers.model.module import TwoTowerModule
+from towers.model.spec import TowerConfig
 from towers.model.towers import TwoTowerModel
 from towers.pipeline import train
 from twotower.encoding import OOV_INDEX, PAD_INDEX
@@ -19,7 +20,7 @@ CATALOGUE_CODES = np.array([5, 2, OOV_INDEX, 11])  # row r's id code; row 2 is u
 
 def model_with_attributes(enabled: bool = True) -> tuple[TwoTowerModel, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    model = TwoTowerModel(SPEC, 16, history_attributes=enabled).eval()
+    model = TwoTowerModel(SPEC, TowerConfig(embedding_dim=16, history_attributes=enabled)).eval()
     catalogue = item_inputs(len(CATALOGUE_CODES))
     model.set_item_attributes(CATALOGUE_CODES, {k: v.numpy() for k, v in catalogue.items()})
     return model, catalogue
@@ -99,7 +100,7 @@ def test_the_served_user_tower_looks_attributes_up_as_training_did(attribute_run
 
 
 def test_checkpoints_from_before_the_history_embedder_still_load() -> None:
-    module = TwoTowerModule(SPEC.to_dict(), n_catalogue_items=12, embedding_dim=16)
+    module = TwoTowerModule(SPEC.to_dict(), 12, TowerConfig(embedding_dim=16))
     state = module.state_dict()
     legacy = {
         key.replace("user_tower.history_embedding.item_embedding.", "user_tower.item_embedding."): v
@@ -108,7 +109,7 @@ def test_checkpoints_from_before_the_history_embedder_still_load() -> None:
     assert legacy.keys() != state.keys()
     checkpoint = {"state_dict": legacy}
     module.on_load_checkpoint(checkpoint)
-    fresh = TwoTowerModule(SPEC.to_dict(), n_catalogue_items=12, embedding_dim=16)
+    fresh = TwoTowerModule(SPEC.to_dict(), 12, TowerConfig(embedding_dim=16))
     fresh.load_state_dict(checkpoint["state_dict"])
     for key, value in state.items():
         torch.testing.assert_close(fresh.state_dict()[key], value)

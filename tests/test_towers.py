@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from towers.model.module import TwoTowerModule
-from towers.model.towers import HistoryPooling, TowerShape, TowerSpec, TwoTowerModel
+from towers.model.spec import LossConfig, TowerConfig
+from towers.model.towers import HistoryPooling, TowerSpec, TwoTowerModel
 from twotower.encoding import OOV_INDEX, PAD_INDEX
 
 SPEC = TowerSpec.from_dict(
@@ -58,7 +59,15 @@ def user_inputs(n: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("norm", ["none", "layer", "batch"])
 def test_towers_give_unit_vectors(pooling: str, norm: str) -> None:
     model = TwoTowerModel(
-        SPEC, 16, TowerShape([32, 16], 8, 0.1, norm), history_pooling=pooling
+        SPEC,
+        TowerConfig(
+            embedding_dim=16,
+            hidden=[32, 16],
+            output_dim=8,
+            dropout=0.1,
+            norm=norm,
+            history_pooling=pooling,
+        ),
     ).eval()
     items, users = model.item_tower(item_inputs(9)), model.user_tower(user_inputs(9))
     assert items.shape == (9, 8) and users.shape == (9, 8)
@@ -114,7 +123,7 @@ def test_logq_weight_scales_the_popularity_correction() -> None:
 
     def loss(**kwargs: object) -> float:
         torch.manual_seed(1)
-        module = TwoTowerModule(SPEC.to_dict(), n_catalogue_items=12, **kwargs)
+        module = TwoTowerModule(SPEC.to_dict(), 12, loss=LossConfig(**kwargs))
         module.set_item_log_p(log_p)
         return module.model_step(batch).item()
 
@@ -124,9 +133,9 @@ def test_logq_weight_scales_the_popularity_correction() -> None:
 
 
 def test_history_shares_the_item_id_embedding_by_default() -> None:
-    model = TwoTowerModel(SPEC, 16)
+    model = TwoTowerModel(SPEC, TowerConfig(embedding_dim=16))
     assert model.user_tower.history_embedding.item_embedding is model.item_tower.item_embedding
-    separate = TwoTowerModel(SPEC, 16, share_item_embedding=False)
+    separate = TwoTowerModel(SPEC, TowerConfig(embedding_dim=16, share_item_embedding=False))
     assert (
         separate.user_tower.history_embedding.item_embedding
         is not separate.item_tower.item_embedding
@@ -137,7 +146,7 @@ def test_learned_temperature_moves_and_fixed_one_does_not() -> None:
     spec = SPEC.to_dict()
     for learn in (True, False):
         module = TwoTowerModule(
-            spec, n_catalogue_items=12, temperature=0.2, learn_temperature=learn
+            spec, 12, loss=LossConfig(temperature=0.2, learn_temperature=learn)
         )
         batch = {
             "user": user_inputs(8),
@@ -153,7 +162,7 @@ def test_learned_temperature_moves_and_fixed_one_does_not() -> None:
 
 
 def test_gradient_clipping_clips_dense_and_leaves_sparse_gradients() -> None:
-    module = TwoTowerModule(SPEC.to_dict(), n_catalogue_items=12, sparse_embeddings=True)
+    module = TwoTowerModule(SPEC.to_dict(), 12, TowerConfig(sparse_embeddings=True))
     batch = {
         "user": user_inputs(8),
         "item": item_inputs(8),
@@ -183,7 +192,7 @@ def test_scheduler_from_config_is_attached() -> None:
 
 
 def test_item_id_dropout_replaces_ids_with_oov_only_in_training() -> None:
-    model = TwoTowerModel(SPEC, 16, item_id_dropout=1.0)
+    model = TwoTowerModel(SPEC, TowerConfig(embedding_dim=16, item_id_dropout=1.0))
     inputs = item_inputs(6)
     oov = {**inputs, "item_id": torch.full((6,), OOV_INDEX)}
     model.train()
@@ -193,7 +202,7 @@ def test_item_id_dropout_replaces_ids_with_oov_only_in_training() -> None:
 
 
 def test_zero_attribute_init_makes_unseen_tokens_add_nothing() -> None:
-    model = TwoTowerModel(SPEC, 16, attribute_init="zeros")
+    model = TwoTowerModel(SPEC, TowerConfig(embedding_dim=16, attribute_init="zeros"))
     attribute_tables = [
         m
         for tower in (model.item_tower, model.user_tower)
@@ -206,4 +215,4 @@ def test_zero_attribute_init_makes_unseen_tokens_add_nothing() -> None:
     other_bag = {**inputs, "item_bag": torch.randint(0, 6, inputs["item_bag"].shape) % 6}
     torch.testing.assert_close(model.item_tower(inputs), model.item_tower(other_bag))
     with pytest.raises(ValueError, match="attribute_init"):
-        TwoTowerModel(SPEC, 16, attribute_init="uniform")
+        TwoTowerModel(SPEC, TowerConfig(embedding_dim=16, attribute_init="uniform"))

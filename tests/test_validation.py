@@ -50,8 +50,8 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 
 
 def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
-    path = write(tmp_path, events().drop(columns=["timestamp"]))
-    with pytest.raises(MissingColumnError, match=r"events\.csv.*'timestamp'"):
+    path = write(tmp_path, events().drop(columns=["item_id"]))
+    with pytest.raises(MissingColumnError, match=r"events\.csv.*'item_id'"):
         load_tables(path)
 
 
@@ -118,3 +118,40 @@ def test_datetime_columns_become_epoch_seconds() -> None:
     seconds = load_tables(frame).interactions["timestamp"].tolist()
     assert seconds[0] == pd.Timestamp("2024-01-01", tz="UTC").timestamp()
     assert seconds[1] - seconds[0] == 86_400
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([1.0, float("inf"), 1.0], "'weight' is not finite at row 1"),
+        ([1.0, float("nan"), 1.0], "'weight' is not a number at row 1"),
+        ([0.0, 0.0, 0.0], "'weight' is zero on every row"),
+    ],
+)
+def test_non_finite_and_all_zero_weights_are_rejected(
+    tmp_path: Path, weights: list[float], message: str
+) -> None:
+    with pytest.raises(InvalidValueError, match=message):
+        load_tables(events(weight=weights))
+
+
+def test_column_mapping_renames_every_table(tmp_path: Path) -> None:
+    raw = events().rename(columns={"user_id": "customer_id", "item_id": "sku", "timestamp": "ts"})
+    items = pd.DataFrame({"sku": ["a", "b", "c"], "genre": ["x", "y", "x"]})
+    data = load_tables(
+        raw, items, columns={"user_id": "customer_id", "item_id": "sku", "timestamp": "ts"}
+    )
+    assert list(data.interactions["user_id"]) == ["u1", "u1", "u2"]
+    assert list(data.items["item_id"]) == ["a", "b", "c"]
+    with pytest.raises(MissingColumnError, match="cannot map"):
+        load_tables(raw, columns={"customer": "customer_id"})
+
+
+def test_interactions_without_timestamps_take_file_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    raw = events().drop(columns=["timestamp"])
+    with caplog.at_level(logging.WARNING):
+        data = load_tables(raw)
+    assert list(data.interactions["timestamp"]) == [0.0, 1.0, 2.0]
+    assert "file order" in caplog.text

@@ -30,12 +30,14 @@ from towers.data.split import make_split, prepare_interactions
 from towers.evaluation.callback import RankingEvaluation, evaluate_module
 from towers.evaluation.ranking import evaluate_popularity, evaluate_vectors
 from towers.export.bundle import ExportSettings, export_bundle
+from towers.logs import quiet_lightning
 from towers.model.module import TwoTowerModule, embed
-from towers.model.towers import TowerSpec
+from towers.model.spec import ModelConfig, TowerSpec
 from towers.tensorboard import log_hparams, log_item_projector
 from twotower.encoding import FeatureColumns
 
 log = logging.getLogger(__name__)
+quiet_lightning()
 METRICS_FILE = "metrics.json"
 MONITOR = "val/recall@20"
 
@@ -110,6 +112,13 @@ def evaluate_all(module: TwoTowerModule, data: PreparedData, ks: list[int]) -> d
     return metrics
 
 
+def model_config(cfg: DictConfig) -> ModelConfig:
+    """``cfg.model`` as the typed :class:`ModelConfig` (the one way it reaches code)."""
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(values, dict)
+    return ModelConfig.from_config(values)
+
+
 def build_datamodule(cfg: DictConfig, data: PreparedData) -> TwoTowerDataModule:
     """Training batches as ``cfg.train`` and ``cfg.model`` ask."""
     power = float(cfg.train.user_weight_power)
@@ -120,19 +129,19 @@ def build_datamodule(cfg: DictConfig, data: PreparedData) -> TwoTowerDataModule:
         data,
         cfg.train.batch_size,
         cfg.seed,
-        cfg.model.mixed_negatives,
+        model_config(cfg).mixed_negatives,
         cfg.train.target_horizon,
     )
 
 
 def build_module(cfg: DictConfig, data: PreparedData, negative_pool_size: int) -> TwoTowerModule:
     """The LightningModule from ``cfg.model``, sized for ``data``."""
-    module: TwoTowerModule = hydra.utils.instantiate(
-        cfg.model,
-        spec=TowerSpec.from_encoders(data.encoders).to_dict(),
-        n_catalogue_items=data.n_items,
-        negative_pool_size=negative_pool_size,
-        seed=cfg.seed,
+    module = TwoTowerModule.from_config(
+        model_config(cfg),
+        TowerSpec.from_encoders(data.encoders),
+        data.n_items,
+        negative_pool_size,
+        int(cfg.seed),
     )
     module.set_item_log_p(data.item_log_p)
     codes = data.encoders.items.ids.encode(data.catalogue[ITEM_ID])

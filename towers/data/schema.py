@@ -8,6 +8,7 @@ whose message names the source, the column and the offending row or id.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ TIMESTAMP = "timestamp"
 WEIGHT = "weight"
 RATING = "rating"
 UNKNOWN_ITEM_POLICIES = ("error", "drop")
+MAPPABLE_COLUMNS = (USER_ID, ITEM_ID, TIMESTAMP, WEIGHT, RATING)
 
 
 @dataclass
@@ -107,13 +109,26 @@ def parse_timestamps(column: pd.Series, source: str) -> np.ndarray:
 
 
 def validate_interactions(table: pd.DataFrame, source: str = "interactions") -> pd.DataFrame:
-    """Check and normalise an interactions table (``user_id``, ``item_id``, ``timestamp``)."""
+    """Check and normalise an interactions table (``user_id``, ``item_id``, ``timestamp``).
+
+    Without a ``timestamp`` column the file order is the time order (row ``r`` happened
+    at time ``r``), with a warning: each user's test events are then their last rows.
+    """
     _require_rows(table, source, "interactions")
-    _require_columns(table, [USER_ID, ITEM_ID, TIMESTAMP], source, "interactions")
+    _require_columns(table, [USER_ID, ITEM_ID], source, "interactions")
     out = table.reset_index(drop=True).copy()
     out[USER_ID] = normalise_ids(out[USER_ID], source, USER_ID)
     out[ITEM_ID] = normalise_ids(out[ITEM_ID], source, ITEM_ID)
-    out[TIMESTAMP] = parse_timestamps(out[TIMESTAMP], source)
+    if TIMESTAMP in out.columns:
+        out[TIMESTAMP] = parse_timestamps(out[TIMESTAMP], source)
+    else:
+        log.warning(
+            "%s: no '%s' column; taking the file order as the time order (each user's "
+            "last rows become their test events)",
+            source,
+            TIMESTAMP,
+        )
+        out[TIMESTAMP] = np.arange(len(out), dtype=np.float64)
     for optional in (WEIGHT, RATING):
         if optional in out.columns:
             values = pd.to_numeric(out[optional], errors="coerce")
@@ -125,10 +140,36 @@ def validate_interactions(table: pd.DataFrame, source: str = "interactions") -> 
                     f"(value {out[optional].iloc[row]!r})"
                 )
             out[optional] = values.astype(np.float64)
-    if WEIGHT in out.columns and (out[WEIGHT] < 0).any():
-        row = _first_bad_row((out[WEIGHT] < 0).to_numpy())
-        raise InvalidValueError(f"{source}: column '{WEIGHT}' is negative at row {row}")
+    if WEIGHT in out.columns:
+        weights = out[WEIGHT].to_numpy()
+        for bad, what in ((~np.isfinite(weights), "not finite"), (weights < 0, "negative")):
+            if bad.any():
+                row = _first_bad_row(bad)
+                raise InvalidValueError(
+                    f"{source}: column '{WEIGHT}' is {what} at row {row} "
+                    f"(value {weights[row]!r})"
+                )
+        if not (weights > 0).any():
+            raise InvalidValueError(f"{source}: column '{WEIGHT}' is zero on every row")
     return out
+
+
+def rename_columns(table: pd.DataFrame, columns: Mapping[str, str], source: str) -> pd.DataFrame:
+    """Rename source columns to twotower's names: ``columns`` maps a twotower name
+    (``user_id``, ``item_id``, ``timestamp``, ``weight``, ``rating``) to the table's own
+    (e.g. ``{"user_id": "customer_id"}``); names a table lacks are left for validation."""
+    unknown = sorted(set(columns) - set(MAPPABLE_COLUMNS))
+    if unknown:
+        raise MissingColumnError(
+            f"{source}: cannot map {unknown}; data.columns maps {list(MAPPABLE_COLUMNS)}"
+        )
+    renames = {theirs: ours for ours, theirs in columns.items() if theirs in table.columns}
+    clashes = [ours for theirs, ours in renames.items() if ours in table.columns and ours != theirs]
+    if clashes:
+        raise DuplicateIdError(
+            f"{source}: has both its own '{clashes[0]}' column and one mapped onto it"
+        )
+    return table.rename(columns=renames)
 
 
 def validate_entities(table: pd.DataFrame, id_column: str, source: str, what: str) -> pd.DataFrame:

@@ -30,6 +30,7 @@ def load_data(cfg: Mapping[str, Any]) -> RawData:
             cfg.get("items"),
             cfg.get("users"),
             unknown_items=cfg.get("unknown_items", "error"),
+            columns={k: v for k, v in dict(cfg.get("columns") or {}).items() if v},
         )
     if kind in MOVIELENS_READERS:
         if not cfg.get("path"):

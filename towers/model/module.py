@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,12 +16,14 @@ import torch
 from torch import Tensor, nn
 
 from towers.model.loss import candidate_log_q, in_batch_softmax_loss
-from towers.model.towers import TowerShape, TowerSpec, TwoTowerModel
+from towers.model.spec import LossConfig, ModelConfig, TowerConfig, TowerSpec
+from towers.model.towers import TwoTowerModel
 
 # The module moves its own batches (see transfer_batch_to_device); Lightning warns that a
 # datamodule is also present, which is expected here.
 warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device`.*")
 
+log = logging.getLogger(__name__)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 MIN_TEMPERATURE = 0.01
@@ -49,51 +53,53 @@ class TwoTowerModule(pl.LightningModule):
         self,
         spec: dict[str, Any],
         n_catalogue_items: int,
-        embedding_dim: int = 64,
-        hidden: Sequence[int] = (128,),
-        output_dim: int = 64,
-        dropout: float = 0.0,
-        norm: str = "none",
-        share_item_embedding: bool = True,
-        history_pooling: str = "mean",
-        sparse_embeddings: bool = False,
-        item_id_dropout: float = 0.0,
-        attribute_init: str = "normal",
-        ensemble: int = 1,
-        history_attributes: bool = False,
-        temperature: float = 0.1,
-        learn_temperature: bool = False,
-        logq_correction: bool = True,
-        logq_weight: float = 1.0,
-        remove_accidental_hits: bool = True,
-        mixed_negatives: int = 0,
+        towers: TowerConfig | None = None,
+        loss: LossConfig | None = None,
         negative_pool_size: int = 0,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         scheduler_interval: str = "epoch",
         seed: int = 0,
     ) -> None:
+        """``spec``: the input sizes (:class:`TowerSpec` as a dict, so it travels in
+        checkpoints); ``towers`` / ``loss``: the typed config (defaults if None);
+        ``negative_pool_size``: items the mixed negatives are drawn from (0: in-batch only);
+        ``optimizer`` / ``scheduler``: factories finished in ``configure_optimizers``."""
         super().__init__()
         self.save_hyperparameters(logger=False)
-        shape = TowerShape(list(hidden), output_dim, dropout, norm)
-        self.model = TwoTowerModel(
-            TowerSpec.from_dict(spec),
-            embedding_dim,
-            shape,
-            share_item_embedding,
-            history_pooling,
-            sparse_embeddings,
-            item_id_dropout,
-            attribute_init,
-            ensemble,
-            history_attributes,
-        )
+        self.towers = towers or TowerConfig()
+        self.loss = loss or LossConfig()
+        self.model = TwoTowerModel(TowerSpec.from_dict(spec), self.towers)
         self.log_temperature = nn.Parameter(
-            torch.tensor(math.log(temperature)), requires_grad=learn_temperature
+            torch.tensor(math.log(self.loss.temperature)),
+            requires_grad=self.loss.learn_temperature,
         )
         self.register_buffer("item_log_p", torch.zeros(n_catalogue_items))
         self._epoch_loss = torch.zeros(())
         self._epoch_steps = 0
+        self._epoch_started = time.perf_counter()
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        spec: TowerSpec,
+        n_catalogue_items: int,
+        negative_pool_size: int = 0,
+        seed: int = 0,
+    ) -> TwoTowerModule:
+        """The module a :class:`ModelConfig` describes, sized by ``spec``."""
+        return cls(
+            spec.to_dict(),
+            n_catalogue_items,
+            config.towers,
+            config.loss,
+            negative_pool_size,
+            config.optimizer,
+            config.scheduler,
+            config.scheduler_interval,
+            seed,
+        )
 
     @property
     def temperature(self) -> Tensor:
@@ -118,23 +124,23 @@ class TwoTowerModule(pl.LightningModule):
         else:
             candidate_rows = rows
         log_q = None
-        if self.hparams.logq_correction:
+        if self.loss.logq_correction:
             pool = self.hparams.negative_pool_size
-            log_q = self.hparams.logq_weight * candidate_log_q(
+            log_q = self.loss.logq_weight * candidate_log_q(
                 self.item_log_p[rows], n_negatives, pool
             )
         loss = in_batch_softmax_loss(
             users,
             items,
             self.temperature,
-            item_ids=candidate_rows if self.hparams.remove_accidental_hits else None,
+            item_ids=candidate_rows if self.loss.remove_accidental_hits else None,
             item_log_q=log_q,
             weights=weights,
         )
         return loss
 
     def on_train_start(self) -> None:
-        if self.hparams.ensemble > 1:
+        if self.towers.ensemble > 1:
             raise ValueError(
                 "an ensemble (model.ensemble > 1) is trained member by member and assembled "
                 "(towers.pipeline.train_ensemble), not as one module"
@@ -143,10 +149,31 @@ class TwoTowerModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._epoch_loss = torch.zeros((), device=self.device)
         self._epoch_steps = 0
+        self._epoch_started = time.perf_counter()
 
     def on_train_epoch_end(self) -> None:
-        if self._epoch_steps:
-            self.log("train/loss_epoch", self._epoch_loss / self._epoch_steps, sync_dist=True)
+        if not self._epoch_steps:
+            return
+        mean_loss = self._epoch_loss / self._epoch_steps
+        self.log("train/loss_epoch", mean_loss, sync_dist=True)
+        trainer = self._trainer
+        if trainer is not None and trainer.is_global_zero:
+            # one line per epoch through logging, for runs whose output is redirected
+            # (the progress bar is for terminals); validation metrics were logged by the
+            # RankingEvaluation callback, which runs before this hook
+            shown = {
+                k: float(v)
+                for k, v in trainer.callback_metrics.items()
+                if k in ("val/recall@20", "val/ndcg@20")
+            }
+            log.info(
+                "epoch %d/%d: loss %.4f%s, %.1f s",
+                trainer.current_epoch + 1,
+                trainer.max_epochs,
+                float(mean_loss),
+                "".join(f", {k} {v:.4f}" for k, v in shown.items()),
+                time.perf_counter() - self._epoch_started,
+            )
 
     def transfer_batch_to_device(
         self, batch: Any, device: torch.device, dataloader_idx: int
@@ -172,7 +199,7 @@ class TwoTowerModule(pl.LightningModule):
         # Dropout and item-id dropout are the only consumers of torch's global RNG in
         # training; seeding it by step makes a resumed run draw the same masks.
         # (Negatives use their own seeds.)
-        if self.hparams.dropout > 0 or self.hparams.item_id_dropout > 0:
+        if self.towers.dropout > 0 or self.towers.item_id_dropout > 0:
             rank = self._trainer.global_rank if self._trainer is not None else 0
             torch.manual_seed(self.hparams.seed * 1_000_003 + self.global_step * 101 + rank)
 
@@ -185,7 +212,7 @@ class TwoTowerModule(pl.LightningModule):
         every = self._trainer.log_every_n_steps if self._trainer is not None else 1
         if batch_idx % max(every, 1) == 0:
             self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-            if self.hparams.learn_temperature:
+            if self.loss.learn_temperature:
                 self.log("train/temperature", self.temperature, on_step=True, on_epoch=False)
         # Under DDP gradients are averaged over processes; each process's loss covers the
         # global batch through its own slice, so scaling by the world size makes the

@@ -7,69 +7,16 @@ Both towers take a dict of named input tensors, the names and layout produced by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from twotower.encoding import OOV_INDEX, PAD_INDEX, EntityEncoder, FeatureEncoders, MultiHotEncoder
+from towers.model.spec import EntitySpec, TowerConfig, TowerShape, TowerSpec
+from twotower.encoding import OOV_INDEX, PAD_INDEX
 
-
-@dataclass
-class EntitySpec:
-    """Sizes of one entity's inputs (see :class:`twotower.encoding.EntityEncoder`)."""
-
-    prefix: str
-    id_size: int
-    use_id: bool
-    categorical_sizes: list[int] = field(default_factory=list)
-    bag_sizes: list[int] = field(default_factory=list)
-    bag_widths: list[int] = field(default_factory=list)
-    n_numeric: int = 0
-
-    @classmethod
-    def from_encoder(cls, encoder: EntityEncoder) -> EntitySpec:
-        return cls(
-            prefix=encoder.prefix,
-            id_size=encoder.ids.size,
-            use_id=encoder.use_id,
-            categorical_sizes=[v.size for v in encoder.categorical.values()],
-            bag_sizes=[
-                b.vocabulary.size if isinstance(b, MultiHotEncoder) else b.size
-                for b in encoder.bags
-            ],
-            bag_widths=[b.max_tokens for b in encoder.bags],
-            n_numeric=len(encoder.numeric),
-        )
-
-
-@dataclass
-class TowerSpec:
-    """Everything the towers need to know about the inputs; plain data, saved in checkpoints."""
-
-    items: EntitySpec
-    users: EntitySpec
-    history_length: int
-
-    @classmethod
-    def from_encoders(cls, encoders: FeatureEncoders) -> TowerSpec:
-        return cls(
-            EntitySpec.from_encoder(encoders.items),
-            EntitySpec.from_encoder(encoders.users),
-            encoders.history_length,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TowerSpec:
-        return cls(
-            EntitySpec(**data["items"]), EntitySpec(**data["users"]), int(data["history_length"])
-        )
+__all__ = ["EntitySpec", "TowerConfig", "TowerShape", "TowerSpec", "TwoTowerModel"]
 
 
 def masked_mean(embedded: Tensor, tokens: Tensor) -> Tensor:
@@ -172,16 +119,6 @@ class AttributeEmbedder(nn.Module):
         if self.numeric is not None:
             parts.append(self.numeric(inputs[f"{self.prefix}_num"]))
         return parts
-
-
-@dataclass
-class TowerShape:
-    """MLP shape shared by both towers."""
-
-    hidden: Sequence[int] = (128,)
-    output_dim: int = 64
-    dropout: float = 0.0
-    norm: str = "none"
 
 
 class ItemTower(nn.Module):
@@ -346,28 +283,22 @@ class TwoTowerModel(nn.Module):
     :meth:`set_item_attributes`).
     """
 
-    def __init__(
-        self,
-        spec: TowerSpec,
-        embedding_dim: int = 64,
-        shape: TowerShape | None = None,
-        share_item_embedding: bool = True,
-        history_pooling: str = "mean",
-        sparse_embeddings: bool = False,
-        item_id_dropout: float = 0.0,
-        attribute_init: str = "normal",
-        ensemble: int = 1,
-        history_attributes: bool = False,
-    ) -> None:
+    def __init__(self, spec: TowerSpec, config: TowerConfig | None = None) -> None:
         super().__init__()
+        config = config or TowerConfig()
+        embedding_dim, shape = config.embedding_dim, config.shape
+        share_item_embedding, history_pooling = config.share_item_embedding, config.history_pooling
+        sparse_embeddings, item_id_dropout = config.sparse_embeddings, config.item_id_dropout
+        attribute_init, ensemble = config.attribute_init, config.ensemble
+        history_attributes = config.history_attributes
         if attribute_init not in ATTRIBUTE_INITS:
             raise ValueError(
                 f"attribute_init must be one of {ATTRIBUTE_INITS}, got {attribute_init!r}"
             )
         if ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {ensemble}")
-        shape = shape or TowerShape()
         self.spec = spec
+        self.config = config
         item_towers: list[nn.Module] = []
         user_towers: list[nn.Module] = []
         for _ in range(ensemble):
