@@ -1,4 +1,5 @@
-"""scripts/train.py: a failing input exits non-zero with a message and leaves no bundle."""
+"""The twotower command (and scripts/train.py, its thin wrapper): a failing input exits
+non-zero with a message and leaves no bundle; --help is fast."""
 
 from __future__ import annotations
 
@@ -51,3 +52,63 @@ def test_main_job_prints_metrics_and_a_recommendation(tmp_path: Path) -> None:
     assert "sample recommendation for user" in result.stdout
     assert (tmp_path / "bundle" / "manifest.json").is_file()
     assert (tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "command", [["--help"], ["train", "--help"], ["export", "--help"], ["serve", "--help"]]
+)
+def test_help_imports_nothing_heavy(command: list[str]) -> None:
+    """``--help`` answers before torch (or, for serve, Hydra) is imported."""
+    probe = (
+        "import sys; from twotower.cli import main; main(sys.argv[1:]); "
+        "heavy = [m for m in ('torch', 'pytorch_lightning', 'onnx') if m in sys.modules]; "
+        "assert not heavy, heavy; print('hydra' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *command], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage" in result.stdout.lower() or "powered by hydra" in result.stdout.lower()
+    if command[0] == "serve":
+        assert result.stdout.strip().endswith("False")  # no Hydra either
+
+
+def test_unknown_command_and_bad_serve_setting_exit_non_zero() -> None:
+    from twotower.cli import main
+
+    assert main(["fly"]) == 2
+    assert main(["serve", "port=abc"]) == 2
+    assert main(["serve", "colour=blue"]) == 2
+    assert main(["bench", "nothing"]) == 2
+
+
+def test_serve_refuses_a_bad_bundle_before_starting(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "twotower", "serve", f"bundle={tmp_path / 'absent'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "no such bundle directory" in result.stderr
+
+
+def test_relative_data_paths_resolve_against_the_run_start(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from towers.config import absolute_paths, run_directory_of
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        {"hydra": {"runtime": {"cwd": str(tmp_path / "start")}}}, run / ".hydra" / "hydra.yaml"
+    )
+    cfg = OmegaConf.create(
+        {
+            "data": {"interactions": "events.csv", "items": None, "path": "s3://bucket/x"},
+            "export": {"latest": "outputs/latest"},
+        }
+    )
+    absolute_paths(cfg, run_directory_of(run))
+    assert cfg.data.interactions == str(tmp_path / "start" / "events.csv")
+    assert cfg.data["items"] is None and cfg.data.path == "s3://bucket/x"
+    assert cfg.export.latest == str(tmp_path / "start" / "outputs" / "latest")

@@ -239,3 +239,20 @@ def test_multi_worker_listener_is_tcp_so_connections_get_nodelay() -> None:
         client.close()
     finally:
         listener.close()
+
+
+def test_every_answer_says_what_served_it_and_fallbacks_are_counted(
+    client: TestClient, user: str
+) -> None:
+    one = client.get("/recommend", params={"user_id": user, "k": 3}).json()
+    assert one["served_by"] == "model"
+    many = client.post(
+        "/recommend",
+        json={"users": [{"user_id": user}, {"history": ["i1"]}, {"user_id": "nobody"}]},
+    ).json()
+    assert [r["served_by"] for r in many["results"]] == ["model", "history", "popularity"]
+    unknown = client.get("/similar/no-such-item").json()
+    assert unknown["served_by"] == "popularity"
+    metrics = client.get("/metrics").text
+    assert 'twotower_fallbacks_total{served_by="popularity"} 2.0' in metrics
+    assert 'twotower_fallbacks_total{served_by="history"} 1.0' in metrics

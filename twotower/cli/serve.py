@@ -61,7 +61,8 @@ def parse_settings(words: list[str]) -> ServeSettings:
 
 def usage() -> str:
     defaults = ServeSettings()
-    lines = [(__doc__ or "").strip(), "", "settings (default):"]
+    lines = ["usage: twotower serve [key=value ...]", "", (__doc__ or "").strip(), ""]
+    lines.append("settings (default):")
     lines += [f"  {f.name}={getattr(defaults, f.name)}" for f in dataclasses.fields(defaults)]
     return "\n".join(lines)
 
