@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     write_report(
         args.out,
         "Serving: GET /recommend under load",
-        f"wrk on loopback against `scripts/serve.py` (uvicorn), {args.items:,} synthetic items, "
+        f"wrk on loopback against `twotower serve` (uvicorn), {args.items:,} synthetic items, "
         f"`{args.index}` tuned to ANN recall@100 ≥ 0.95, a random known user per request, k = 10, "
         f"{args.seconds} s per row (`twotower bench serving`). Target: no errors and "
         "p99 < 50 ms at the highest sustained rate reported.",

@@ -27,7 +27,7 @@ TINY_OVERRIDES = [
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
-    """The real Hydra config, as ``scripts/train.py`` would see it, with overrides."""
+    """The real Hydra config, as ``twotower train`` would see it, with overrides."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides or [])
 

@@ -1,6 +1,6 @@
 """The main job: data -> split -> features -> train (Lightning) -> evaluate -> bundle.
 
-``train(cfg)`` is what ``scripts/train.py`` runs under Hydra; tests call it with a
+``train(cfg)`` is what ``twotower train`` runs under Hydra; tests call it with a
 config composed by ``hydra.compose`` (setting ``paths.output_dir``).
 """
 

@@ -1,6 +1,6 @@
 """A reference FastAPI serving layer over :class:`retrieval.Retriever`.
 
-Run it with ``python scripts/serve.py bundle=PATH`` or
+Run it with ``twotower serve bundle=PATH`` or
 ``TWOTOWER_BUNDLE=PATH uvicorn retrieval.server.app:app_from_env --factory``. The OpenAPI
 schema (``/openapi.json``) is the contract; every request and response is a Pydantic
 model, unknown fields are refused, and bad input gets a 4xx that says what is wrong.
@@ -225,7 +225,7 @@ def tcp_listener(host: str, port: int) -> socket.socket:
 def app_from_env() -> FastAPI:
     """App factory for ``uvicorn --factory``: the bundle path comes from TWOTOWER_BUNDLE.
 
-    With TWOTOWER_STATE_FILE (a SQLite path; ``scripts/serve.py`` sets one for several
+    With TWOTOWER_STATE_FILE (a SQLite path; ``twotower serve`` sets one for several
     workers) events, added items and reloads are shared by every worker process.
     """
     path = os.environ.get("TWOTOWER_BUNDLE")

@@ -24,7 +24,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "ObserveRequests"]
 class Metrics:
     """Prometheus series, in a registry of the app's own.
 
-    With ``PROMETHEUS_MULTIPROC_DIR`` set (``scripts/serve.py`` sets it for several
+    With ``PROMETHEUS_MULTIPROC_DIR`` set (``twotower serve`` sets it for several
     workers), prometheus-client keeps every series in files there and ``/metrics``
     answers for all workers together, whichever worker serves the scrape.
     """

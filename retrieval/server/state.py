@@ -58,7 +58,7 @@ class ServerState:
         return added
 
     def apply(self, change: Change) -> None:
-        """Replay a change another worker recorded (see :mod:`retrieval.shared`)."""
+        """Replay a change another worker recorded (see :mod:`retrieval.server.shared`)."""
         if change.kind == "reload":
             self.reload(change.payload, share=False)
             self.metrics.reloads.labels("followed").inc()
