@@ -12,13 +12,13 @@ rows are dropped when the catalogue is saved.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from retrieval.search import CandidateIndex
+from retrieval.search import EXACT_SUBSET_MAX, CandidateIndex
 from twotower.bundle import layout
 
 
@@ -35,6 +35,15 @@ class Catalogue:
     superseded: np.ndarray
     lookup: dict[str, int]
     version: int = 0
+    # the current row of each row's item (rows move on upsert); None while none has moved
+    remap: np.ndarray | None = None
+    visible: np.ndarray = field(init=False, repr=False, compare=False)
+    live: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        visible = ~(self.removed | self.superseded)
+        object.__setattr__(self, "visible", visible)  # computed once per snapshot
+        object.__setattr__(self, "live", int(visible.sum()))
 
     @classmethod
     def from_bundle(
@@ -64,14 +73,19 @@ class Catalogue:
         return len(self.item_ids)
 
     @property
-    def live(self) -> int:
-        """Items that can be returned: neither removed nor superseded."""
-        return int((~self.hidden).sum())
-
-    @property
     def hidden(self) -> np.ndarray:
         """Rows never returned: removed items and superseded versions of upserted ones."""
-        return self.removed | self.superseded
+        return ~self.visible
+
+    @property
+    def small_after_hiding(self) -> bool:
+        """So few items left visible that searches score them exactly (see
+        :func:`retrieval.search.top_k`)."""
+        return self.live <= EXACT_SUBSET_MAX and self.live < self.size
+
+    def current(self, rows: np.ndarray) -> np.ndarray:
+        """Where the items at ``rows`` are now (an upserted item has a new row)."""
+        return rows if self.remap is None else self.remap[rows]
 
     def rows_of(self, item_ids: Sequence[Any]) -> np.ndarray:
         """Current row of each id (-1 when unknown)."""
@@ -85,7 +99,17 @@ class Catalogue:
         new_ids = table[layout.ITEM_ID].to_numpy(dtype=object)
         previous = self.rows_of(list(new_ids))
         superseded = np.concatenate([self.superseded, np.zeros(n_new, bool)])
-        superseded[previous[previous >= 0]] = True
+        moved = np.flatnonzero(previous >= 0)
+        superseded[previous[moved]] = True
+        remap = self.remap
+        if len(moved) or remap is not None:
+            base = np.arange(self.size) if remap is None else remap
+            remap = np.concatenate([base, np.arange(self.size, self.size + n_new)])
+            if len(moved):
+                target = np.full(self.size + n_new, -1, np.int64)
+                target[previous[moved]] = self.size + moved
+                hit = target[remap] >= 0
+                remap[hit] = target[remap[hit]]
         new_rows = table.assign(**{layout.COUNT_COLUMN: 0, layout.REMOVED_COLUMN: False})
         lookup = dict(self.lookup)
         lookup.update({item: self.size + j for j, item in enumerate(new_ids)})
@@ -99,6 +123,7 @@ class Catalogue:
             superseded=superseded,
             lookup=lookup,
             version=self.version + 1,
+            remap=remap,
         )
 
     def without_items(self, item_ids: Sequence[Any]) -> tuple[Catalogue, int]:

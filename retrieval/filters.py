@@ -75,14 +75,15 @@ class MaskCache:
         self,
         version: int,
         items: pd.DataFrame,
-        hidden: np.ndarray,
+        visible: np.ndarray,
         filter: Filter | None,
         separator: str = "|",
     ) -> np.ndarray:
-        """Rows that may be returned: not ``hidden`` and matching ``filter``."""
+        """Rows that may be returned: ``visible`` ones matching ``filter`` (``visible``
+        itself, not a copy, when there is no filter)."""
         key = filter_key(filter)
         if key is None:
-            return ~hidden
+            return visible
         cache_key = (version, key)
         with self._lock:
             mask = self._masks.get(cache_key)
@@ -94,4 +95,4 @@ class MaskCache:
                 self._masks[cache_key] = mask
                 while len(self._masks) > self.size:
                     self._masks.popitem(last=False)
-        return mask & ~hidden
+        return mask & visible

@@ -56,6 +56,15 @@ def search_parameters(
     wrong = [k for k in knobs if k not in usable]
     if wrong:
         raise RequestError(f"search knob(s) {wrong} do not apply to this index (it takes {usable})")
+    for name, value in knobs.items():
+        number = (
+            float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+        )
+        if not (1 <= number <= 1_000_000) or (name != "k_factor" and number != int(number)):
+            raise RequestError(
+                f"search knob {name} must be {'a number' if name == 'k_factor' else 'an integer'}"
+                f" in 1..1000000, got {value!r}"
+            )
     kind = index_kind(index)
     base: faiss.SearchParameters | None = None
     if kind["ivf"] and "nprobe" in knobs:

@@ -37,7 +37,14 @@ from retrieval.requests import (
     check_boost,
     check_k,
 )
-from retrieval.search import FaissCandidates, TopK, merge_top_k, most_popular, top_k
+from retrieval.search import (
+    FaissCandidates,
+    TopK,
+    merge_top_k,
+    most_popular,
+    top_k,
+    top_k_one,
+)
 from retrieval.users import UserEncoder, UserFeatures
 from twotower.bundle import Manifest, layout, write_bundle
 from twotower.bundle.embeddings import write_embeddings
@@ -46,6 +53,7 @@ from twotower.encoding import FeatureEncoders
 from twotower.errors import DuplicateIdError, MissingColumnError, RequestError
 
 __all__ = ["MAX_K", "Recommendations", "Retriever"]
+NOTHING = np.zeros(0, dtype=np.int64)
 
 log = logging.getLogger(__name__)
 ITEM_ID = layout.ITEM_ID
@@ -65,7 +73,12 @@ class Retriever:
         self.manifest: Manifest = loaded.manifest
         self.encoders: FeatureEncoders = loaded.encoders
         self.device = device
-        self.users = UserEncoder(loaded.encoders, loaded.users, loaded.user_session)
+        self.users = UserEncoder(
+            loaded.encoders,
+            loaded.users,
+            loaded.user_session,
+            pd.Index(loaded.catalogue.item_ids),
+        )
         self._item_session = loaded.item_session
         self._item_inputs = [i.name for i in loaded.item_session.get_inputs()]
         self._catalogue = loaded.catalogue
@@ -149,21 +162,40 @@ class Retriever:
 
     # ----------------------------------------------------------------- queries
     def _knobs(self, catalogue: Catalogue, search_params: Mapping[str, Any] | None) -> dict:
-        knobs = {**self._default_knobs, **dict(search_params or {})}
+        knobs = {**self._default_knobs, **search_params} if search_params else self._default_knobs
         catalogue.index.check_knobs(knobs)
         return knobs
 
     def _allowed(self, catalogue: Catalogue, filter: Filter | None) -> np.ndarray:
         return self._masks.allowed(
-            catalogue.version, catalogue.items, catalogue.hidden, filter, self._separator
+            catalogue.version, catalogue.items, catalogue.visible, filter, self._separator
         )
 
     @staticmethod
     def _banned(catalogue: Catalogue, ids: Sequence[Any]) -> np.ndarray:
+        """Sorted unique rows of ``ids`` (unknown ids ignored)."""
         if not ids:
-            return np.zeros(0, dtype=np.int64)
+            return NOTHING
         rows = catalogue.rows_of(ids)
         return np.unique(rows[rows >= 0])
+
+    def _banned_for(
+        self,
+        catalogue: Catalogue,
+        position: int,
+        history: Sequence[Any] | None,
+        common: np.ndarray,
+        exclude_seen: bool,
+    ) -> np.ndarray:
+        """Sorted unique rows one user must not get: seen items (rows looked up at load,
+        followed through upserts), the given history, and ``common``."""
+        seen = self.users.seen_rows(position) if exclude_seen else NOTHING
+        if catalogue.remap is not None and len(seen):
+            seen = np.unique(catalogue.current(seen))
+        if not history and not len(common):
+            return seen
+        parts = [seen, common, self._banned(catalogue, [str(i) for i in history or ()])]
+        return np.unique(np.concatenate(parts))
 
     def recommend(
         self,
@@ -193,19 +225,58 @@ class Retriever:
         most popular items, scored by their training counts (no boost). Fewer than ``k``
         items come back only when fewer pass the exclusions and the filter.
         """
-        found = self.retrieve(
-            [user_id],
-            [history],
-            [user_features],
-            k=k,
-            exclude_seen=exclude_seen,
-            exclude=exclude,
-            filter=filter,
-            search_params=search_params,
-            new_item_boost=new_item_boost,
+        # One user: the same steps as ``retrieve`` without the batch bookkeeping.
+        k = check_k(k)
+        boost = check_boost(new_item_boost)
+        position = self.users.position.get(str(user_id)) if user_id is not None else None
+        if (
+            position is not None
+            and not history
+            and not user_features
+            and exclude is None
+            and filter is None
+            and search_params is None
+            and not boost
+            and not self._catalogue.small_after_hiding
+        ):
+            return self._recommend_known(position, k, exclude_seen)
+        if isinstance(history, (str, bytes)):
+            raise RequestError("history must be a sequence of item ids, not a string")
+        catalogue = self._catalogue
+        knobs = self._knobs(catalogue, search_params)
+        positions = self.users.positions([user_id])
+        common = self._banned(catalogue, [str(i) for i in (exclude or [])])
+        banned = self._banned_for(catalogue, positions[0], history, common, exclude_seen)
+        allowed = self._allowed(catalogue, filter)
+        if positions[0] == self.users.missing_row and not user_features and not history:
+            rows, scores = most_popular(catalogue.popularity, banned, allowed, k)
+            return catalogue.item_ids[rows], scores
+        query = self.users.encode([user_id], [history], [user_features], positions)
+        rows_2d, scores_2d = self._search(catalogue, query, [banned], allowed, k, knobs, boost)
+        keep = rows_2d[0] >= 0
+        return catalogue.item_ids[rows_2d[0][keep]], scores_2d[0][keep]
+
+    def _recommend_known(
+        self, position: int, k: int, exclude_seen: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``recommend`` for a known user with nothing but the stored state (the common
+        call), in as few steps as possible; the same answer as the general path."""
+        catalogue = self._catalogue
+        users = self.users
+        query = users.run(users.stored_row(position))
+        banned = users.seen_rows(position) if exclude_seen else NOTHING
+        if catalogue.remap is not None and len(banned):
+            banned = np.unique(catalogue.current(banned))
+        rows, scores = top_k_one(
+            catalogue.index,
+            query,
+            banned,
+            catalogue.visible,
+            catalogue.live,
+            k,
+            self._default_knobs,
         )
-        keep = ~np.isnan(found.scores[0])
-        return found.ids[0][keep], found.scores[0][keep]
+        return catalogue.item_ids[rows], scores
 
     def recommend_batch(
         self,
@@ -259,14 +330,9 @@ class Retriever:
         ids, hists, feats = batch_args(user_ids, histories, user_features)
         knobs = self._knobs(catalogue, search_params)  # validated before any work
         positions = self.users.positions(ids)
-        common = [str(i) for i in (exclude or [])]
+        common = self._banned(catalogue, [str(i) for i in (exclude or [])])
         banned = [
-            self._banned(
-                catalogue,
-                (self.users.seen(positions[r]) if exclude_seen else [])
-                + [str(i) for i in (hists[r] or [])]
-                + common,
-            )
+            self._banned_for(catalogue, positions[r], hists[r], common, exclude_seen)
             for r in range(len(ids))
         ]
         allowed = self._allowed(catalogue, filter)
@@ -314,7 +380,10 @@ class Retriever:
         ones' scores lifted, and the two lists merged."""
         new = allowed & (catalogue.popularity == 0) if boost else None
         if new is None or not new.any():
-            return top_k(catalogue.index, catalogue.vectors, queries, banned, allowed, k, knobs)
+            count = catalogue.live if allowed is catalogue.visible else None
+            return top_k(
+                catalogue.index, catalogue.vectors, queries, banned, allowed, k, knobs, count
+            )
         index, vectors = catalogue.index, catalogue.vectors
         seen_top = top_k(index, vectors, queries, banned, allowed & ~new, k, knobs)
         new_rows, new_scores = top_k(index, vectors, queries, banned, new, k, knobs)

@@ -13,13 +13,14 @@ scored exactly instead. Copy-on-write: ``with_vectors`` returns a new index.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import faiss
 import numpy as np
 
-from retrieval.index import search, search_parameters
+from retrieval.index import index_kind, search_parameters
 
 log = logging.getLogger(__name__)
 EXACT_SUBSET_MAX = 4096
@@ -32,6 +33,9 @@ class CandidateIndex(Protocol):
 
     @property
     def size(self) -> int: ...
+
+    @property
+    def prefix_consistent(self) -> bool: ...
 
     def check_knobs(self, knobs: Mapping[str, Any]) -> None: ...
 
@@ -50,19 +54,47 @@ class FaissCandidates:
         self.cpu_index = index
         self.gpu = gpu and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
         self.index = faiss.index_cpu_to_all_gpus(index) if self.gpu else index
+        self.ntotal = int(index.ntotal)
+        kind = index_kind(index)
+        self._prefix_consistent = not kind["hnsw"] and not kind["refine"]
+        # SearchParameters per knob setting, built once (building them costs more than a
+        # small search); bounded, since knobs come from requests
+        self._parameters: dict[tuple, Any] = {}
 
     @property
     def size(self) -> int:
-        return int(self.index.ntotal)
+        return self.ntotal
+
+    @property
+    def prefix_consistent(self) -> bool:
+        """Whether a search for more neighbours returns the same first ones (true for exact
+        and IVF indexes; HNSW and re-ranking indexes depend on the number asked for)."""
+        return self._prefix_consistent
+
+    def parameters(self, knobs: Mapping[str, Any]) -> Any:
+        """The (cached) ``faiss.SearchParameters`` for ``knobs``; raises
+        :class:`~twotower.errors.RequestError` for knobs this index does not take."""
+        key = tuple(sorted(knobs.items()))
+        params = self._parameters.get(key, self)
+        if params is self:
+            params = search_parameters(self.cpu_index, knobs)
+            if len(self._parameters) < 256:
+                self._parameters[key] = params
+        return params
 
     def check_knobs(self, knobs: Mapping[str, Any]) -> None:
         """Raise :class:`~twotower.errors.RequestError` for knobs this index does not take."""
-        search_parameters(self.cpu_index, knobs)
+        self.parameters(knobs)
 
     def search(
         self, queries: np.ndarray, k: int, knobs: Mapping[str, Any]
     ) -> tuple[np.ndarray, np.ndarray]:
-        return search(self.index, queries, k, knobs)
+        params = self.parameters(knobs)
+        k = max(1, min(int(k), self.ntotal))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if params is None:
+            return self.index.search(queries, k)
+        return self.index.search(queries, k, params=params)
 
     def with_vectors(self, vectors: np.ndarray) -> FaissCandidates:
         """A copy with ``vectors`` appended (the original is left as it is)."""
@@ -80,6 +112,10 @@ class ExactCandidates:
     @property
     def size(self) -> int:
         return len(self.vectors)
+
+    @property
+    def prefix_consistent(self) -> bool:
+        return True
 
     def check_knobs(self, knobs: Mapping[str, Any]) -> None:
         if knobs:
@@ -141,9 +177,10 @@ def top_k(
     allowed: np.ndarray,
     k: int,
     knobs: Mapping[str, Any],
+    n_allowed: int | None = None,
 ) -> TopK:
     """(rows, scores) of shape (n, k), padded with -1 / NaN; ``allowed`` (a mask over the
-    catalogue) and each user's ``banned`` rows (sorted, unique) always hold.
+    catalogue) and each user's ``banned`` rows (sorted and unique) always hold.
 
     A filter that leaves at most ``EXACT_SUBSET_MAX`` items is scored exactly over those
     items (cheaper than searching for them, and complete). Otherwise each user's fetch
@@ -153,15 +190,29 @@ def top_k(
     """
     n_users, n_items = len(queries), index.size
     out_rows, out_scores = empty_top_k(n_users, k)
-    n_allowed = int(allowed.sum())
+    n_allowed = int(allowed.sum()) if n_allowed is None else n_allowed
     if n_allowed == 0 or n_users == 0:
         return out_rows, out_scores
     if n_allowed <= EXACT_SUBSET_MAX and n_allowed < n_items:
         return _exact_subset(vectors, queries, banned, allowed, k)
-    any_banned = any(len(b) for b in banned)
+    if n_users == 1:
+        rows, scores = top_k_one(index, queries, banned[0], allowed, n_allowed, k, knobs)
+        out_rows[0, : len(rows)], out_scores[0, : len(rows)] = rows, scores
+        return out_rows, out_scores
+    # every user's banned rows as one sorted array of user * n_items + row codes
+    lengths = np.fromiter((len(b) for b in banned), np.int64, n_users)
+    codes = (
+        np.concatenate([user * n_items + b for user, b in enumerate(banned) if len(b)])
+        if lengths.any()
+        else None
+    )
     everything = n_allowed == n_items
-    want = np.ceil((k + np.array([len(b) for b in banned])) * n_items / n_allowed)
-    fetch = np.minimum(n_items, 2 ** np.ceil(np.log2(np.maximum(want, 1)))).astype(np.int64)
+    want = np.maximum(1, -(-(k + lengths) * n_items // n_allowed))  # ceil, in integers
+    fetch = np.minimum(n_items, 2 ** np.ceil(np.log2(want))).astype(np.int64)
+    if index.prefix_consistent:
+        # this index's top-f is the first f of its top-F for F > f (exact and IVF
+        # searches): one search at the largest size answers every user as alone
+        fetch[:] = fetch.max()
     pending = np.arange(n_users)
     while len(pending):
         short_rows = []
@@ -171,10 +222,10 @@ def top_k(
             valid = rows >= 0
             if not everything:
                 valid &= allowed[np.where(valid, rows, 0)]
-            if any_banned:
-                for position, user in enumerate(group):
-                    if len(banned[user]):
-                        valid[position] &= ~np.isin(rows[position], banned[user])
+            if codes is not None:
+                asked = group[:, None] * n_items + np.where(valid, rows, 0)
+                found = np.minimum(np.searchsorted(codes, asked), len(codes) - 1)
+                valid &= codes[found] != asked
             order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
             picked_valid = np.take_along_axis(valid, order, axis=1)
             width = order.shape[1]
@@ -189,6 +240,45 @@ def top_k(
         pending = np.concatenate(short_rows) if short_rows else np.zeros(0, np.int64)
         fetch[pending] = np.minimum(n_items, fetch[pending] * 4)
     return out_rows, out_scores
+
+
+def fetch_size(k: int, n_banned: int, n_items: int, n_allowed: int) -> int:
+    """How many neighbours to ask the index for first: enough for ``k`` after the banned
+    rows and the filter's share, rounded up to a power of two (as :func:`top_k` does for
+    a batch, so one user gets the same answer alone or in a batch)."""
+    want = max(1, math.ceil((k + n_banned) * n_items / n_allowed))
+    return min(n_items, 1 << (want - 1).bit_length())
+
+
+def top_k_one(
+    index: CandidateIndex,
+    query: np.ndarray,
+    banned: Rows,
+    allowed: np.ndarray,
+    n_allowed: int,
+    k: int,
+    knobs: Mapping[str, Any],
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_k` for one user (``query`` of shape (1, d)) without the batch
+    bookkeeping: 1-D rows and scores, at most ``k``, no padding. The exact-subset
+    shortcut of :func:`top_k` is the caller's to take."""
+    n_items = index.size
+    if n_allowed == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    fetch = fetch_size(k, len(banned), n_items, n_allowed)
+    while True:
+        scores, rows = index.search(query, fetch, knobs)
+        rows, scores = rows[0], scores[0]
+        valid = rows >= 0
+        if n_allowed < n_items:
+            valid &= allowed[np.where(valid, rows, 0)]
+        if len(banned):
+            found = np.minimum(np.searchsorted(banned, rows), len(banned) - 1)
+            valid &= banned[found] != rows
+        picked = np.flatnonzero(valid)[:k]
+        if len(picked) == k or fetch >= n_items:
+            return rows[picked], scores[picked]
+        fetch = min(n_items, fetch * 4)
 
 
 def merge_top_k(first: TopK, second: TopK, k: int) -> TopK:

@@ -26,8 +26,14 @@ class UserEncoder:
     known ids, unknown ids, recent histories and attributes."""
 
     def __init__(
-        self, encoders: FeatureEncoders, users: pd.DataFrame, session: ort.InferenceSession
+        self,
+        encoders: FeatureEncoders,
+        users: pd.DataFrame,
+        session: ort.InferenceSession,
+        item_rows: pd.Index | None = None,
     ) -> None:
+        """``item_rows``: the catalogue's item ids in row order at load, so each known
+        user's seen items are looked up once, here, as sorted catalogue rows."""
         self.encoders = encoders
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
@@ -46,6 +52,31 @@ class UserEncoder:
             [[str(i) for i in h] for h in users[layout.HISTORY_COLUMN]] + [[]]
         )
         self.id_input = f"{encoders.users.prefix}_id"
+        self.seen_offsets, self.seen_flat = self._seen_rows(item_rows)
+
+    def _seen_rows(self, item_rows: pd.Index | None) -> tuple[np.ndarray, np.ndarray]:
+        """CSR of each known user's seen items as sorted, unique catalogue rows."""
+        lengths = np.fromiter((len(s) for s in self.seen_items), np.int64, len(self.seen_items))
+        if item_rows is None or not lengths.sum():
+            return np.zeros(len(lengths) + 2, np.int64), np.zeros(0, np.int64)
+        flat = np.concatenate([np.asarray(s, dtype=object) for s in self.seen_items if len(s)])
+        rows = item_rows.get_indexer(pd.Index(flat).astype(str))
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        keep = rows >= 0
+        owner, rows = owner[keep], rows[keep]
+        order = np.lexsort((rows, owner))
+        owner, rows = owner[order], rows[order]
+        first = np.ones(len(rows), bool)
+        first[1:] = (owner[1:] != owner[:-1]) | (rows[1:] != rows[:-1])
+        owner, rows = owner[first], rows[first].astype(np.int64)
+        counts = np.bincount(owner, minlength=len(lengths) + 1)  # + the all-missing row
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return offsets, rows
+
+    def seen_rows(self, position: int) -> np.ndarray:
+        """Sorted catalogue rows (as at load) of the seen items of the user at ``position``
+        (none for the all-missing row of unknown users)."""
+        return self.seen_flat[self.seen_offsets[position] : self.seen_offsets[position + 1]]
 
     def __len__(self) -> int:
         return len(self.position)
@@ -107,6 +138,14 @@ class UserEncoder:
             )
             for name, values in encoded.items():
                 inputs[name][custom] = values
+        return inputs
+
+    def stored_row(self, position: int) -> dict[str, np.ndarray]:
+        """Tower inputs of one known user from the stored state alone (views, no copies)."""
+        inputs = {
+            name: values[position : position + 1] for name, values in self.stored_inputs.items()
+        }
+        inputs["history"] = self.stored_histories[position : position + 1]
         return inputs
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
