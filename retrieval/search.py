@@ -13,7 +13,6 @@ scored exactly instead. Copy-on-write: ``with_vectors`` returns a new index.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -201,18 +200,17 @@ def top_k(
         return out_rows, out_scores
     # every user's banned rows as one sorted array of user * n_items + row codes
     lengths = np.fromiter((len(b) for b in banned), np.int64, n_users)
-    codes = (
-        np.concatenate([user * n_items + b for user, b in enumerate(banned) if len(b)])
-        if lengths.any()
-        else None
-    )
+    codes = None
+    if lengths.any():
+        codes = np.concatenate(banned) + np.repeat(np.arange(n_users) * n_items, lengths)
     everything = n_allowed == n_items
     want = np.maximum(1, -(-(k + lengths) * n_items // n_allowed))  # ceil, in integers
-    fetch = np.minimum(n_items, 2 ** np.ceil(np.log2(want))).astype(np.int64)
     if index.prefix_consistent:
         # this index's top-f is the first f of its top-F for F > f (exact and IVF
-        # searches): one search at the largest size answers every user as alone
-        fetch[:] = fetch.max()
+        # searches): one search for the most any user needs answers each as alone
+        fetch = np.full(n_users, min(n_items, int(want.max())), dtype=np.int64)
+    else:
+        fetch = np.minimum(n_items, 2 ** np.ceil(np.log2(want))).astype(np.int64)
     pending = np.arange(n_users)
     while len(pending):
         short_rows = []
@@ -242,12 +240,13 @@ def top_k(
     return out_rows, out_scores
 
 
-def fetch_size(k: int, n_banned: int, n_items: int, n_allowed: int) -> int:
+def fetch_size(k: int, n_banned: int, n_items: int, n_allowed: int, exact: bool) -> int:
     """How many neighbours to ask the index for first: enough for ``k`` after the banned
-    rows and the filter's share, rounded up to a power of two (as :func:`top_k` does for
-    a batch, so one user gets the same answer alone or in a batch)."""
-    want = max(1, math.ceil((k + n_banned) * n_items / n_allowed))
-    return min(n_items, 1 << (want - 1).bit_length())
+    rows and the filter's share, rounded up to a power of two unless the index is
+    prefix-consistent (as :func:`top_k` does for a batch, so one user gets the same
+    answer alone or in a batch)."""
+    want = max(1, -(-(k + n_banned) * n_items // n_allowed))
+    return min(n_items, want if exact else 1 << (want - 1).bit_length())
 
 
 def top_k_one(
@@ -265,7 +264,7 @@ def top_k_one(
     n_items = index.size
     if n_allowed == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    fetch = fetch_size(k, len(banned), n_items, n_allowed)
+    fetch = fetch_size(k, len(banned), n_items, n_allowed, index.prefix_consistent)
     while True:
         scores, rows = index.search(query, fetch, knobs)
         rows, scores = rows[0], scores[0]
