@@ -25,13 +25,11 @@ import numpy as np
 import pandas as pd
 
 from retrieval.catalogue import Catalogue
-from retrieval.filters import Filter, MaskCache
+from retrieval.filters import Filter
 from retrieval.loading import LoadedBundle, load_bundle
+from retrieval.ranking import Ranker
 from retrieval.requests import (
-    HISTORY,
     MAX_K,
-    MODEL,
-    POPULARITY,
     Recommendations,
     batch_args,
     check_boost,
@@ -39,11 +37,6 @@ from retrieval.requests import (
 )
 from retrieval.search import (
     FaissCandidates,
-    TopK,
-    merge_top_k,
-    most_popular,
-    top_k,
-    top_k_one,
 )
 from retrieval.users import UserEncoder, UserFeatures
 from twotower.bundle import Manifest, layout, write_bundle
@@ -84,9 +77,9 @@ class Retriever:
         self._catalogue = loaded.catalogue
         self._default_knobs: dict[str, Any] = dict(loaded.manifest.index.search_params)
         bags = list(loaded.encoders.items.multi_hot.values())
-        self._separator = bags[0].separator if bags else "|"
+        separator = bags[0].separator if bags else "|"
         self._write_lock = threading.Lock()
-        self._masks = MaskCache()
+        self._ranker = Ranker(self.users, self._default_knobs, separator)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", threads: int | None = None) -> Retriever:
@@ -161,42 +154,6 @@ class Retriever:
         return self._item_session.run(None, {name: inputs[name] for name in self._item_inputs})[0]
 
     # ----------------------------------------------------------------- queries
-    def _knobs(self, catalogue: Catalogue, search_params: Mapping[str, Any] | None) -> dict:
-        knobs = {**self._default_knobs, **search_params} if search_params else self._default_knobs
-        catalogue.index.check_knobs(knobs)
-        return knobs
-
-    def _allowed(self, catalogue: Catalogue, filter: Filter | None) -> np.ndarray:
-        return self._masks.allowed(
-            catalogue.version, catalogue.items, catalogue.visible, filter, self._separator
-        )
-
-    @staticmethod
-    def _banned(catalogue: Catalogue, ids: Sequence[Any]) -> np.ndarray:
-        """Sorted unique rows of ``ids`` (unknown ids ignored)."""
-        if not ids:
-            return NOTHING
-        rows = catalogue.rows_of(ids)
-        return np.unique(rows[rows >= 0])
-
-    def _banned_for(
-        self,
-        catalogue: Catalogue,
-        position: int,
-        history: Sequence[Any] | None,
-        common: np.ndarray,
-        exclude_seen: bool,
-    ) -> np.ndarray:
-        """Sorted unique rows one user must not get: seen items (rows looked up at load,
-        followed through upserts), the given history, and ``common``."""
-        seen = self.users.seen_rows(position) if exclude_seen else NOTHING
-        if catalogue.remap is not None and len(seen):
-            seen = np.unique(catalogue.current(seen))
-        if not history and not len(common):
-            return seen
-        parts = [seen, common, self._banned(catalogue, [str(i) for i in history or ()])]
-        return np.unique(np.concatenate(parts))
-
     def recommend(
         self,
         user_id: Any = None,
@@ -225,58 +182,22 @@ class Retriever:
         most popular items, scored by their training counts (no boost). Fewer than ``k``
         items come back only when fewer pass the exclusions and the filter.
         """
-        # One user: the same steps as ``retrieve`` without the batch bookkeeping.
         k = check_k(k)
         boost = check_boost(new_item_boost)
-        position = self.users.position.get(str(user_id)) if user_id is not None else None
-        if (
-            position is not None
-            and not history
-            and not user_features
-            and exclude is None
-            and filter is None
-            and search_params is None
-            and not boost
-            and not self._catalogue.small_after_hiding
-        ):
-            return self._recommend_known(position, k, exclude_seen)
         if isinstance(history, (str, bytes)):
             raise RequestError("history must be a sequence of item ids, not a string")
-        catalogue = self._catalogue
-        knobs = self._knobs(catalogue, search_params)
-        positions = self.users.positions([user_id])
-        common = self._banned(catalogue, [str(i) for i in (exclude or [])])
-        banned = self._banned_for(catalogue, positions[0], history, common, exclude_seen)
-        allowed = self._allowed(catalogue, filter)
-        if positions[0] == self.users.missing_row and not user_features and not history:
-            rows, scores = most_popular(catalogue.popularity, banned, allowed, k)
-            return catalogue.item_ids[rows], scores
-        query = self.users.encode([user_id], [history], [user_features], positions)
-        rows_2d, scores_2d = self._search(catalogue, query, [banned], allowed, k, knobs, boost)
-        keep = rows_2d[0] >= 0
-        return catalogue.item_ids[rows_2d[0][keep]], scores_2d[0][keep]
-
-    def _recommend_known(
-        self, position: int, k: int, exclude_seen: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``recommend`` for a known user with nothing but the stored state (the common
-        call), in as few steps as possible; the same answer as the general path."""
-        catalogue = self._catalogue
-        users = self.users
-        query = users.run(users.stored_row(position))
-        banned = users.seen_rows(position) if exclude_seen else NOTHING
-        if catalogue.remap is not None and len(banned):
-            banned = np.unique(catalogue.current(banned))
-        rows, scores = top_k_one(
-            catalogue.index,
-            query,
-            banned,
-            catalogue.visible,
-            catalogue.live,
+        return self._ranker.one(
+            self._catalogue,
+            user_id,
+            history,
+            user_features,
             k,
-            self._default_knobs,
+            exclude_seen,
+            exclude,
+            filter,
+            search_params,
+            boost,
         )
-        return catalogue.item_ids[rows], scores
 
     def recommend_batch(
         self,
@@ -326,68 +247,19 @@ class Retriever:
         :class:`Recommendations`)."""
         k = check_k(k)
         boost = check_boost(new_item_boost)
-        catalogue = self._catalogue
         ids, hists, feats = batch_args(user_ids, histories, user_features)
-        knobs = self._knobs(catalogue, search_params)  # validated before any work
-        positions = self.users.positions(ids)
-        common = self._banned(catalogue, [str(i) for i in (exclude or [])])
-        banned = [
-            self._banned_for(catalogue, positions[r], hists[r], common, exclude_seen)
-            for r in range(len(ids))
-        ]
-        allowed = self._allowed(catalogue, filter)
-        served_by = [
-            MODEL
-            if positions[r] != self.users.missing_row or feats[r]
-            else HISTORY
-            if hists[r]
-            else POPULARITY
-            for r in range(len(ids))
-        ]
-        out_rows = np.full((len(ids), k), -1, dtype=np.int64)
-        out_scores = np.full((len(ids), k), np.nan, dtype=np.float32)
-        warm = [r for r in range(len(ids)) if served_by[r] != POPULARITY]
-        if warm:
-            queries = self.users.encode(
-                [ids[r] for r in warm],
-                [hists[r] for r in warm],
-                [feats[r] for r in warm],
-                positions[warm],
-            )
-            rows, scores = self._search(
-                catalogue, queries, [banned[r] for r in warm], allowed, k, knobs, boost
-            )
-            out_rows[warm], out_scores[warm] = rows, scores
-        for r in (r for r in range(len(ids)) if served_by[r] == POPULARITY):
-            rows, scores = most_popular(catalogue.popularity, banned[r], allowed, k)
-            out_rows[r, : len(rows)], out_scores[r, : len(rows)] = rows, scores
-        out_ids = np.full(out_rows.shape, None, dtype=object)
-        valid = out_rows >= 0
-        out_ids[valid] = catalogue.item_ids[out_rows[valid]]
-        return Recommendations(out_ids, out_scores, served_by)
-
-    @staticmethod
-    def _search(
-        catalogue: Catalogue,
-        queries: np.ndarray,
-        banned: list[np.ndarray],
-        allowed: np.ndarray,
-        k: int,
-        knobs: Mapping[str, Any],
-        boost: float,
-    ) -> TopK:
-        """Model search; with a boost, seen and new items are searched apart, the new
-        ones' scores lifted, and the two lists merged."""
-        new = allowed & (catalogue.popularity == 0) if boost else None
-        if new is None or not new.any():
-            count = catalogue.live if allowed is catalogue.visible else None
-            return top_k(
-                catalogue.index, catalogue.vectors, queries, banned, allowed, k, knobs, count
-            )
-        index, vectors = catalogue.index, catalogue.vectors
-        seen_top = top_k(index, vectors, queries, banned, allowed & ~new, k, knobs)
-        new_rows, new_scores = top_k(index, vectors, queries, banned, new, k, knobs)
-        return merge_top_k(seen_top, (new_rows, new_scores + boost), k)
+        return self._ranker.many(
+            self._catalogue,
+            ids,
+            hists,
+            feats,
+            k,
+            exclude_seen,
+            exclude,
+            filter,
+            search_params,
+            boost,
+        )
 
     def similar_items(
         self,
@@ -398,28 +270,7 @@ class Retriever:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` items whose vectors are closest to ``item_id``'s (itself excluded).
         An unknown item id gets the most popular items (scored by training counts)."""
-        k = check_k(k)
-        catalogue = self._catalogue
-        knobs = self._knobs(catalogue, search_params)
-        row = catalogue.rows_of([item_id])[0]
-        allowed = self._allowed(catalogue, filter)
-        banned = np.array([row], dtype=np.int64) if row >= 0 else np.zeros(0, np.int64)
-        if row < 0:
-            log.info("similar_items: unknown item %r; returning popular items", item_id)
-            rows, scores = most_popular(catalogue.popularity, banned, allowed, k)
-        else:
-            rows_2d, scores_2d = top_k(
-                catalogue.index,
-                catalogue.vectors,
-                catalogue.vectors[row : row + 1],
-                [banned],
-                allowed,
-                k,
-                knobs,
-            )
-            keep = rows_2d[0] >= 0
-            rows, scores = rows_2d[0][keep], scores_2d[0][keep]
-        return catalogue.item_ids[rows], scores
+        return self._ranker.similar(self._catalogue, item_id, check_k(k), filter, search_params)
 
     # ----------------------------------------------------------- catalogue edits
     def add_items(self, table: pd.DataFrame) -> int:

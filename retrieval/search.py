@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import faiss
@@ -59,6 +60,7 @@ class FaissCandidates:
         # SearchParameters per knob setting, built once (building them costs more than a
         # small search); bounded, since knobs come from requests
         self._parameters: dict[tuple, Any] = {}
+        self._no_knobs = self.parameters({})
 
     @property
     def size(self) -> int:
@@ -88,9 +90,10 @@ class FaissCandidates:
     def search(
         self, queries: np.ndarray, k: int, knobs: Mapping[str, Any]
     ) -> tuple[np.ndarray, np.ndarray]:
-        params = self.parameters(knobs)
+        params = self.parameters(knobs) if knobs else self._no_knobs
         k = max(1, min(int(k), self.ntotal))
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.dtype != np.float32 or not queries.flags.c_contiguous:
+            queries = np.ascontiguousarray(queries, dtype=np.float32)
         if params is None:
             return self.index.search(queries, k)
         return self.index.search(queries, k, params=params)
@@ -138,6 +141,34 @@ class ExactCandidates:
         return ExactCandidates(np.concatenate([self.vectors, vectors]))
 
 
+@dataclass(frozen=True)
+class BannedRows:
+    """Every user's banned rows concatenated (sorted and unique within each user), with
+    how many each user has: the batch form of a list of per-user row arrays."""
+
+    lengths: np.ndarray
+    rows: np.ndarray
+
+    @classmethod
+    def of(cls, banned: Sequence[Rows] | BannedRows) -> BannedRows:
+        if isinstance(banned, BannedRows):
+            return banned
+        lengths = np.fromiter((len(b) for b in banned), np.int64, len(banned))
+        rows = np.concatenate(banned) if lengths.any() else np.zeros(0, np.int64)
+        return cls(lengths, rows.astype(np.int64, copy=False))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def user(self, index: int) -> Rows:
+        """One user's banned rows."""
+        start = int(self.lengths[:index].sum())
+        return self.rows[start : start + int(self.lengths[index])]
+
+    def per_user(self) -> list[Rows]:
+        return np.split(self.rows, np.cumsum(self.lengths)[:-1])
+
+
 def empty_top_k(n_users: int, k: int) -> TopK:
     return (
         np.full((n_users, k), -1, dtype=np.int64),
@@ -172,7 +203,7 @@ def top_k(
     index: CandidateIndex,
     vectors: np.ndarray,
     queries: np.ndarray,
-    banned: Sequence[Rows],
+    banned: Sequence[Rows] | BannedRows,
     allowed: np.ndarray,
     k: int,
     knobs: Mapping[str, Any],
@@ -192,17 +223,18 @@ def top_k(
     n_allowed = int(allowed.sum()) if n_allowed is None else n_allowed
     if n_allowed == 0 or n_users == 0:
         return out_rows, out_scores
+    batch = BannedRows.of(banned)
     if n_allowed <= EXACT_SUBSET_MAX and n_allowed < n_items:
-        return _exact_subset(vectors, queries, banned, allowed, k)
+        return _exact_subset(vectors, queries, batch.per_user(), allowed, k)
     if n_users == 1:
-        rows, scores = top_k_one(index, queries, banned[0], allowed, n_allowed, k, knobs)
+        rows, scores = top_k_one(index, queries, batch.rows, allowed, n_allowed, k, knobs)
         out_rows[0, : len(rows)], out_scores[0, : len(rows)] = rows, scores
         return out_rows, out_scores
     # every user's banned rows as one sorted array of user * n_items + row codes
-    lengths = np.fromiter((len(b) for b in banned), np.int64, n_users)
+    lengths = batch.lengths
     codes = None
     if lengths.any():
-        codes = np.concatenate(banned) + np.repeat(np.arange(n_users) * n_items, lengths)
+        codes = batch.rows + np.repeat(np.arange(n_users) * n_items, lengths)
     everything = n_allowed == n_items
     want = np.maximum(1, -(-(k + lengths) * n_items // n_allowed))  # ceil, in integers
     if index.prefix_consistent:
@@ -216,7 +248,8 @@ def top_k(
         short_rows = []
         for size in np.unique(fetch[pending]):
             group = pending[fetch[pending] == size]
-            scores, rows = index.search(queries[group], int(size), knobs)
+            asked_queries = queries if len(group) == n_users else queries[group]
+            scores, rows = index.search(asked_queries, int(size), knobs)
             valid = rows >= 0
             if not everything:
                 valid &= allowed[np.where(valid, rows, 0)]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,12 +94,29 @@ def split_settings(cfg: DictConfig) -> dict[str, Any]:
     return settings
 
 
-def prepare(cfg: DictConfig, fit_on: str = "fit") -> PreparedData:
-    """Load, split and encode the data named by ``cfg.data`` (see ``prepare_data``)."""
-    raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
-    events = prepare_interactions(raw.interactions, cfg.data.get("min_rating"))
-    split = make_split(events, **split_settings(cfg))
-    data = prepare_data(raw, split, feature_settings(cfg.features), fit_on)
+@contextmanager
+def timed(timings: dict[str, float] | None, stage: str) -> Iterator[None]:
+    """Add the seconds the block takes to ``timings[stage]`` (when given)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def prepare(
+    cfg: DictConfig, fit_on: str = "fit", timings: dict[str, float] | None = None
+) -> PreparedData:
+    """Load, split and encode the data named by ``cfg.data`` (see ``prepare_data``);
+    ``timings`` collects the seconds of each step."""
+    with timed(timings, "load"):
+        raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
+    with timed(timings, "split"):
+        events = prepare_interactions(raw.interactions, cfg.data.get("min_rating"))
+        split = make_split(events, **split_settings(cfg))
+    with timed(timings, "features"):
+        data = prepare_data(raw, split, feature_settings(cfg.features), fit_on)
     log.info("split %s", data.info)
     return data
 
@@ -241,12 +261,15 @@ class Selection:
 
 
 def fit_and_select(
-    cfg: DictConfig, out: Path, data: PreparedData | None = None
+    cfg: DictConfig,
+    out: Path,
+    data: PreparedData | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Selection | None:
     """Train on the fit split with early stopping; the best epoch's model on the CPU.
     None on DDP processes other than rank 0. ``data``: ``prepare(cfg)``, if at hand."""
     pl.seed_everything(cfg.seed, workers=True)
-    data = data or prepare(cfg)
+    data = data or prepare(cfg, timings=timings)
     datamodule = build_datamodule(cfg, data)
     module = build_module(cfg, data, datamodule.negative_pool_size)
     trainer, checkpoint, loggers = build_trainer(cfg, data, out)
@@ -321,23 +344,30 @@ def train(cfg: DictConfig) -> TrainResult | None:
     out.mkdir(parents=True, exist_ok=True)
     absolute_paths(cfg, Path.cwd())
     log.info("config:\n%s", resolved_yaml(cfg))
+    timings: dict[str, float] = {}
     if int(cfg.model.get("ensemble", 1)) > 1:
-        outcome = train_ensemble(cfg, out)
+        with timed(timings, "fit"):
+            outcome = train_ensemble(cfg, out)
         if outcome is None:
             return None
         selection, module, metrics = outcome
         data, best = selection.data, None
     else:
-        chosen = fit_and_select(cfg, out)
+        started = time.perf_counter()
+        chosen = fit_and_select(cfg, out, timings=timings)
         if chosen is None:
             return None
+        timings["fit"] = time.perf_counter() - started - sum(timings.values())
         selection, module, data, best = chosen, chosen.module, chosen.data, chosen.best
-        metrics = evaluate_all(module, data, list(cfg.eval.ks))
+        with timed(timings, "evaluate"):
+            metrics = evaluate_all(module, data, list(cfg.eval.ks))
         if cfg.train.get("refit") and best is not None:
-            module, data, test_metrics = refit_on_train(cfg, best, out)
+            with timed(timings, "refit"):
+                module, data, test_metrics = refit_on_train(cfg, best, out)
             metrics.update(test_metrics)
     config = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(config, dict)
+    logging_started = time.perf_counter()
     for logger in selection.loggers:
         logger.log_metrics(
             {k: v for k, v in metrics.items() if not k.endswith("users")}, selection.global_step
@@ -349,15 +379,18 @@ def train(cfg: DictConfig) -> TrainResult | None:
                 logger, item_vectors, data.catalogue, data.encoders, cfg.train.projector_items
             )
         logger.finalize("success")
-    bundle = export_bundle(
-        module,
-        data,
-        cfg.export.bundle_dir,
-        settings=export_settings(cfg),
-        config=config,
-        metrics=metrics,
-    )
+    timings["tensorboard"] = time.perf_counter() - logging_started
+    with timed(timings, "export"):
+        bundle = export_bundle(
+            module,
+            data,
+            cfg.export.bundle_dir,
+            settings=export_settings(cfg),
+            config=config,
+            metrics=metrics,
+        )
+    log.info("seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     (out / METRICS_FILE).write_text(
-        json.dumps({**metrics, "split": data.info}, indent=2, default=str)
+        json.dumps({**metrics, "split": data.info, "seconds": timings}, indent=2, default=str)
     )
     return TrainResult(metrics, module, data, bundle, out, best)

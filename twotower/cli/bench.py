@@ -8,7 +8,7 @@ import importlib
 import sys
 from pathlib import Path
 
-NAMES = ("quality", "retrieval", "serving", "training")
+NAMES = ("quality", "retrieval", "serving", "training", "main_job")
 
 
 def checkout_root() -> Path | None:
