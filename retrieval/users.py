@@ -127,7 +127,10 @@ class UserEncoder:
         inputs["history"] = history
         custom = [r for r, features in enumerate(user_features) if features]
         if custom:
-            attributes = self.attributes.iloc[positions[custom]].reset_index(drop=True)
+            # object columns: a given value of any JSON type fits (a bool in a string column)
+            attributes = (
+                self.attributes.iloc[positions[custom]].reset_index(drop=True).astype(object)
+            )
             for row, r in enumerate(custom):
                 for name, value in (user_features[r] or {}).items():
                     if name not in attributes.columns:

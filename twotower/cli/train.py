@@ -4,6 +4,7 @@ lists the config groups, ``--cfg job`` prints the composed config)."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from typing import Any
 
@@ -49,6 +50,15 @@ def run(args: list[str]) -> int:
     its message and exits with status 1."""
     import hydra
 
-    sys.argv = ["twotower train", *args]
+    import __main__
+
+    # Lightning's DDP launcher starts the other processes as `python -m <__main__'s
+    # module> <sys.argv[1:]>`: make that this module, with the overrides as arguments.
+    __main__.__spec__ = importlib.util.find_spec("twotower.cli.train")
+    sys.argv = [sys.argv[0], *args]
     hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(task)()
     return 0
+
+
+if __name__ == "__main__":  # how DDP worker processes start (see run)
+    sys.exit(run(sys.argv[1:]))
