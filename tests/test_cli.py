@@ -3,6 +3,7 @@ non-zero with a message and leaves no bundle; --help is fast."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,20 @@ def test_main_job_prints_metrics_and_a_recommendation(tmp_path: Path) -> None:
     assert "sample recommendation for user" in result.stdout
     assert (tmp_path / "bundle" / "manifest.json").is_file()
     assert (tmp_path / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_redirected_run_logs_its_config_and_one_line_per_epoch(tmp_path: Path) -> None:
+    result = run_train(tmp_path, *TINY_OVERRIDES, "trainer.max_epochs=3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = result.stdout + result.stderr  # Hydra logs to stdout
+    assert "config:" in log and "optimized_metric: val/recall@20" in log
+    epochs = [line for line in log.splitlines() if "towers.model.module" in line]
+    assert len(epochs) == 3 and all("val/recall@20" in line and " s" in line for line in epochs)
+    assert "epoch 3/3: loss" in epochs[-1]
+    assert "Tip:" not in log and "LeafSpec" not in log
+    seconds = json.loads((tmp_path / "metrics.json").read_text())["seconds"]
+    assert {"load", "split", "features", "fit", "evaluate", "export"} <= set(seconds)
 
 
 @pytest.mark.parametrize(
