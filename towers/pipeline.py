@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from towers.config import absolute_paths
 from towers.data.datamodule import TwoTowerDataModule
 from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
 from towers.data.samples import user_activity_weights
-from towers.data.schema import ITEM_ID
+from towers.data.schema import ITEM_ID, RawData
 from towers.data.sources import load_data
 from towers.data.split import make_split, prepare_interactions
 from towers.evaluation.callback import RankingEvaluation, evaluate_module
@@ -106,12 +107,19 @@ def timed(timings: dict[str, float] | None, stage: str) -> Iterator[None]:
 
 
 def prepare(
-    cfg: DictConfig, fit_on: str = "fit", timings: dict[str, float] | None = None
+    cfg: DictConfig,
+    fit_on: str = "fit",
+    timings: dict[str, float] | None = None,
+    raw: RawData | Future[RawData] | None = None,
 ) -> PreparedData:
     """Load, split and encode the data named by ``cfg.data`` (see ``prepare_data``);
-    ``timings`` collects the seconds of each step."""
+    ``timings`` collects the seconds of each step; ``raw``: the tables of ``cfg.data``
+    already loaded, or being loaded (:func:`towers.data.sources.load_data_in_background`)."""
     with timed(timings, "load"):
-        raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
+        if isinstance(raw, Future):
+            raw = raw.result()
+        if raw is None:
+            raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
     with timed(timings, "split"):
         events = prepare_interactions(raw.interactions, cfg.data.get("min_rating"))
         split = make_split(events, **split_settings(cfg))
@@ -265,11 +273,13 @@ def fit_and_select(
     out: Path,
     data: PreparedData | None = None,
     timings: dict[str, float] | None = None,
+    raw: RawData | Future[RawData] | None = None,
 ) -> Selection | None:
     """Train on the fit split with early stopping; the best epoch's model on the CPU.
-    None on DDP processes other than rank 0. ``data``: ``prepare(cfg)``, if at hand."""
+    None on DDP processes other than rank 0. ``data``: ``prepare(cfg)``, if at hand;
+    ``raw``: the loaded (or loading) tables for it."""
     pl.seed_everything(cfg.seed, workers=True)
-    data = data or prepare(cfg, timings=timings)
+    data = data or prepare(cfg, timings=timings, raw=raw)
     datamodule = build_datamodule(cfg, data)
     module = build_module(cfg, data, datamodule.negative_pool_size)
     trainer, checkpoint, loggers = build_trainer(cfg, data, out)
@@ -305,14 +315,16 @@ def assemble(cfg: DictConfig, data: PreparedData, members: list[TwoTowerModule])
     return module.cpu().eval()
 
 
-def train_ensemble(cfg: DictConfig, out: Path) -> tuple[Selection, TwoTowerModule, dict] | None:
+def train_ensemble(
+    cfg: DictConfig, out: Path, raw: RawData | Future[RawData] | None = None
+) -> tuple[Selection, TwoTowerModule, dict] | None:
     """``model.ensemble=n``: n tower pairs trained as separate runs (seed, seed+1, ...; each
     with its own early stopping and refit) on data prepared once, assembled into one model;
     its metrics. None on DDP processes other than rank 0."""
     if cfg.get("ckpt_path"):
         raise ValueError("ckpt_path (resuming) is not supported with model.ensemble > 1")
     configs = [member_config(cfg, index, out) for index in range(int(cfg.model.ensemble))]
-    data = prepare(cfg)  # the members share the split and the features
+    data = prepare(cfg, raw=raw)  # the members share the split and the features
     selections = []
     for member_cfg in configs:
         log.info(
@@ -337,9 +349,10 @@ def train_ensemble(cfg: DictConfig, out: Path) -> tuple[Selection, TwoTowerModul
     return dataclasses.replace(chosen[0], data=data), module, metrics
 
 
-def train(cfg: DictConfig) -> TrainResult | None:
+def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> TrainResult | None:
     """Run the whole job; writes ``metrics.json``, logs, checkpoints and the bundle into
-    ``cfg.paths.output_dir``. Returns None on DDP processes other than rank 0."""
+    ``cfg.paths.output_dir``. Returns None on DDP processes other than rank 0. ``raw``:
+    the tables of ``cfg.data``, if already loaded or being loaded."""
     out = Path(cfg.paths.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     absolute_paths(cfg, Path.cwd())
@@ -347,14 +360,14 @@ def train(cfg: DictConfig) -> TrainResult | None:
     timings: dict[str, float] = {}
     if int(cfg.model.get("ensemble", 1)) > 1:
         with timed(timings, "fit"):
-            outcome = train_ensemble(cfg, out)
+            outcome = train_ensemble(cfg, out, raw)
         if outcome is None:
             return None
         selection, module, metrics = outcome
         data, best = selection.data, None
     else:
         started = time.perf_counter()
-        chosen = fit_and_select(cfg, out, timings=timings)
+        chosen = fit_and_select(cfg, out, timings=timings, raw=raw)
         if chosen is None:
             return None
         timings["fit"] = time.perf_counter() - started - sum(timings.values())

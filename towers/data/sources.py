@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from towers.data.movielens import read_movielens_1m, read_movielens_100k, read_movielens_latest
@@ -39,3 +40,14 @@ def load_data(cfg: Mapping[str, Any]) -> RawData:
     raise ValueError(
         f"unknown data.kind {kind!r}: use synthetic, csv or one of {sorted(MOVIELENS_READERS)}"
     )
+
+
+def load_data_in_background(cfg: Mapping[str, Any]) -> Future[RawData]:
+    """Start :func:`load_data` in a thread and return its future. numpy and pandas release
+    the GIL in their heavy loops, so the built-in generator and the table readers run
+    while the caller imports the training stack (torch, Lightning: seconds on a small
+    machine). ``future.result()`` returns the tables or raises what ``load_data`` raised."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twotower-data")
+    future = executor.submit(load_data, dict(cfg))
+    executor.shutdown(wait=False)
+    return future

@@ -27,10 +27,16 @@ def metrics_table(metrics: dict[str, float], ks: list[int]) -> str:
 
 def task(cfg: Any) -> float:
     """The Hydra task: the whole main job on the composed config."""
+    from omegaconf import OmegaConf
+
+    from towers.data.sources import load_data_in_background
+
+    # the data loads (or is generated) while torch and Lightning are imported
+    tables = load_data_in_background(OmegaConf.to_container(cfg.data, resolve=True))
     from retrieval import Retriever
     from towers.pipeline import train
 
-    result = train(cfg)
+    result = train(cfg, tables)
     if result is None:  # a DDP process other than rank 0
         return float("nan")
     print(metrics_table(result.metrics, list(cfg.eval.ks)))
