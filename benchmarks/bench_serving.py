@@ -17,6 +17,8 @@ from benchmarks.report import write_report
 from benchmarks.retrieval import RetrievalBenchSettings, synthetic_bundle
 from benchmarks.serving import load_test, start_server
 
+# access control on, as a server on a network runs (one token, every scope)
+TOKEN = "load-test-token"
 COLUMNS = ["workers", "connections", "requests_per_s", "p50_ms", "p99_ms", "errors", "requests"]
 
 
@@ -40,13 +42,13 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         bundle = synthetic_bundle(work / "bundle", args.items, args.index, settings)
         for workers in (int(w) for w in args.workers.split(",")):
-            server, port = start_server(bundle, workers, work / f"serve-{workers}")
+            server, port = start_server(bundle, workers, work / f"serve-{workers}", TOKEN)
             try:
                 for connections in (int(c) for c in args.connections.split(",")):
                     row = {
                         "workers": workers,
                         "connections": connections,
-                        **load_test(port, settings.users, connections, args.seconds, work),
+                        **load_test(port, settings.users, connections, args.seconds, work, TOKEN),
                     }
                     logging.info("%s", row)
                     rows.append(row)
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         "Serving: GET /recommend under load",
         f"wrk on loopback against `twotower serve` (uvicorn), {args.items:,} synthetic items, "
         f"`{args.index}` tuned to ANN recall@100 ≥ 0.95, a random known user per request, k = 10, "
-        f"{args.seconds} s per row (`twotower bench serving`). Target: no errors and "
+        f"{args.seconds} s per row (`twotower bench serving`), with access control on (a "
+        "bearer token on every request). Target: no errors and "
         "p99 < 50 ms at the highest sustained rate reported.",
         {"items": args.items, "index": args.index, "seconds": args.seconds},
         rows,
@@ -69,5 +72,3 @@ def main(argv: list[str] | None = None) -> None:
         "connections between them (not the workers' capacity) can bound a row.",
     )
     print(args.out.with_suffix(".md").read_text())
-
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import subprocess
@@ -27,8 +28,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(bundle: Path, workers: int, run_dir: Path) -> tuple[subprocess.Popen, int]:
+def start_server(
+    bundle: Path, workers: int, run_dir: Path, token: str | None = None
+) -> tuple[subprocess.Popen, int]:
+    """``twotower serve`` on a free loopback port; with ``token`` access control is on (the
+    token holds every scope), without it the server runs with ``auth=none``."""
     port = free_port()
+    environment = dict(os.environ)
+    if token is not None:
+        environment["TWOTOWER_API_TOKENS"] = f"{token}:read+write+admin"
     process = subprocess.Popen(
         [
             sys.executable,
@@ -40,14 +48,18 @@ def start_server(bundle: Path, workers: int, run_dir: Path) -> tuple[subprocess.
             f"workers={workers}",
             "log_level=warning",
             f"state_file={run_dir / 'shared.sqlite'}",
+            "auth=tokens" if token is not None else "auth=none",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=environment,
     )
     deadline = time.monotonic() + 120
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/readyz", headers=headers)
+            with urllib.request.urlopen(request, timeout=2):
                 return process, port
         except OSError:
             time.sleep(0.5)
@@ -81,10 +93,12 @@ def parse_wrk(output: str) -> dict[str, Any]:
 
 
 def load_test(
-    port: int, users: int, connections: int, seconds: int, workdir: Path
+    port: int, users: int, connections: int, seconds: int, workdir: Path, token: str | None = None
 ) -> dict[str, Any]:
+    """wrk against ``GET /recommend`` (with ``Authorization: Bearer token`` when given)."""
     script = workdir / "recommend.lua"
     script.write_text(LUA.replace("{users}", str(users)))
+    header = ["-H", f"Authorization: Bearer {token}"] if token is not None else []
     result = subprocess.run(
         [
             "wrk",
@@ -92,6 +106,7 @@ def load_test(
             f"-c{connections}",
             f"-d{seconds}s",
             "--latency",
+            *header,
             "-s",
             str(script),
             f"http://127.0.0.1:{port}",

@@ -120,6 +120,16 @@ class Retriever:
         return self._catalogue.popularity.copy()
 
     @property
+    def attribute_columns(self) -> list[str]:
+        """The item attribute columns of the bundle (what ``add_items`` tables may hold
+        besides ``item_id``)."""
+        return [
+            str(c)
+            for c in self._catalogue.items.columns
+            if c != ITEM_ID and not str(c).startswith(layout.RESERVED_PREFIX)
+        ]
+
+    @property
     def dim(self) -> int:
         return self.manifest.embedding_dim
 

@@ -99,7 +99,7 @@ def test_unknown_command_and_bad_serve_setting_exit_non_zero() -> None:
 
 def test_serve_refuses_a_bad_bundle_before_starting(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "twotower", "serve", f"bundle={tmp_path / 'absent'}"],
+        [sys.executable, "-m", "twotower", "serve", f"bundle={tmp_path / 'absent'}", "auth=none"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -7,6 +7,7 @@ it is absent.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -30,8 +31,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
+TOKEN = "prometheus-scrape-token"
+
+
+def get(url: str, token: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=5) as response:
         return response.read().decode()
 
 
@@ -63,10 +69,12 @@ def test_prometheus_scrapes_twotower_series(trained: TrainResult, tmp_path: Path
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TWOTOWER_API_TOKENS": f"{TOKEN}:read"},
     )
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: twotower\n"
+        f"    authorization:\n      credentials: {TOKEN}\n"
         f"    static_configs:\n      - targets: ['127.0.0.1:{app_port}']\n"
     )
     prometheus = None
@@ -74,7 +82,8 @@ def test_prometheus_scrapes_twotower_series(trained: TrainResult, tmp_path: Path
         assert wait_for(lambda: "ok" in get(f"http://127.0.0.1:{app_port}/healthz"), 60), (
             "the app did not start"
         )
-        get(f"http://127.0.0.1:{app_port}/recommend?user_id={trained.data.test.user_ids[0]}&k=5")
+        user = trained.data.test.user_ids[0]
+        get(f"http://127.0.0.1:{app_port}/recommend?user_id={user}&k=5", TOKEN)
         prometheus = subprocess.Popen(
             [
                 binary,

@@ -169,18 +169,20 @@ def test_health_readiness_and_metrics(client: TestClient, user: str) -> None:
 
 
 def test_reload_swaps_and_a_failed_reload_keeps_serving(
-    client: TestClient, trained: TrainResult, tmp_path: Path, user: str
+    trained: TrainResult, tmp_path: Path, user: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    copy = tmp_path / "copy"
-    shutil.copytree(trained.bundle, copy)
-    ok = client.post("/admin/reload", json={"path": str(copy)})
-    assert ok.status_code == 200 and ok.json()["bundle"] == str(copy.resolve())
-    broken = tmp_path / "broken"
-    shutil.copytree(trained.bundle, broken)
-    (broken / USER_TOWER).write_bytes(b"garbage")
-    failed = client.post("/admin/reload", json={"path": str(broken)})
-    assert failed.status_code == 409 and "checksum mismatch" in failed.json()["detail"]
-    assert client.get("/readyz").json()["bundle"] == str(copy.resolve())
+    root = tmp_path / "bundles"
+    for name in ("first", "copy", "broken"):
+        shutil.copytree(trained.bundle, root / name)
+    (root / "broken" / USER_TOWER).write_bytes(b"garbage")
+    client = TestClient(create_app(Retriever.load(root / "first"), bundle_root=root))
+    ok = client.post("/admin/reload", json={"bundle": "copy"})
+    assert ok.status_code == 200 and ok.json()["bundle"] == "copy"
+    failed = client.post("/admin/reload", json={"bundle": "broken"})
+    assert failed.status_code == 409 and failed.json()["status"] == "kept"
+    assert "checksum mismatch" in caplog.text  # the reason is logged, not sent
+    assert "checksum" not in failed.text and str(root) not in failed.text
+    assert client.get("/readyz").json()["bundle"] == "copy"
     assert client.get("/recommend", params={"user_id": user}).status_code == 200
 
 

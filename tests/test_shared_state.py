@@ -75,11 +75,16 @@ def test_two_apps_on_one_state_file_share_events_items_and_reloads(
 ) -> None:
     """Two workers in one process: what one is told, the other serves."""
     state = tmp_path / "state.sqlite"
+    root = tmp_path / "bundles"
+    for name in ("served", "copy"):
+        shutil.copytree(trained.bundle, root / name)
 
     def worker() -> TestClient:
-        retriever = Retriever.load(trained.bundle)
+        retriever = Retriever.load(root / "served")
         store = SQLiteHistoryStore(state, retriever.encoders.history_length)
-        return TestClient(create_app(retriever, store, ChangeFeed(state), poll_seconds=0.05))
+        return TestClient(
+            create_app(retriever, store, ChangeFeed(state), poll_seconds=0.05, bundle_root=root)
+        )
 
     first, second = worker(), worker()
     user = str(trained.data.test.user_ids[0])
@@ -103,10 +108,8 @@ def test_two_apps_on_one_state_file_share_events_items_and_reloads(
     ).json()
     assert [i["item_id"] for i in body["results"][0]["items"]] == ["fresh-shared"]
 
-    copy = tmp_path / "copy"
-    shutil.copytree(trained.bundle, copy)
-    assert first.post("/admin/reload", json={"path": str(copy)}).status_code == 200
-    assert wait_until(lambda: second.get("/readyz").json()["bundle"] == str(copy.resolve()))
+    assert first.post("/admin/reload", json={"bundle": "copy"}).status_code == 200
+    assert wait_until(lambda: second.get("/readyz").json()["bundle"] == "copy")
     assert 'twotower_reloads_total{outcome="followed"} 1.0' in second.get("/metrics").text
     first.close()
     second.close()

@@ -53,7 +53,14 @@ def serve_and_query(twotower: Path, bundle: Path, user: str, cwd: Path) -> dict:
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     server = subprocess.Popen(
-        [str(twotower), "serve", f"bundle={bundle}", f"port={port}", "log_level=warning"],
+        [
+            str(twotower),
+            "serve",
+            f"bundle={bundle}",
+            f"port={port}",
+            "log_level=warning",
+            "auth=none",
+        ],
         cwd=cwd,
         env=environment,
         stdout=subprocess.DEVNULL,

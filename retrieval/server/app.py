@@ -11,16 +11,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from retrieval.requests import MAX_K, Recommendations
 from retrieval.retriever import Retriever
+from retrieval.server.auth import RequireToken, TokenTable
+from retrieval.server.bundles import BundleRoot
 from retrieval.server.history import HistoryStore, InMemoryHistoryStore
+from retrieval.server.limits import MAX_BODY_BYTES, LimitBodySize, LimitConcurrency
 from retrieval.server.metrics import CONTENT_TYPE_LATEST, Metrics, ObserveRequests
 from retrieval.server.schemas import (
     MAX_ID_LENGTH,
@@ -41,6 +49,8 @@ from retrieval.server.state import ServerState
 from twotower.errors import TwoTowerError
 
 log = logging.getLogger(__name__)
+# users x k above which a POST /recommend runs in the thread pool, off the event loop
+HEAVY_BATCH_WORK = 2_000
 
 
 def _recommendations(
@@ -65,16 +75,30 @@ def create_app(
     history: HistoryStore | None = None,
     changes: ChangeFeed | None = None,
     poll_seconds: float = 0.5,
+    *,
+    tokens: TokenTable | None = None,
+    bundle_root: str | Path | None = None,
+    allowed_hosts: Sequence[str] | None = None,
+    cors_origins: Sequence[str] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    concurrency: Mapping[str, int] | None = None,
 ) -> FastAPI:
     """The app over a loaded Retriever; ``history`` defaults to an in-memory store.
 
     ``changes``: with several worker processes, the feed through which added items and
     reloads reach the other workers (each replays it within ``poll_seconds``).
+    ``tokens``: the accepted bearer tokens and their scopes (:mod:`retrieval.server.auth`);
+    None serves without access control, for in-process use (``twotower serve`` takes
+    that only as an explicit ``auth=none`` on loopback). ``bundle_root``: where
+    ``/admin/reload`` may load bundles from (default: the served bundle's parent).
+    ``allowed_hosts``: accepted ``Host`` headers (None: any); ``cors_origins``: origins
+    allowed cross-origin requests (None: no CORS).
     """
     metrics = Metrics()
     if history is None:  # not `history or ...`: an empty store has len() 0
         history = InMemoryHistoryStore(retriever.encoders.history_length)
     state = ServerState(retriever, history, metrics, changes)
+    root = BundleRoot(bundle_root if bundle_root is not None else retriever.path.parent)
     follower = ChangeFollower(changes, state.apply, poll_seconds) if changes else None
     if follower is not None:
         follower.start()
@@ -93,7 +117,23 @@ def create_app(
     )
     app.state.twotower = state
 
+    # Starlette runs the middleware added last first. Outermost to innermost: trusted
+    # hosts, counting, the body cap, CORS (a preflight needs no token), tokens, and the
+    # per-route concurrency limit (only authenticated requests take a slot).
+    app.add_middleware(LimitConcurrency, limits=concurrency)
+    if tokens is not None:
+        app.add_middleware(RequireToken, tokens=tokens)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(LimitBodySize, max_bytes=max_body_bytes)
     app.add_middleware(ObserveRequests, metrics=metrics)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
     # The query routes are ``async``: their ~1 ms of numpy / ONNX / FAISS runs on the
     # event loop, one request after another, instead of in a thread pool where
@@ -104,6 +144,16 @@ def create_app(
     @app.exception_handler(TwoTowerError)
     async def bad_request(request: Request, exc: TwoTowerError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the input, and a NaN or Infinity in it cannot be
+        # written as JSON (a 500): answer with the errors' locations and messages only
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     @app.get("/recommend", response_model=Recommendation)
     async def recommend_one(
@@ -120,17 +170,24 @@ def create_app(
     async def recommend_many(body: RecommendRequest) -> RecommendResponse:
         """Top-k for a batch of users (ids, histories, attributes), with exclusions and filters."""
         retriever = state.retriever
-        found = retriever.retrieve(
-            [u.user_id for u in body.users],
-            state.histories(body.users),
-            [u.user_features for u in body.users],
-            k=body.k,
-            exclude_seen=body.exclude_seen,
-            exclude=body.exclude,
-            filter=body.filter,
-            search_params=body.search_params,
-            new_item_boost=body.new_item_boost,
-        )
+
+        def answer() -> Recommendations:
+            return retriever.retrieve(
+                [u.user_id for u in body.users],
+                state.histories(body.users),
+                [u.user_features for u in body.users],
+                k=body.k,
+                exclude_seen=body.exclude_seen,
+                exclude=body.exclude,
+                filter=body.filter,
+                search_params=body.search_params,
+                new_item_boost=body.new_item_boost,
+            )
+
+        # a large batch runs in the thread pool (numpy, ONNX Runtime and FAISS release the
+        # GIL), so /healthz and small queries keep being answered meanwhile
+        heavy = len(body.users) * body.k > HEAVY_BATCH_WORK
+        found = await run_in_threadpool(answer) if heavy else answer()
         return RecommendResponse(
             results=_recommendations(found, [u.user_id for u in body.users], metrics)
         )
@@ -149,12 +206,23 @@ def create_app(
             served_by="model" if known else "popularity",
             items=[
                 ScoredItem(item_id=str(i), score=float(s)) for i, s in zip(ids, scores, strict=True)
-            ]
+            ],
         )
 
     @app.post("/items", response_model=ItemsResponse)
     def add_items(body: ItemsRequest) -> ItemsResponse:
-        """Cold-start items: embedded by the item tower and searchable at once."""
+        """Cold-start items, or new versions of existing ones (upsert): embedded by the item
+        tower and searchable at once. Keys must be ``item_id`` and the bundle's item
+        attribute columns."""
+        columns = state.retriever.attribute_columns
+        for row, record in enumerate(body.items):
+            unknown = sorted(set(record) - {"item_id", *columns})
+            if unknown:
+                raise HTTPException(
+                    422, f"items[{row}]: unknown attribute(s) {unknown[:5]}; allowed: {columns}"
+                )
+            if record.get("item_id") in (None, ""):
+                raise HTTPException(422, f"items[{row}]: item_id is required")
         added = state.add_items(body.items)
         return ItemsResponse(added=added, catalogue_size=state.retriever.catalogue.live)
 
@@ -177,7 +245,8 @@ def create_app(
         retriever = state.retriever
         return Status(
             status="ready",
-            bundle=str(retriever.path),
+            bundle=root.name_of(retriever.path),
+            created_at=retriever.manifest.created_at,
             items=retriever.catalogue.live,
             worker=os.getpid(),
         )
@@ -186,23 +255,38 @@ def create_app(
     def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/admin/reload", response_model=Status, responses={409: {"model": Status}})
+    @app.post(
+        "/admin/reload",
+        response_model=Status,
+        responses={409: {"model": Status}, 422: {"description": "not a bundle name"}},
+    )
     def reload(body: ReloadRequest) -> Any:
-        """Load a bundle and swap it in; on failure keep serving the old one and say why."""
-        path = body.path or str(state.retriever.path)
+        """Load a bundle under the bundle root by name and swap it in; on failure keep
+        serving the old one (the reason goes to the server's log, not to the client)."""
+        current = state.retriever
+        name = body.bundle or root.name_of(current.path)
+        path = root.resolve(name)  # a RequestError (422) for a name outside the root
         try:
-            fresh = state.reload(path)
+            fresh = state.reload(str(path))
         except (TwoTowerError, OSError) as exc:
             metrics.reloads.labels("failed").inc()
-            log.warning("reload of %s failed: %s", path, exc)
+            log.warning("reload of bundle %r (%s) failed: %s", name, path, exc)
             return JSONResponse(
                 status_code=409,
                 content=Status(
-                    status="kept", bundle=str(state.retriever.path), detail=str(exc)
+                    status="kept",
+                    bundle=root.name_of(current.path),
+                    created_at=current.manifest.created_at,
+                    detail=f"bundle {name!r} could not be loaded; the served bundle is kept",
                 ).model_dump(),
             )
         metrics.reloads.labels("ok").inc()
-        return Status(status="reloaded", bundle=str(fresh.path), items=fresh.catalogue.live)
+        return Status(
+            status="reloaded",
+            bundle=root.name_of(fresh.path),
+            created_at=fresh.manifest.created_at,
+            items=fresh.catalogue.live,
+        )
 
     return app
 
@@ -223,25 +307,54 @@ def tcp_listener(host: str, port: int) -> socket.socket:
 
 
 def app_from_env() -> FastAPI:
-    """App factory for ``uvicorn --factory``: the bundle path comes from TWOTOWER_BUNDLE.
+    """App factory for ``uvicorn --factory`` (``twotower serve`` starts its workers so),
+    configured by the environment:
 
-    With TWOTOWER_STATE_FILE (a SQLite path; ``twotower serve`` sets one for several
-    workers) events, added items and reloads are shared by every worker process.
+    - ``TWOTOWER_BUNDLE``: the bundle directory to serve; ``TWOTOWER_BUNDLE_ROOT``: where
+      reloads may load from (default: its parent);
+    - ``TWOTOWER_AUTH``: ``tokens`` (default: the tokens of ``TWOTOWER_TOKENS_FILE`` or
+      ``TWOTOWER_API_TOKENS``, see :mod:`retrieval.server.auth`) or ``none``;
+    - ``TWOTOWER_ALLOWED_HOSTS``, ``TWOTOWER_CORS_ORIGINS``: comma-separated lists;
+    - ``TWOTOWER_STATE_FILE``: a SQLite path through which events, added items and reloads
+      are shared by every worker process; ``TWOTOWER_DEVICE``, ``TWOTOWER_THREADS``.
     """
     path = os.environ.get("TWOTOWER_BUNDLE")
     if not path:
         raise RuntimeError("set TWOTOWER_BUNDLE to the bundle directory to serve")
+    auth = os.environ.get("TWOTOWER_AUTH", "tokens")
+    if auth not in ("tokens", "none"):
+        raise RuntimeError(f"TWOTOWER_AUTH must be tokens or none, got {auth!r}")
+    tokens = None
+    if auth == "tokens":
+        tokens = TokenTable.load(os.environ.get("TWOTOWER_TOKENS_FILE") or None)
+        if tokens is None:
+            raise RuntimeError(
+                "no API tokens: set TWOTOWER_API_TOKENS (TOKEN:SCOPE[+SCOPE];...) or a "
+                "tokens file, or serve without access control with auth=none (loopback only)"
+            )
     threads = os.environ.get("TWOTOWER_THREADS")
     retriever = Retriever.load(
         path,
         device=os.environ.get("TWOTOWER_DEVICE", "cpu"),
         threads=int(threads) if threads else None,
     )
+    options: dict[str, Any] = {
+        "tokens": tokens,
+        "bundle_root": os.environ.get("TWOTOWER_BUNDLE_ROOT") or None,
+        "allowed_hosts": _listed(os.environ.get("TWOTOWER_ALLOWED_HOSTS")),
+        "cors_origins": _listed(os.environ.get("TWOTOWER_CORS_ORIGINS")),
+    }
     shared = os.environ.get("TWOTOWER_STATE_FILE")
     if not shared:
-        return create_app(retriever)
+        return create_app(retriever, **options)
     return create_app(
         retriever,
         SQLiteHistoryStore(shared, retriever.encoders.history_length),
         ChangeFeed(shared),
+        **options,
     )
+
+
+def _listed(value: str | None) -> list[str] | None:
+    items = [v.strip() for v in (value or "").split(",") if v.strip()]
+    return items or None

@@ -86,12 +86,19 @@ class ItemsResponse(Strict):
 
 
 class ReloadRequest(Strict):
-    path: str | None = Field(None, description="bundle directory; default: reload the current path")
+    bundle: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="name of a bundle under the server's bundle root (e.g. latest); "
+        "default: the bundle being served",
+    )
 
 
 class Status(Strict):
     status: str
-    bundle: str | None = None
+    bundle: str | None = Field(None, description="the served bundle's name under the root")
+    created_at: str | None = Field(None, description="when the served bundle was exported")
     items: int | None = None
     detail: str | None = None
     worker: int | None = Field(None, description="process id of the worker that answered")

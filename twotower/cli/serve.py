@@ -1,8 +1,14 @@
-"""``twotower serve bundle=PATH [port=8000 workers=2 ...]``: serve a bundle over HTTP.
+"""``twotower serve bundle_root=DIR bundle=NAME [port=8000 workers=2 ...]``: serve a
+bundle over HTTP.
 
 Settings are ``key=value`` words (see :class:`ServeSettings`); the bundle is loaded and
 checked before any worker starts, so a bad bundle fails here with the reason. Needs only
 the base install (no torch).
+
+Access control: bearer tokens with scopes from ``TWOTOWER_API_TOKENS`` or
+``tokens_file=PATH`` (``TOKEN:SCOPE[+SCOPE]`` entries; scopes read, write, admin).
+Serving without them takes an explicit ``auth=none`` and binds to loopback only.
+Reloads load bundles by name under ``bundle_root`` only.
 """
 
 from __future__ import annotations
@@ -21,7 +27,18 @@ from typing import Any
 class ServeSettings:
     """What ``twotower serve`` takes, as ``key=value``."""
 
+    # a bundle name under bundle_root; without bundle_root, a bundle directory whose
+    # parent becomes the root (outputs/latest: reloads may load outputs/NAME)
     bundle: str = "outputs/latest"
+    bundle_root: str | None = None
+    # tokens (TWOTOWER_API_TOKENS or tokens_file) | none (no access control; loopback only)
+    auth: str = "tokens"
+    tokens_file: str | None = None
+    # accepted Host headers, comma-separated; None: the loopback names when bound to
+    # loopback, any otherwise
+    allowed_hosts: str | None = None
+    # origins allowed cross-origin requests, comma-separated; None: no CORS
+    cors_origins: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -56,7 +73,40 @@ def parse_settings(words: list[str]) -> ServeSettings:
     settings = ServeSettings(**values)
     if settings.workers < 1 or not 0 < settings.port < 65536:
         raise ValueError("workers must be >= 1 and port within 1..65535")
+    if settings.auth not in ("tokens", "none"):
+        raise ValueError(f"auth must be tokens or none, got {settings.auth!r}")
+    if settings.auth == "none" and not is_loopback(settings.host):
+        raise ValueError(
+            f"auth=none serves without access control, so it binds to loopback only "
+            f"(host={settings.host}); set tokens (TWOTOWER_API_TOKENS or tokens_file=) instead"
+        )
     return settings
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or name."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bundle_location(settings: ServeSettings) -> tuple[Path, Path]:
+    """(the bundle directory, the bundle root) the settings name."""
+    from retrieval.server.bundles import BundleRoot
+
+    if settings.bundle_root is None:
+        given = Path(settings.bundle).absolute()
+        return given.resolve(), given.parent.resolve()
+    root = BundleRoot(settings.bundle_root)
+    return root.resolve(settings.bundle), root.root
 
 
 def usage() -> str:
@@ -82,16 +132,32 @@ def run(argv: list[str]) -> int:
 
     from retrieval import Retriever
     from retrieval.server import tcp_listener
+    from retrieval.server.auth import TokenTable
     from retrieval.server.shared import ChangeFeed
     from twotower.errors import TwoTowerError
 
-    bundle = Path(settings.bundle).resolve()
     try:  # fail here, with the reason, before forking workers
+        bundle, root = bundle_location(settings)
         Retriever.load(bundle, device=settings.device)
-    except TwoTowerError as exc:
+        if settings.auth == "tokens" and TokenTable.load(settings.tokens_file) is None:
+            raise ValueError(
+                "no API tokens: set TWOTOWER_API_TOKENS (e.g. 'TOKEN:read;TOKEN2:read+write') "
+                "or tokens_file=PATH, or auth=none to serve on loopback without access control"
+            )
+    except (TwoTowerError, ValueError) as exc:
         print(f"twotower serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    allowed_hosts = settings.allowed_hosts
+    if allowed_hosts is None and is_loopback(settings.host):
+        allowed_hosts = ",".join((*LOOPBACK_NAMES, "[::1]"))
     os.environ["TWOTOWER_BUNDLE"] = str(bundle)
+    os.environ["TWOTOWER_BUNDLE_ROOT"] = str(root)
+    os.environ["TWOTOWER_AUTH"] = settings.auth
+    os.environ["TWOTOWER_TOKENS_FILE"] = (
+        str(Path(settings.tokens_file).resolve()) if settings.tokens_file else ""
+    )
+    os.environ["TWOTOWER_ALLOWED_HOSTS"] = allowed_hosts or ""
+    os.environ["TWOTOWER_CORS_ORIGINS"] = settings.cors_origins or ""
     os.environ["TWOTOWER_DEVICE"] = settings.device
     workers = settings.workers
     run_dir = Path(tempfile.mkdtemp(prefix="twotower-serve-"))
