@@ -99,3 +99,23 @@ def test_latest_is_a_relative_link_that_moves_with_its_folder(
     moved = tmp_path / "moved"
     outputs.rename(moved)
     assert Retriever.load(moved / "latest").manifest.counts.items == len(trained.data.catalogue)
+
+
+def test_staging_left_by_a_killed_export_is_removed_by_the_next(
+    trained: TrainResult, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    stale = tmp_path / f".bundle-staging-{dead.pid}-abc123"
+    stale.mkdir()
+    (stale / "items.faiss").write_bytes(b"half")
+    retired = tmp_path / f".bundle-old-{dead.pid}"
+    retired.mkdir()
+    mine = tmp_path / f".bundle-staging-{os.getpid()}-live"  # a running writer's: kept
+    mine.mkdir()
+    export_bundle(trained.module, trained.data, tmp_path / "bundle")
+    assert not stale.exists() and not retired.exists() and mine.exists()
+    assert (tmp_path / "bundle" / MANIFEST).is_file()

@@ -99,13 +99,47 @@ def make_readable(directory: Path) -> None:
             os.chmod(Path(root) / name, FILE_MODE)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Delete the staging and retired directories a killed writer left beside ``target``
+    (named ``.NAME-staging-PID-*`` / ``.NAME-old-PID``, PID no longer running)."""
+    removed = []
+    for prefix in (f".{target.name}-staging-", f".{target.name}-old-"):
+        for path in target.parent.glob(f"{prefix}*"):
+            pid = path.name[len(prefix) :].split("-", 1)[0]
+            if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    if removed:
+        log.info(
+            "removed %d stale staging director%s beside %s",
+            len(removed),
+            "y" if len(removed) == 1 else "ies",
+            target,
+        )
+    return removed
+
+
 @contextmanager
 def staged_directory(target: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it replaces ``target``
     (an existing one is swapped out only once the new one is complete), on failure it is
-    deleted, so nothing half-written is ever at ``target``."""
+    deleted, so nothing half-written is ever at ``target``. Staging directories left by a
+    killed writer are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    remove_stale_staging(target)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}-staging-{os.getpid()}-", dir=target.parent)
+    )
     try:
         yield staging
         make_readable(staging)
