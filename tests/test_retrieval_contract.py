@@ -123,6 +123,10 @@ def test_search_knobs_can_be_overridden_per_request(retriever: Retriever, users:
     assert len(ids) == 10
     with pytest.raises(RequestError, match="unknown search knob"):
         retriever.recommend(user_id=users[0], search_params={"probes": 3})
+    for knob in knobs:
+        for bad in (0, -1, float("nan"), float("inf"), 2.5 if knob != "k_factor" else 0.5):
+            with pytest.raises(RequestError, match=f"search knob {knob} must be"):
+                retriever.recommend(user_id=users[0], search_params={knob: bad})
 
 
 def test_agrees_with_exact_search(
