@@ -211,3 +211,19 @@ def test_non_finite_numbers_in_an_invalid_request_get_422(root: Path) -> None:
             "/recommend", content=raw, headers={"content-type": "application/json"}
         )
         assert response.status_code == 422, raw
+
+
+def test_every_response_has_a_request_id_and_the_bundle_version(
+    client: TestClient, root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    created = Retriever.load(root / "v1").manifest.created_at
+    with caplog.at_level("INFO", logger="twotower.access"):
+        mine = client.get("/healthz", headers={"X-Request-Id": "trace-42"})
+        denied = client.get("/readyz")
+        odd = client.get("/healthz", headers={"X-Request-Id": "bad id with spaces"})
+    assert mine.headers["x-request-id"] == "trace-42"
+    assert mine.headers["x-twotower-bundle"] == f"v1@{created}"
+    assert denied.status_code == 401 and len(denied.headers["x-request-id"]) == 32
+    assert odd.headers["x-request-id"] != "bad id with spaces"
+    assert "GET /healthz 200" in caplog.text and "id=trace-42" in caplog.text
+    assert "GET /readyz 401" in caplog.text

@@ -25,6 +25,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from retrieval.requests import MAX_K, Recommendations
 from retrieval.retriever import Retriever
+from retrieval.server.access import AccessLog
 from retrieval.server.auth import RequireToken, TokenTable
 from retrieval.server.bundles import BundleRoot
 from retrieval.server.history import HistoryStore, InMemoryHistoryStore
@@ -117,9 +118,9 @@ def create_app(
     )
     app.state.twotower = state
 
-    # Starlette runs the middleware added last first. Outermost to innermost: trusted
-    # hosts, counting, the body cap, CORS (a preflight needs no token), tokens, and the
-    # per-route concurrency limit (only authenticated requests take a slot).
+    # Starlette runs the middleware added last first. Outermost to innermost: the access
+    # log, trusted hosts, counting, the body cap, CORS (a preflight needs no token),
+    # tokens, and the per-route concurrency limit (only authenticated requests take one).
     app.add_middleware(LimitConcurrency, limits=concurrency)
     if tokens is not None:
         app.add_middleware(RequireToken, tokens=tokens)
@@ -134,6 +135,12 @@ def create_app(
     app.add_middleware(ObserveRequests, metrics=metrics)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+    def bundle_version() -> str:
+        served = state.retriever
+        return f"{root.name_of(served.path)}@{served.manifest.created_at}"
+
+    app.add_middleware(AccessLog, bundle_version=bundle_version)
 
     # The query routes are ``async``: their ~1 ms of numpy / ONNX / FAISS runs on the
     # event loop, one request after another, instead of in a thread pool where
