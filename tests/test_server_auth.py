@@ -225,5 +225,37 @@ def test_every_response_has_a_request_id_and_the_bundle_version(
     assert mine.headers["x-twotower-bundle"] == f"v1@{created}"
     assert denied.status_code == 401 and len(denied.headers["x-request-id"]) == 32
     assert odd.headers["x-request-id"] != "bad id with spaces"
-    assert "GET /healthz 200" in caplog.text and "id=trace-42" in caplog.text
-    assert "GET /readyz 401" in caplog.text
+    assert "GET '/healthz' 200" in caplog.text and "id=trace-42" in caplog.text
+    assert "GET '/readyz' 401" in caplog.text
+
+
+def test_a_url_prefix_does_not_change_the_scope_a_route_needs(root: Path) -> None:
+    app = create_app(Retriever.load(root / "v1"), tokens=TOKENS, bundle_root=root)
+    client = TestClient(app, root_path="/api")
+    denied = client.post("/api/admin/reload", json={}, headers=bearer(READ))
+    assert denied.status_code == 403
+    assert client.get("/api/healthz").status_code == 200
+    assert client.post("/api/admin/reload", json={}, headers=bearer(ADMIN)).status_code == 200
+
+
+def test_unknown_methods_and_routes_fail_closed() -> None:
+    assert required_scope("DELETE", "/items") == "admin"
+    assert required_scope("POST", "/something-new") == "admin"
+    assert required_scope("PUT", "/recommend") == "admin"
+
+
+def test_a_batch_asking_for_too_many_results_is_refused(root: Path) -> None:
+    client = TestClient(create_app(Retriever.load(root / "v1")))
+    body = {"users": [{"history": ["i1"]}] * 20, "k": 10_000}
+    response = client.post("/recommend", json=body)
+    assert response.status_code == 422 and "users x k" in response.text
+
+
+def test_links_to_hidden_entries_and_link_loops_are_refused(root: Path) -> None:
+    (root / ".staging").mkdir()
+    (root / "stg").symlink_to(".staging", target_is_directory=True)
+    (root / "loop").symlink_to("loop")
+    bundles = BundleRoot(root)
+    for name in ("stg", "loop"):
+        with pytest.raises(RequestError):
+            bundles.resolve(name)

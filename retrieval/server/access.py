@@ -50,7 +50,7 @@ class AccessLog:
         finally:
             client = scope.get("client") or ("-", 0)
             log.info(
-                "%s %s %d %.1fms id=%s client=%s",
+                "%s %r %d %.1fms id=%s client=%s",  # %r: a path cannot forge log lines
                 scope["method"],
                 scope["path"],
                 status,

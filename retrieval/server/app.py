@@ -52,6 +52,8 @@ from twotower.errors import TwoTowerError
 log = logging.getLogger(__name__)
 # users x k above which a POST /recommend runs in the thread pool, off the event loop
 HEAVY_BATCH_WORK = 2_000
+# users x k one POST /recommend may ask for (a larger answer is megabytes of JSON)
+MAX_BATCH_RESULTS = 100_000
 
 
 def _recommendations(
@@ -119,9 +121,11 @@ def create_app(
     app.state.twotower = state
 
     # Starlette runs the middleware added last first. Outermost to innermost: the access
-    # log, trusted hosts, counting, the body cap, CORS (a preflight needs no token),
-    # tokens, and the per-route concurrency limit (only authenticated requests take one).
+    # log, trusted hosts, counting, CORS (a preflight needs no token), tokens, the body
+    # cap (only authenticated bodies are read) and the per-route concurrency limit (only
+    # authenticated requests take a slot).
     app.add_middleware(LimitConcurrency, limits=concurrency)
+    app.add_middleware(LimitBodySize, max_bytes=max_body_bytes)
     if tokens is not None:
         app.add_middleware(RequireToken, tokens=tokens)
     if cors_origins:
@@ -131,7 +135,6 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(LimitBodySize, max_bytes=max_body_bytes)
     app.add_middleware(ObserveRequests, metrics=metrics)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
@@ -177,9 +180,13 @@ def create_app(
     async def recommend_many(body: RecommendRequest) -> RecommendResponse:
         """Top-k for a batch of users (ids, histories, attributes), with exclusions and filters."""
         retriever = state.retriever
+        if len(body.users) * body.k > MAX_BATCH_RESULTS:
+            raise HTTPException(
+                422, f"users x k must be at most {MAX_BATCH_RESULTS:,} in one request"
+            )
 
-        def answer() -> Recommendations:
-            return retriever.retrieve(
+        def answer() -> RecommendResponse:
+            found = retriever.retrieve(
                 [u.user_id for u in body.users],
                 state.histories(body.users),
                 [u.user_features for u in body.users],
@@ -190,14 +197,15 @@ def create_app(
                 search_params=body.search_params,
                 new_item_boost=body.new_item_boost,
             )
+            return RecommendResponse(
+                results=_recommendations(found, [u.user_id for u in body.users], metrics)
+            )
 
-        # a large batch runs in the thread pool (numpy, ONNX Runtime and FAISS release the
-        # GIL), so /healthz and small queries keep being answered meanwhile
+        # a large batch (its search and its answer) runs in the thread pool (numpy, ONNX
+        # Runtime and FAISS release the GIL), so /healthz and small queries keep being
+        # answered meanwhile
         heavy = len(body.users) * body.k > HEAVY_BATCH_WORK
-        found = await run_in_threadpool(answer) if heavy else answer()
-        return RecommendResponse(
-            results=_recommendations(found, [u.user_id for u in body.users], metrics)
-        )
+        return await run_in_threadpool(answer) if heavy else answer()
 
     @app.get("/similar/{item_id}", response_model=Recommendation)
     async def similar(item_id: str, k: int = Query(10, ge=1, le=MAX_K)) -> Recommendation:
@@ -244,7 +252,7 @@ def create_app(
         return EventsResponse(accepted=len(body.events))
 
     @app.get("/healthz", response_model=Status)
-    def healthz() -> Status:
+    async def healthz() -> Status:  # on the loop: a full thread pool never blocks it
         return Status(status="ok")
 
     @app.get("/readyz", response_model=Status)
@@ -272,7 +280,8 @@ def create_app(
         serving the old one (the reason goes to the server's log, not to the client)."""
         current = state.retriever
         name = body.bundle or root.name_of(current.path)
-        path = root.resolve(name)  # a RequestError (422) for a name outside the root
+        # a RequestError (422) for a name outside the root; no name: the served bundle
+        path = root.resolve(body.bundle) if body.bundle else current.path
         try:
             fresh = state.reload(str(path))
         except (TwoTowerError, OSError) as exc:
@@ -345,10 +354,14 @@ def app_from_env() -> FastAPI:
         device=os.environ.get("TWOTOWER_DEVICE", "cpu"),
         threads=int(threads) if threads else None,
     )
+    allowed_hosts = _listed(os.environ.get("TWOTOWER_ALLOWED_HOSTS"))
+    if tokens is None and not allowed_hosts:
+        # without access control only loopback names are answered, however it is bound
+        allowed_hosts = ["localhost", "127.0.0.1", "::1", "[::1]"]
     options: dict[str, Any] = {
         "tokens": tokens,
         "bundle_root": os.environ.get("TWOTOWER_BUNDLE_ROOT") or None,
-        "allowed_hosts": _listed(os.environ.get("TWOTOWER_ALLOWED_HOSTS")),
+        "allowed_hosts": allowed_hosts,
         "cors_origins": _listed(os.environ.get("TWOTOWER_CORS_ORIGINS")),
     }
     shared = os.environ.get("TWOTOWER_STATE_FILE")

@@ -92,15 +92,33 @@ class TokenTable:
         return found
 
 
+READ_POSTS = frozenset({"/recommend"})
+WRITE_POSTS = frozenset({"/events", "/items"})
+
+
 def required_scope(method: str, path: str) -> str | None:
-    """The scope a request needs (None: open to all)."""
+    """The scope a request needs (None: open to all). Fails closed: any method or route
+    not named here needs ``admin``."""
     if path in OPEN_PATHS:
         return None
     if path.startswith("/admin/"):
         return "admin"
-    if method == "POST" and path in ("/events", "/items"):
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return "read"
+    if method == "POST" and path in READ_POSTS:
+        return "read"
+    if method == "POST" and path in WRITE_POSTS:
         return "write"
-    return "read"
+    return "admin"
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: without the ``root_path`` prefix a proxy may add
+    (uvicorn ``--root-path``), as Starlette's router sees it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
 
 
 class RequireToken:
@@ -114,7 +132,7 @@ class RequireToken:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        needed = required_scope(scope["method"], scope["path"])
+        needed = required_scope(scope["method"], route_path(scope))
         if needed is None:
             await self.app(scope, receive, send)
             return

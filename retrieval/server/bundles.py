@@ -34,8 +34,14 @@ class BundleRoot:
             part in ("", ".", "..") or part.startswith(".") for part in parts
         ):
             raise refused
-        path = self.root.joinpath(*parts).resolve()
+        try:
+            path = self.root.joinpath(*parts).resolve()
+        except (OSError, RuntimeError):  # a link loop, an unreadable entry
+            raise refused from None
         if path != self.root and self.root not in path.parents:
+            raise refused
+        inside = path.relative_to(self.root).parts
+        if any(part.startswith(".") for part in inside):  # a link to a staging directory
             raise refused
         return path
 

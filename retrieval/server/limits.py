@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from retrieval.server.auth import reply
+from retrieval.server.auth import reply, route_path
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: 256 users x 1,000 history ids of 256 characters fit easily
 DEFAULT_CONCURRENCY = {"/recommend": 64, "/similar": 64, "/events": 16, "/items": 4, "/admin": 1}
@@ -37,8 +37,7 @@ class LimitBodySize:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                await self.app(scope, _replay([message]), send)  # a disconnect: pass it on
-                return
+                return  # the client went away before sending its whole body
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > self.max_bytes:
@@ -82,7 +81,7 @@ class LimitConcurrency:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        prefix = self.prefix_of(scope["path"]) if scope["type"] == "http" else None
+        prefix = self.prefix_of(route_path(scope)) if scope["type"] == "http" else None
         if prefix is None:
             await self.app(scope, receive, send)
             return

@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from retrieval.retriever import Retriever
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "ObserveRequests"]
+# methods counted by name; any other is "OTHER" (label values stay bounded)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
 class Metrics:
@@ -114,7 +116,8 @@ class ObserveRequests:
             await self.app(scope, receive, record_status)
         finally:
             name = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(name, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"
+            self.metrics.requests.labels(name, method, str(status)).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - start)
 
 

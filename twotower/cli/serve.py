@@ -161,6 +161,8 @@ def run(argv: list[str]) -> int:
     os.environ["TWOTOWER_DEVICE"] = settings.device
     workers = settings.workers
     run_dir = Path(tempfile.mkdtemp(prefix="twotower-serve-"))
+    for inherited in ("TWOTOWER_STATE_FILE", "TWOTOWER_THREADS", "PROMETHEUS_MULTIPROC_DIR"):
+        os.environ.pop(inherited, None)  # only these settings decide, not the shell's
     state_file = settings.state_file or (str(run_dir / "shared.sqlite") if workers > 1 else None)
     if state_file:
         # events, added items and reloads reach every worker through this file
