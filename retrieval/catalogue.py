@@ -73,11 +73,6 @@ class Catalogue:
         return len(self.item_ids)
 
     @property
-    def hidden(self) -> np.ndarray:
-        """Rows never returned: removed items and superseded versions of upserted ones."""
-        return ~self.visible
-
-    @property
     def small_after_hiding(self) -> bool:
         """So few items left visible that searches score them exactly (see
         :func:`retrieval.search.top_k`)."""

@@ -160,11 +160,6 @@ class BannedRows:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def user(self, index: int) -> Rows:
-        """One user's banned rows."""
-        start = int(self.lengths[:index].sum())
-        return self.rows[start : start + int(self.lengths[index])]
-
     def per_user(self) -> list[Rows]:
         return np.split(self.rows, np.cumsum(self.lengths)[:-1])
 
@@ -236,13 +231,15 @@ def top_k(
     if lengths.any():
         codes = batch.rows + np.repeat(np.arange(n_users) * n_items, lengths)
     everything = n_allowed == n_items
-    want = np.maximum(1, -(-(k + lengths) * n_items // n_allowed))  # ceil, in integers
-    if index.prefix_consistent:
+    exact = index.prefix_consistent
+    if exact:
         # this index's top-f is the first f of its top-F for F > f (exact and IVF
         # searches): one search for the most any user needs answers each as alone
-        fetch = np.full(n_users, min(n_items, int(want.max())), dtype=np.int64)
-    else:
-        fetch = np.minimum(n_items, 2 ** np.ceil(np.log2(want))).astype(np.int64)
+        most = fetch_size(k, int(lengths.max()), n_items, n_allowed, exact)
+        fetch = np.full(n_users, most, dtype=np.int64)
+    else:  # the size each user would get alone (few distinct sizes: few searches)
+        sizes = {n: fetch_size(k, int(n), n_items, n_allowed, exact) for n in np.unique(lengths)}
+        fetch = np.fromiter((sizes[n] for n in lengths), np.int64, n_users)
     pending = np.arange(n_users)
     while len(pending):
         short_rows = []
