@@ -47,7 +47,7 @@ def start_server(
             f"port={port}",
             f"workers={workers}",
             "log_level=warning",
-            f"state_file={run_dir / 'shared.sqlite'}",
+            f"state_dir={run_dir / 'state'}",
             "auth=tokens" if token is not None else "auth=none",
         ],
         stdout=subprocess.DEVNULL,

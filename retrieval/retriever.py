@@ -321,6 +321,12 @@ class Retriever:
             self._catalogue, newly = self._catalogue.without_items(item_ids)
         return newly
 
+    def restore(self, snapshot: Catalogue) -> None:
+        """Serve ``snapshot`` (a :attr:`catalogue` taken earlier from this Retriever)
+        again, undoing the edits made since (e.g. ones that could not be made durable)."""
+        with self._write_lock:
+            self._catalogue = snapshot
+
     def save(self, path: str | Path) -> Path:
         """Write the current catalogue (added, upserted and removed items included) as a
         new, consistent bundle, atomically; the towers, encoders and users are copied."""

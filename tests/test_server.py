@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from retrieval import Retriever
 from retrieval.server import create_app
-from retrieval.server.history import InMemoryHistoryStore
 from towers.pipeline import TrainResult
 from twotower.bundle.layout import USER_TOWER
 
@@ -210,19 +209,6 @@ def test_events_and_queries_concurrently(client: TestClient, trained: TrainResul
     for thread in threads:
         thread.join(timeout=120)
     assert not errors, errors[:2]
-
-
-def test_history_store_is_bounded() -> None:
-    store = InMemoryHistoryStore(max_items=3, max_users=2)
-    for item in "abcde":
-        store.append("u1", item)
-    store.append("u2", "x")
-    store.append("u3", "y")
-    assert store.recent("u1") == [] and store.recent("u3") == ["y"] and len(store) == 2
-    store2 = InMemoryHistoryStore(max_items=3)
-    for item in "abcde":
-        store2.append("u", item)
-    assert store2.recent("u") == ["c", "d", "e"]
 
 
 def test_multi_worker_listener_is_tcp_so_connections_get_nodelay() -> None:

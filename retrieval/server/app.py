@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,7 +29,6 @@ from retrieval.retriever import Retriever
 from retrieval.server.access import AccessLog
 from retrieval.server.auth import RequireToken, TokenTable
 from retrieval.server.bundles import BundleRoot
-from retrieval.server.history import HistoryStore, InMemoryHistoryStore
 from retrieval.server.limits import MAX_BODY_BYTES, LimitBodySize, LimitConcurrency
 from retrieval.server.metrics import CONTENT_TYPE_LATEST, Metrics, ObserveRequests
 from retrieval.server.schemas import (
@@ -41,12 +41,14 @@ from retrieval.server.schemas import (
     RecommendRequest,
     RecommendResponse,
     ReloadRequest,
+    RemoveRequest,
+    RemoveResponse,
     ScoredItem,
     Status,
     UserQuery,
 )
-from retrieval.server.shared import ChangeFeed, ChangeFollower, SQLiteHistoryStore
-from retrieval.server.state import ServerState
+from retrieval.server.state import LogFollower, ServerState
+from retrieval.server.store import StateStore, StoreUnavailableError
 from twotower.errors import TwoTowerError
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 HEAVY_BATCH_WORK = 2_000
 # users x k one POST /recommend may ask for (a larger answer is megabytes of JSON)
 MAX_BATCH_RESULTS = 100_000
+# seconds a client is told to wait before retrying a write the store could not take
+STORE_RETRY_AFTER = 2
 
 
 def _recommendations(
@@ -75,8 +79,7 @@ def _recommendations(
 
 def create_app(
     retriever: Retriever,
-    history: HistoryStore | None = None,
-    changes: ChangeFeed | None = None,
+    store: StateStore | None = None,
     poll_seconds: float = 0.5,
     *,
     tokens: TokenTable | None = None,
@@ -85,11 +88,15 @@ def create_app(
     cors_origins: Sequence[str] | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     concurrency: Mapping[str, int] | None = None,
+    threads: int | None = None,
 ) -> FastAPI:
-    """The app over a loaded Retriever; ``history`` defaults to an in-memory store.
+    """The app over a loaded Retriever.
 
-    ``changes``: with several worker processes, the feed through which added items and
-    reloads reach the other workers (each replays it within ``poll_seconds``).
+    ``store``: the durable events and change log (:mod:`retrieval.server.store`) in the
+    state directory; the app first replays its log, then follows what other worker
+    processes write to it (every ``poll_seconds``). None: a store in a temporary
+    directory, gone with the app (in-process use and tests; ``twotower serve`` always
+    names a state directory).
     ``tokens``: the accepted bearer tokens and their scopes (:mod:`retrieval.server.auth`);
     None serves without access control, for in-process use (``twotower serve`` takes
     that only as an explicit ``auth=none`` on loopback). ``bundle_root``: where
@@ -98,11 +105,16 @@ def create_app(
     allowed cross-origin requests (None: no CORS).
     """
     metrics = Metrics()
-    if history is None:  # not `history or ...`: an empty store has len() 0
-        history = InMemoryHistoryStore(retriever.encoders.history_length)
-    state = ServerState(retriever, history, metrics, changes)
+    scratch = None
+    if store is None:
+        scratch = tempfile.TemporaryDirectory(prefix="twotower-state-")
+        store = StateStore(scratch.name, retriever.encoders.history_length)
+    state = ServerState(retriever, store, metrics, threads)
+    state.recover()
+    metrics.event_store_bytes.set(store.event_bytes())
     root = BundleRoot(bundle_root if bundle_root is not None else retriever.path.parent)
-    follower = ChangeFollower(changes, state.apply, poll_seconds) if changes else None
+    # other processes write to a given store (the workers of one server); none to a scratch one
+    follower = LogFollower(state, poll_seconds) if scratch is None else None
     if follower is not None:
         follower.start()
 
@@ -119,6 +131,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.twotower = state
+    app.state.scratch = scratch  # the temporary store's directory lives as long as the app
 
     # Starlette runs the middleware added last first. Outermost to innermost: the access
     # log, trusted hosts, counting, CORS (a preflight needs no token), tokens, the body
@@ -154,6 +167,16 @@ def create_app(
     @app.exception_handler(TwoTowerError)
     async def bad_request(request: Request, exc: TwoTowerError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.exception_handler(StoreUnavailableError)
+    async def store_unavailable(request: Request, exc: StoreUnavailableError) -> JSONResponse:
+        # never a 2xx for a write that is not on disk: the client retries later
+        log.error("state store unavailable: %s", exc)
+        return JSONResponse(
+            status_code=503,
+            content={"detail": "the state store cannot take writes now; retry later"},
+            headers={"Retry-After": str(STORE_RETRY_AFTER)},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -226,9 +249,9 @@ def create_app(
 
     @app.post("/items", response_model=ItemsResponse)
     def add_items(body: ItemsRequest) -> ItemsResponse:
-        """Cold-start items, or new versions of existing ones (upsert): embedded by the item
-        tower and searchable at once. Keys must be ``item_id`` and the bundle's item
-        attribute columns."""
+        """Cold-start items, or new versions of existing ones (upsert): on disk in the
+        change log, then embedded by the item tower and searchable at once. Keys must be
+        ``item_id`` and the bundle's item attribute columns."""
         columns = state.retriever.attribute_columns
         for row, record in enumerate(body.items):
             unknown = sorted(set(record) - {"item_id", *columns})
@@ -238,16 +261,25 @@ def create_app(
                 )
             if record.get("item_id") in (None, ""):
                 raise HTTPException(422, f"items[{row}]: item_id is required")
+            record["item_id"] = str(record["item_id"])
         added = state.add_items(body.items)
         return ItemsResponse(added=added, catalogue_size=state.retriever.catalogue.live)
 
+    @app.post("/items/remove", response_model=RemoveResponse)
+    def remove_items(body: RemoveRequest) -> RemoveResponse:
+        """Hide items from every result (on disk in the change log first); unknown ids
+        are ignored. Upserting an id brings it back."""
+        removed = state.remove_items(list(body.item_ids))
+        return RemoveResponse(removed=removed, catalogue_size=state.retriever.catalogue.live)
+
     @app.post("/events", response_model=EventsResponse)
     def events(body: EventsRequest) -> EventsResponse:
-        """Append to users' recent history; the next recommendation uses it, no retraining."""
-        for event in sorted(
+        """Append to users' recent history (on disk before the answer); the next
+        recommendation uses it, no retraining."""
+        ordered = sorted(
             body.events, key=lambda e: e.timestamp if e.timestamp is not None else float("inf")
-        ):
-            state.history.append(event.user_id, event.item_id)
+        )
+        state.record_events([(e.user_id, e.item_id) for e in ordered])
         metrics.events.inc(len(body.events))
         return EventsResponse(accepted=len(body.events))
 
@@ -255,9 +287,21 @@ def create_app(
     async def healthz() -> Status:  # on the loop: a full thread pool never blocks it
         return Status(status="ok")
 
-    @app.get("/readyz", response_model=Status)
-    def readyz() -> Status:
+    @app.get("/readyz", response_model=Status, responses={503: {"model": Status}})
+    def readyz() -> Any:
+        """Ready when the bundle is served and the state store can take writes."""
         retriever = state.retriever
+        try:
+            store.probe()
+        except StoreUnavailableError as exc:
+            log.error("not ready: %s", exc)
+            return JSONResponse(
+                status_code=503,
+                content=Status(
+                    status="unavailable", detail="the state store cannot take writes"
+                ).model_dump(),
+                headers={"Retry-After": str(STORE_RETRY_AFTER)},
+            )
         return Status(
             status="ready",
             bundle=root.name_of(retriever.path),
@@ -331,8 +375,10 @@ def app_from_env() -> FastAPI:
     - ``TWOTOWER_AUTH``: ``tokens`` (default: the tokens of ``TWOTOWER_TOKENS_FILE`` or
       ``TWOTOWER_API_TOKENS``, see :mod:`retrieval.server.auth`) or ``none``;
     - ``TWOTOWER_ALLOWED_HOSTS``, ``TWOTOWER_CORS_ORIGINS``: comma-separated lists;
-    - ``TWOTOWER_STATE_FILE``: a SQLite path through which events, added items and reloads
-      are shared by every worker process; ``TWOTOWER_DEVICE``, ``TWOTOWER_THREADS``.
+    - ``TWOTOWER_STATE_DIR``: the directory of the durable state store (events and the
+      change log, shared by every worker process; unset: a temporary one, gone with the
+      process); ``TWOTOWER_MAX_EVENT_BYTES``: its cap on events;
+    - ``TWOTOWER_DEVICE``, ``TWOTOWER_THREADS``.
     """
     path = os.environ.get("TWOTOWER_BUNDLE")
     if not path:
@@ -348,11 +394,9 @@ def app_from_env() -> FastAPI:
                 "no API tokens: set TWOTOWER_API_TOKENS (TOKEN:SCOPE[+SCOPE];...) or a "
                 "tokens file, or serve without access control with auth=none (loopback only)"
             )
-    threads = os.environ.get("TWOTOWER_THREADS")
+    threads = int(os.environ["TWOTOWER_THREADS"]) if os.environ.get("TWOTOWER_THREADS") else None
     retriever = Retriever.load(
-        path,
-        device=os.environ.get("TWOTOWER_DEVICE", "cpu"),
-        threads=int(threads) if threads else None,
+        path, device=os.environ.get("TWOTOWER_DEVICE", "cpu"), threads=threads
     )
     allowed_hosts = _listed(os.environ.get("TWOTOWER_ALLOWED_HOSTS"))
     if tokens is None and not allowed_hosts:
@@ -363,16 +407,19 @@ def app_from_env() -> FastAPI:
         "bundle_root": os.environ.get("TWOTOWER_BUNDLE_ROOT") or None,
         "allowed_hosts": allowed_hosts,
         "cors_origins": _listed(os.environ.get("TWOTOWER_CORS_ORIGINS")),
+        "threads": threads,
     }
-    shared = os.environ.get("TWOTOWER_STATE_FILE")
-    if not shared:
+    state_dir = os.environ.get("TWOTOWER_STATE_DIR")
+    if not state_dir:
+        log.warning("TWOTOWER_STATE_DIR is not set: events and item changes are not kept")
         return create_app(retriever, **options)
-    return create_app(
-        retriever,
-        SQLiteHistoryStore(shared, retriever.encoders.history_length),
-        ChangeFeed(shared),
-        **options,
+    max_bytes = os.environ.get("TWOTOWER_MAX_EVENT_BYTES")
+    store = StateStore(
+        state_dir,
+        retriever.encoders.history_length,
+        **({"max_event_bytes": int(max_bytes)} if max_bytes else {}),
     )
+    return create_app(retriever, store, **options)
 
 
 def _listed(value: str | None) -> list[str] | None:

@@ -93,7 +93,7 @@ class TokenTable:
 
 
 READ_POSTS = frozenset({"/recommend"})
-WRITE_POSTS = frozenset({"/events", "/items"})
+WRITE_POSTS = frozenset({"/events", "/items", "/items/remove"})
 
 
 def required_scope(method: str, path: str) -> str | None:

@@ -68,6 +68,12 @@ class Metrics:
             registry=self.registry,
         )
         self.events = Counter("twotower_events", "Events received", registry=self.registry)
+        self.event_store_bytes = Gauge(
+            "twotower_event_store_bytes",
+            "Bytes the durable event store holds (capped by max_event_bytes)",
+            registry=self.registry,
+            multiprocess_mode="mostrecent",
+        )
         self.reloads = Counter(
             "twotower_reloads", "Bundle reloads", ["outcome"], registry=self.registry
         )

@@ -3,7 +3,7 @@ are refused, and numbers that are not finite are a 422."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -82,6 +82,17 @@ class ItemsRequest(Strict):
 
 class ItemsResponse(Strict):
     added: int
+    catalogue_size: int
+
+
+class RemoveRequest(Strict):
+    item_ids: list[Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]] = Field(
+        min_length=1, max_length=10_000
+    )
+
+
+class RemoveResponse(Strict):
+    removed: int = Field(description="items newly hidden (unknown or hidden ones are not)")
     catalogue_size: int
 
 

@@ -1,76 +1,258 @@
-"""What one server process holds: the served Retriever, the event store, and the feed
-that passes catalogue changes and reloads between worker processes."""
+"""What one server worker holds: the served Retriever, rebuilt from the durable change
+log of :mod:`retrieval.server.store`.
+
+A worker's catalogue is a function of the log: the last bundle row's bundle, with every
+item row replayed on it in ``seq`` order. Writes go to the log first, under SQLite's
+write lock, after the worker has applied every earlier row; the answer is sent after
+the commit. Other workers follow the log (a background thread, every
+``poll_seconds``) and a restarted worker replays it, so all converge on one catalogue.
+
+**The reload rule.** When a bundle is loaded (a reload, a restart) the item rows are
+replayed on it, the added items re-embedded by *its* item tower. A row recorded before
+the bundle was created (its manifest's ``created_at``) is skipped when the bundle holds
+that item already: the bundle was exported after the write, from data that includes
+the item. Every row recorded after the bundle was created is applied. Per item, only
+its last row decides, which is what lets :meth:`StateStore.compact` drop the others.
+"""
 
 from __future__ import annotations
 
+import calendar
 import logging
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from retrieval.retriever import Retriever
-from retrieval.server.history import HistoryStore
 from retrieval.server.metrics import Metrics
 from retrieval.server.schemas import UserQuery
-from retrieval.server.shared import Change, ChangeFeed
+from retrieval.server.store import Change, StateStore
+from twotower.errors import TwoTowerError
 
 log = logging.getLogger(__name__)
 
 
+def bundle_time(retriever: Retriever) -> float:
+    """When ``retriever``'s bundle was created, in seconds since the epoch (0 when the
+    manifest's ``created_at`` does not parse: every row then counts as newer)."""
+    try:
+        return float(
+            calendar.timegm(time.strptime(retriever.manifest.created_at, "%Y-%m-%dT%H:%M:%SZ"))
+        )
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def replay(retriever: Retriever, changes: list[Change]) -> int:
+    """Apply item rows to ``retriever`` by the reload rule (see the module docstring);
+    returns how many were applied. A row that no longer fits (say, an attribute the
+    bundle dropped) is logged and skipped."""
+    bundle_rows = retriever.catalogue
+    created = bundle_time(retriever)
+    pending: dict[str, dict[str, Any]] = {}
+    applied = 0
+
+    def flush() -> None:
+        nonlocal applied
+        if not pending:
+            return
+        try:
+            applied += retriever.add_items(pd.DataFrame(list(pending.values())))
+        except TwoTowerError:  # one bad row must not drop the others
+            for item_id, record in pending.items():
+                try:
+                    applied += retriever.add_items(pd.DataFrame([record]))
+                except TwoTowerError as exc:
+                    log.warning("item %r from the change log skipped: %s", item_id, exc)
+        pending.clear()
+
+    for change in changes:
+        item_id = str(change.item_id)
+        if change.recorded_at < created and bundle_rows.rows_of([item_id])[0] >= 0:
+            continue
+        if change.kind == "upsert":
+            if item_id in pending:
+                flush()
+            pending[item_id] = change.payload
+        elif change.kind == "remove":
+            flush()
+            applied += retriever.remove_items([item_id])
+    flush()
+    return applied
+
+
 class ServerState:
-    """The served Retriever (swapped atomically on reload), the event store and, with
-    several workers, the feed that passes added items and reloads to the others."""
+    """The served Retriever (swapped atomically), rebuilt from the store's change log."""
 
     def __init__(
         self,
         retriever: Retriever,
-        history: HistoryStore,
+        store: StateStore,
         metrics: Metrics,
-        changes: ChangeFeed | None = None,
+        threads: int | None = None,
     ) -> None:
         self.retriever = retriever
-        self.history = history
+        self.store = store
         self.metrics = metrics
-        self.changes = changes
-        self.reload_lock = threading.Lock()
+        self.threads = threads
+        self.applied = 0  # the last change-log row this worker has applied
+        self._lock = threading.RLock()  # one applier at a time in this process
         metrics.describe(retriever)
 
-    def reload(self, path: str, share: bool = True) -> Retriever:
-        """Load the bundle at ``path`` and serve it from the next request on; raises (and
-        keeps the current one) when it does not load. ``share`` records it for the other
-        workers."""
-        with self.reload_lock:
-            fresh = Retriever.load(path, device=self.retriever.device)
-            self.retriever = fresh
-            self.metrics.describe(fresh)
-            if share and self.changes is not None:
-                self.changes.record("reload", str(fresh.path))
-        return fresh
+    # ------------------------------------------------------------- following the log
+    def recover(self) -> None:
+        """Rebuild the catalogue from the whole log: the last bundle row's bundle (kept
+        as started when it no longer loads) with every item row replayed on it."""
+        with self._lock:
+            changes = self.store.since(0)
+            bundles = [c for c in changes if c.kind == "bundle"]
+            retriever = self.retriever
+            if bundles and Path(bundles[-1].payload).resolve() != retriever.path.resolve():
+                try:
+                    retriever = self._load(bundles[-1].payload)
+                except (TwoTowerError, OSError) as exc:
+                    log.error(
+                        "bundle %s from the change log does not load (%s); serving %s",
+                        bundles[-1].payload,
+                        exc,
+                        retriever.path,
+                    )
+            replayed = replay(retriever, [c for c in changes if c.kind != "bundle"])
+            self._serve(retriever)
+            self.applied = changes[-1].seq if changes else 0
+        log.info(
+            "replayed the change log up to row %d (%d item change(s) applied)",
+            self.applied,
+            replayed,
+        )
 
-    def add_items(self, records: list[dict[str, Any]], share: bool = True) -> int:
-        """Add cold-start items to the served catalogue; ``share`` records them for the
-        other workers."""
-        added = self.retriever.add_items(pd.DataFrame(records))
-        self.metrics.index_items.set(self.retriever.catalogue.live)
-        if share and self.changes is not None:
-            self.changes.record("items", records)
+    def catch_up(self) -> int:
+        """Apply the rows other workers have written since this one last looked."""
+        with self._lock:
+            changes = self.store.since(self.applied)
+            self._follow(changes)
+        return len(changes)
+
+    def _follow(self, changes: list[Change]) -> None:
+        for change in changes:
+            try:
+                self._apply(change)
+            except (TwoTowerError, OSError) as exc:  # logged; the worker keeps following
+                log.error("change %d (%s) could not be applied: %s", change.seq, change.kind, exc)
+                if change.kind == "bundle":
+                    self.metrics.reloads.labels("failed").inc()
+            self.applied = change.seq
+
+    def _apply(self, change: Change) -> None:
+        if change.kind == "bundle":
+            fresh = self._load(change.payload)
+            replay(fresh, self.store.item_changes_before(change.seq))
+            self._serve(fresh)
+            self.metrics.reloads.labels("followed").inc()
+        else:
+            replay(self.retriever, [change])
+            self.metrics.index_items.set(self.retriever.catalogue.live)
+
+    def _load(self, path: str | Path) -> Retriever:
+        return Retriever.load(path, device=self.retriever.device, threads=self.threads)
+
+    def _serve(self, retriever: Retriever) -> None:
+        self.retriever = retriever
+        self.metrics.describe(retriever)
+
+    # ---------------------------------------------------------------------- writes
+    def add_items(self, records: list[dict[str, Any]]) -> int:
+        """Upsert items: durable in the log, then served (the tower embeds them here;
+        the other workers embed them when they follow the log)."""
+        table = pd.DataFrame(records)
+        with self._lock:
+            self.catch_up()  # outside the write lock: following may load bundles
+            with self.store.writing() as writer:
+                self._follow(writer.since(self.applied))
+                retriever = self.retriever
+                snapshot = retriever.catalogue
+                added = retriever.add_items(table)  # bad rows raise: nothing recorded
+                try:
+                    seqs = writer.record_upserts(records)
+                    writer.commit()
+                except BaseException:
+                    retriever.restore(snapshot)
+                    raise
+                self.applied = seqs[-1]
+        self.metrics.index_items.set(retriever.catalogue.live)
         return added
 
-    def apply(self, change: Change) -> None:
-        """Replay a change another worker recorded (see :mod:`retrieval.server.shared`)."""
-        if change.kind == "reload":
-            self.reload(change.payload, share=False)
-            self.metrics.reloads.labels("followed").inc()
-        elif change.kind == "items":
-            self.add_items(change.payload, share=False)
-        log.info("applied change %d (%s) from another worker", change.seq, change.kind)
+    def remove_items(self, item_ids: list[str]) -> int:
+        """Hide items from every result: durable in the log, then served."""
+        with self._lock:
+            self.catch_up()
+            with self.store.writing() as writer:
+                self._follow(writer.since(self.applied))
+                retriever = self.retriever
+                snapshot = retriever.catalogue
+                removed = retriever.remove_items(item_ids)
+                try:
+                    seqs = writer.record_removals(item_ids)
+                    writer.commit()
+                except BaseException:
+                    retriever.restore(snapshot)
+                    raise
+                self.applied = seqs[-1]
+        self.metrics.index_items.set(retriever.catalogue.live)
+        return removed
 
+    def reload(self, path: str | Path) -> Retriever:
+        """Load the bundle at ``path`` (raises, and keeps the served one, when it does not
+        load), replay the item log on it, record the switch and serve it."""
+        fresh = self._load(path)
+        with self._lock:
+            self.catch_up()
+            with self.store.writing() as writer:
+                self._follow(writer.since(self.applied))
+                seq = writer.record_bundle(fresh.path)
+                replay(fresh, writer.item_changes_before(seq))
+                writer.commit()
+            self._serve(fresh)
+            self.applied = seq
+        return fresh
+
+    def record_events(self, events: list[tuple[str, str]]) -> None:
+        """Store events durably (every worker reads them on the next recommendation)."""
+        self.metrics.event_store_bytes.set(self.store.append_events(events))
+
+    # ----------------------------------------------------------------------- reads
     def histories(self, users: list[UserQuery]) -> list[list[str]]:
         """Each query's history plus the events the server holds for that user."""
         return [
-            (self.history.recent(u.user_id) if u.user_id else []) + list(u.history or [])
+            (self.store.recent(u.user_id) if u.user_id else []) + list(u.history or [])
             for u in users
         ]
 
 
+class LogFollower:
+    """Calls :meth:`ServerState.catch_up` every ``poll_seconds`` from a daemon thread."""
+
+    def __init__(self, state: ServerState, poll_seconds: float = 0.5) -> None:
+        self.state = state
+        self.poll_seconds = poll_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="log-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.state.catch_up()
+            except Exception:  # a locked or lost store: readiness reports it; keep trying
+                log.exception("following the change log failed; retrying")

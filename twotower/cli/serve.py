@@ -9,11 +9,16 @@ Access control: bearer tokens with scopes from ``TWOTOWER_API_TOKENS`` or
 ``tokens_file=PATH`` (``TOKEN:SCOPE[+SCOPE]`` entries; scopes read, write, admin).
 Serving without them takes an explicit ``auth=none`` and binds to loopback only.
 Reloads load bundles by name under ``bundle_root`` only.
+
+Durability: events, item upserts and removals and bundle switches are written to a
+SQLite file in ``state_dir`` before the server answers, and replayed on restart (see
+:mod:`retrieval.server.state`). One server at a time may use a state directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import shutil
 import sys
@@ -47,9 +52,11 @@ class ServeSettings:
     # 1 with more
     threads: int | None = None
     log_level: str = "info"
-    # SQLite file holding users' events, added items and reloads for every worker; None: a
-    # fresh one in a temporary directory with workers > 1, in memory with one worker
-    state_file: str | None = None
+    # where events and the item/bundle change log are kept, durably, for every worker
+    # and across restarts; None: $XDG_STATE_HOME/twotower (~/.local/state/twotower)
+    state_dir: str | None = None
+    # the event store's cap in bytes (the oldest events are evicted beyond it)
+    max_event_bytes: int = 256 * 2**20
 
 
 def parse_settings(words: list[str]) -> ServeSettings:
@@ -73,6 +80,8 @@ def parse_settings(words: list[str]) -> ServeSettings:
     settings = ServeSettings(**values)
     if settings.workers < 1 or not 0 < settings.port < 65536:
         raise ValueError("workers must be >= 1 and port within 1..65535")
+    if settings.max_event_bytes < 1:
+        raise ValueError("max_event_bytes must be positive")
     if settings.auth not in ("tokens", "none"):
         raise ValueError(f"auth must be tokens or none, got {settings.auth!r}")
     if settings.auth == "none" and not is_loopback(settings.host):
@@ -109,6 +118,31 @@ def bundle_location(settings: ServeSettings) -> tuple[Path, Path]:
     return root.resolve(settings.bundle), root.root
 
 
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/twotower``, or ``~/.local/state/twotower``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "twotower"
+
+
+def claim_state_dir(directory: Path) -> int:
+    """Lock ``directory`` for this server (held until the process exits); a
+    ``ValueError`` when another server holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(directory / "server.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(descriptor)
+        raise ValueError(
+            f"state_dir {directory} is in use by another server (pid {holder}); give each "
+            "server its own state_dir"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+    return descriptor
+
+
 def usage() -> str:
     defaults = ServeSettings()
     lines = ["usage: twotower serve [key=value ...]", "", (__doc__ or "").strip(), ""]
@@ -133,20 +167,33 @@ def run(argv: list[str]) -> int:
     from retrieval import Retriever
     from retrieval.server import tcp_listener
     from retrieval.server.auth import TokenTable
-    from retrieval.server.shared import ChangeFeed
+    from retrieval.server.store import StateStore, StoreUnavailableError
     from twotower.errors import TwoTowerError
 
+    state_dir = Path(settings.state_dir or default_state_dir()).absolute()
     try:  # fail here, with the reason, before forking workers
         bundle, root = bundle_location(settings)
-        Retriever.load(bundle, device=settings.device)
+        served = Retriever.load(bundle, device=settings.device)
         if settings.auth == "tokens" and TokenTable.load(settings.tokens_file) is None:
             raise ValueError(
                 "no API tokens: set TWOTOWER_API_TOKENS (e.g. 'TOKEN:read;TOKEN2:read+write') "
                 "or tokens_file=PATH, or auth=none to serve on loopback without access control"
             )
-    except (TwoTowerError, ValueError) as exc:
+        claim_state_dir(state_dir)  # the lock is held until this process exits
+        store = StateStore(state_dir, served.encoders.history_length, settings.max_event_bytes)
+        dropped = store.compact()
+        with store.writing() as writer:  # this run starts from the bundle it was given
+            writer.record_bundle(served.path)
+            writer.commit()
+    except (TwoTowerError, ValueError, OSError, StoreUnavailableError) as exc:
         print(f"twotower serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    print(
+        f"twotower serve: state in {store.path} ({store.event_count()} events, "
+        f"{len(store.since(0))} change-log rows kept, {dropped} superseded rows compacted)",
+        file=sys.stderr,
+    )
+    del served, store
     allowed_hosts = settings.allowed_hosts
     if allowed_hosts is None and is_loopback(settings.host):
         allowed_hosts = ",".join((*LOOPBACK_NAMES, "[::1]"))
@@ -161,13 +208,11 @@ def run(argv: list[str]) -> int:
     os.environ["TWOTOWER_DEVICE"] = settings.device
     workers = settings.workers
     run_dir = Path(tempfile.mkdtemp(prefix="twotower-serve-"))
-    for inherited in ("TWOTOWER_STATE_FILE", "TWOTOWER_THREADS", "PROMETHEUS_MULTIPROC_DIR"):
+    for inherited in ("TWOTOWER_THREADS", "PROMETHEUS_MULTIPROC_DIR"):
         os.environ.pop(inherited, None)  # only these settings decide, not the shell's
-    state_file = settings.state_file or (str(run_dir / "shared.sqlite") if workers > 1 else None)
-    if state_file:
-        # events, added items and reloads reach every worker through this file
-        os.environ["TWOTOWER_STATE_FILE"] = str(Path(state_file).resolve())
-        ChangeFeed(state_file).reset()
+    # events, item changes and reloads reach every worker, and the next run, through it
+    os.environ["TWOTOWER_STATE_DIR"] = str(state_dir)
+    os.environ["TWOTOWER_MAX_EVENT_BYTES"] = str(settings.max_event_bytes)
     if workers > 1:
         # /metrics sums every worker's series (prometheus-client's multiprocess mode)
         metrics_dir = run_dir / "prometheus"
