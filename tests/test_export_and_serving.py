@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -55,7 +58,7 @@ def test_embeddings_parquet_for_batch_jobs(trained: TrainResult, tmp_path: Path)
         and len(users["embedding"].iloc[0]) == vectors.shape[1]
     )
     retriever = Retriever.load(tmp_path / "latest")
-    assert (tmp_path / "latest").resolve() == bundle
+    assert (tmp_path / "latest").resolve() == bundle.resolve()
     # a stored user vector is what the serving runtime computes for that user
     user = users["user_id"].iloc[0]
     np.testing.assert_allclose(
@@ -71,7 +74,45 @@ def test_latest_link_moves_to_the_newest_bundle(trained: TrainResult, tmp_path: 
     second = export_bundle(
         trained.module, trained.data, tmp_path / "two", settings=ExportSettings(latest=str(latest))
     )
-    assert latest.resolve() == second != first
+    assert latest.resolve() == second.resolve() != first.resolve()
+    assert os.readlink(latest) == "two"  # the name, so a re-export of "two" moves it too
+
+
+def test_re_export_switches_a_versioned_link_and_the_bundle_never_disappears(
+    trained: TrainResult, tmp_path: Path
+) -> None:
+    """Re-exports over one name: each is a new NAME@VERSION directory and the name a link
+    switched in one rename, so a reader polling the name always finds a whole bundle."""
+    target = tmp_path / "bundle"
+    export_bundle(trained.module, trained.data, target)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(json.loads((target / "manifest.json").read_text())["created_at"])
+            except (OSError, ValueError) as exc:
+                seen.append(f"missing: {exc!r}")
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        for _ in range(3):
+            export_bundle(trained.module, trained.data, target)
+    finally:
+        stop.set()
+        reader.join()
+    assert seen and not [s for s in seen if s.startswith("missing")]
+    assert target.is_symlink() and "@" in os.readlink(target)
+    versions = sorted(p.name for p in tmp_path.glob("bundle@*"))
+    assert len(versions) == 2 and os.readlink(target) == versions[-1]  # two newest kept
+    Retriever.load(target)
+
+    legacy = tmp_path / "legacy"  # a bundle written as a plain directory, before versions
+    shutil.copytree(target.resolve(), legacy)
+    export_bundle(trained.module, trained.data, legacy)
+    assert legacy.is_symlink() and (tmp_path / "legacy@legacy" / "manifest.json").is_file()
 
 
 def test_cuda_without_a_gpu_says_what_to_install(trained: TrainResult) -> None:

@@ -22,6 +22,7 @@ from towers.export.onnx_export import export_tower
 from towers.model.module import TwoTowerModule, embed
 from twotower.bundle import Counts, IndexInfo, Manifest, layout, write_bundle
 from twotower.bundle.embeddings import write_embeddings
+from twotower.bundle.store import switch_link
 
 log = logging.getLogger(__name__)
 PARITY_ROWS = 256
@@ -178,12 +179,7 @@ def point_latest(link: Path, bundle: Path) -> None:
     """Switch the ``latest`` symlink to ``bundle`` atomically (new link, then rename). The
     link is relative, so the two can move together (a copied or mounted outputs folder)."""
     link.parent.mkdir(parents=True, exist_ok=True)
-    staging = link.with_name(f".{link.name}-{os.getpid()}")
-    if staging.is_symlink() or staging.exists():
-        staging.unlink()
-    relative = os.path.relpath(bundle.resolve(), link.parent.resolve())
-    staging.symlink_to(relative, target_is_directory=True)
-    os.replace(staging, link)
+    switch_link(link, Path(os.path.abspath(bundle)))
 
 
 def export_bundle(

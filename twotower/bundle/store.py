@@ -3,18 +3,23 @@
 :func:`write_bundle` is the only way a bundle is written (export, ``Retriever.save``,
 the benchmarks): files go into a staging directory beside the target, the manifest is
 completed with every file's sha256, permissions are made readable by other users
-(directories 0755, files 0644), and only then is the directory renamed into place.
+(directories 0755, files 0644), and only then does the directory become a version
+``NAME@VERSION`` beside the target, with ``NAME`` a link switched to it atomically (the
+two newest versions are kept).
 :func:`open_bundle` is the only way one is read: manifest validated, files verified.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +29,8 @@ from twotower.bundle.manifest import Manifest, check_inside
 from twotower.errors import BundleError
 
 log = logging.getLogger(__name__)
+# bundle versions kept beside a bundle's name: the served one and the one before it
+KEEP_VERSIONS = 2
 DIRECTORY_MODE = 0o755
 FILE_MODE = 0o644
 
@@ -110,14 +117,19 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_staging(target: Path) -> list[Path]:
-    """Delete the staging and retired directories a killed writer left beside ``target``
-    (named ``.NAME-staging-PID-*`` / ``.NAME-old-PID``, PID no longer running)."""
+    """Delete what a killed writer left beside ``target``: staging directories, retired
+    directories and new links (``.NAME-staging-PID-*``, ``.NAME-old-PID``,
+    ``.NAME-link-PID``) of a PID no longer running."""
     removed = []
-    for prefix in (f".{target.name}-staging-", f".{target.name}-old-"):
-        for path in target.parent.glob(f"{prefix}*"):
+    for kind in ("staging", "old", "link"):
+        prefix = f".{target.name}-{kind}-"
+        for path in target.parent.glob(f"{glob.escape(prefix)}*"):
             pid = path.name[len(prefix) :].split("-", 1)[0]
-            if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
+            if pid.isdigit() and not _alive(int(pid)):
+                if path.is_symlink() or not path.is_dir():
+                    path.unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     if removed:
         log.info(
@@ -130,11 +142,13 @@ def remove_stale_staging(target: Path) -> list[Path]:
 
 
 @contextmanager
-def staged_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside ``target``; on success it replaces ``target``
-    (an existing one is swapped out only once the new one is complete), on failure it is
-    deleted, so nothing half-written is ever at ``target``. Staging directories left by a
-    killed writer are removed first."""
+def staged_directory(target: Path, keep: int = KEEP_VERSIONS) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; on success it becomes a new version
+    directory ``NAME@VERSION`` and ``target`` a relative link switched to it in one
+    rename, so ``target`` is always a complete bundle, the old one or the new one (never
+    missing, never half-written). The newest ``keep`` versions stay (for a rollback);
+    on failure the staging directory is deleted. Staging directories left by a killed
+    writer are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     staging = Path(
@@ -143,16 +157,66 @@ def staged_directory(target: Path) -> Iterator[Path]:
     try:
         yield staging
         make_readable(staging)
-        if target.exists():
-            retired = target.with_name(f".{target.name}-old-{os.getpid()}")
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        version = target.with_name(f"{target.name}@{version_stamp()}")
+        os.replace(staging, version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    switch_link(target, version)
+    prune_versions(target, keep)
+
+
+def version_stamp() -> str:
+    """A version name that sorts by time: UTC to the microsecond."""
+    now = time.time()
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z"
+
+
+def switch_link(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` (relatively) in one atomic step: a new link renamed
+    over the old one. A real directory at ``link`` (a bundle written before versions) is
+    exchanged with the new link atomically where the kernel can (``renameat2``) and
+    kept as the version ``NAME@legacy``."""
+    staging = link.with_name(f".{link.name}-link-{os.getpid()}")
+    if staging.is_symlink() or staging.exists():
+        staging.unlink()
+    staging.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+    if link.is_dir() and not link.is_symlink():
+        legacy = link.with_name(f"{link.name}@legacy")
+        shutil.rmtree(legacy, ignore_errors=True)
+        if _exchange(staging, link):
+            os.replace(staging, legacy)  # the old directory, now under the staging name
+            return
+        os.replace(link, legacy)
+    os.replace(staging, link)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False when the
+    system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    done = renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange)
+    return done == 0
+
+
+def versions_of(target: Path) -> list[Path]:
+    """The version directories ``NAME@VERSION`` beside ``target``, oldest first."""
+    return sorted(
+        p for p in target.parent.glob(f"{glob.escape(target.name)}@*") if p.is_dir()
+    )
+
+
+def prune_versions(target: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` versions (never the one ``target`` points at)."""
+    current = target.resolve()
+    for old in versions_of(target)[: -keep or None]:
+        if old.resolve() != current:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bundle(target: str | Path, write_files: Callable[[Path], Manifest]) -> Path:
@@ -162,7 +226,8 @@ def write_bundle(target: str | Path, write_files: Callable[[Path], Manifest]) ->
     Raises :class:`BundleError` when a required file is missing; then, as on any
     failure, nothing is left at ``target`` (an existing bundle there stays as it was).
     """
-    target = Path(target).resolve()
+    given = Path(os.path.abspath(target))
+    target = given.parent.resolve() / given.name  # not the link's version: the link itself
     with staged_directory(target) as staging:
         manifest = write_files(staging)
         missing = [name for name in layout.REQUIRED_FILES if not (staging / name).is_file()]
