@@ -149,7 +149,7 @@ class ServerState:
     def _apply(self, change: Change) -> None:
         if change.kind == "bundle":
             fresh = self._load(change.payload)
-            replay(fresh, self.store.item_changes_before(change.seq))
+            replay(fresh, self.store.item_changes(before=change.seq))
             self._serve(fresh)
             self.metrics.reloads.labels("followed").inc()
         else:
@@ -208,12 +208,16 @@ class ServerState:
         """Load the bundle at ``path`` (raises, and keeps the served one, when it does not
         load), replay the item log on it, record the switch and serve it."""
         fresh = self._load(path)
+        # the item log so far is re-embedded before the write lock is taken; only the
+        # rows written meanwhile are replayed under it
+        replayed_to = self.store.last_seq()
+        replay(fresh, self.store.item_changes(before=replayed_to + 1))
         with self._lock:
             self.catch_up()
             with self.store.writing() as writer:
                 self._follow(writer.since(self.applied))
-                seq = writer.record_bundle(fresh.path)
-                replay(fresh, writer.item_changes_before(seq))
+                seq = writer.record_bundle(Path(fresh.path).resolve())
+                replay(fresh, writer.item_changes(replayed_to, seq))
                 writer.commit()
             self._serve(fresh)
             self.applied = seq

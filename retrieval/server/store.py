@@ -98,9 +98,9 @@ class LogWriter:
         """Rows after ``seq``, oldest first (no other writer can add any meanwhile)."""
         return self._store._changes(self._connection, "WHERE seq > ?", (seq,))
 
-    def item_changes_before(self, seq: int) -> list[Change]:
-        """Every item row before ``seq``, oldest first."""
-        return self._store.item_changes_before(seq)
+    def item_changes(self, after: int, before: int) -> list[Change]:
+        """The item rows between ``after`` and ``before`` (both excluded), oldest first."""
+        return self._store.item_changes(after, before)
 
     def record_bundle(self, path: str | Path) -> int:
         return self._insert([("bundle", None, str(path))])[-1]
@@ -311,9 +311,20 @@ class StateStore:
             ).fetchall()
         return [Change(s, k, i, json.loads(p), t) for s, k, i, p, t in rows]
 
-    def item_changes_before(self, seq: int) -> list[Change]:
-        """Every item row before ``seq``, oldest first."""
-        return self._changes(self._connection(), "WHERE seq < ? AND kind != 'bundle'", (seq,))
+    def item_changes(self, after: int = 0, before: int | None = None) -> list[Change]:
+        """The item rows after ``after`` and before ``before`` (None: to the end), oldest
+        first."""
+        return self._changes(
+            self._connection(),
+            "WHERE seq > ? AND seq < ? AND kind != 'bundle'",
+            (after, before if before is not None else 2**62),
+        )
+
+    def last_seq(self) -> int:
+        """The newest change-log row's number (0 for an empty log)."""
+        with self._translated_errors():
+            ((seq,),) = self._connection().execute("SELECT coalesce(max(seq), 0) FROM changes")
+        return int(seq)
 
     def compact(self) -> int:
         """Drop the rows that no longer decide anything: an item's rows before its last

@@ -183,7 +183,7 @@ def run(argv: list[str]) -> int:
         store = StateStore(state_dir, served.encoders.history_length, settings.max_event_bytes)
         dropped = store.compact()
         with store.writing() as writer:  # this run starts from the bundle it was given
-            writer.record_bundle(served.path)
+            writer.record_bundle(Path(served.path).resolve())
             writer.commit()
     except (TwoTowerError, ValueError, OSError, StoreUnavailableError) as exc:
         print(f"twotower serve: {type(exc).__name__}: {exc}", file=sys.stderr)
