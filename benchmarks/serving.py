@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -56,10 +57,13 @@ def start_server(
     )
     deadline = time.monotonic() + 120
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    answered: set[int] = set()  # ready when every worker has answered /readyz
     while time.monotonic() < deadline:
         try:
             request = urllib.request.Request(f"http://127.0.0.1:{port}/readyz", headers=headers)
-            with urllib.request.urlopen(request, timeout=2):
+            with urllib.request.urlopen(request, timeout=2) as response:
+                answered.add(json.loads(response.read())["worker"])
+            if len(answered) >= workers:
                 return process, port
         except OSError:
             time.sleep(0.5)

@@ -55,6 +55,16 @@ def dataset_dir(name: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def own_state_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test's ``twotower serve`` keeps its default state directory
+    (``$XDG_STATE_HOME/twotower``) to itself, never in the user's home: a server replays
+    the state directory's log on start."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+
+
 @pytest.fixture
 def tiny_data() -> RawData:
     return generate_synthetic(n_users=120, n_items=80, mean_events_per_user=15, seed=3)

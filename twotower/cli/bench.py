@@ -1,6 +1,6 @@
 """``twotower bench NAME [args ...]``: run a benchmark of the checkout's ``benchmarks/``
-(not in the wheel): quality, retrieval, serving or training. Run it from the checkout's
-root; ``twotower bench NAME --help`` describes each."""
+(not in the wheel): quality, retrieval, serving, training, main_job or reliability. Run
+it from the checkout's root; ``twotower bench NAME --help`` describes each."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import importlib
 import sys
 from pathlib import Path
 
-NAMES = ("quality", "retrieval", "serving", "training", "main_job")
+NAMES = ("quality", "retrieval", "serving", "training", "main_job", "reliability")
 
 
 def checkout_root() -> Path | None:
