@@ -79,3 +79,24 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
     result = train(compose_config([*TINY_OVERRIDES, f"paths.output_dir={out}"]))
     assert result is not None
     return result
+
+
+# one bundle per index type: exact, IVF, HNSW and IVF-PQ with exact re-ranking
+INDEXES = ["Flat", "IVF8,Flat", "HNSW16", "IVF4,PQ8x4,RFlat"]
+
+
+@pytest.fixture(scope="session")
+def bundles(trained: TrainResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny run's model exported once per index type in :data:`INDEXES`."""
+    from towers.export.bundle import ExportSettings, export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        factory: export_bundle(
+            trained.module,
+            trained.data,
+            root / factory.replace(",", "_"),
+            settings=ExportSettings(index=factory),
+        )
+        for factory in INDEXES
+    }

@@ -11,24 +11,9 @@ import pandas as pd
 import pytest
 
 from retrieval import RequestError, Retriever
-from towers.export.bundle import ExportSettings, export_bundle
 from towers.pipeline import TrainResult
 
-INDEXES = ["Flat", "IVF8,Flat", "HNSW16", "IVF4,PQ8x4,RFlat"]
-
-
-@pytest.fixture(scope="session")
-def bundles(trained: TrainResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bundles")
-    return {
-        factory: export_bundle(
-            trained.module,
-            trained.data,
-            root / factory.replace(",", "_"),
-            settings=ExportSettings(index=factory),
-        )
-        for factory in INDEXES
-    }
+from .conftest import INDEXES
 
 
 @pytest.fixture(params=INDEXES)
