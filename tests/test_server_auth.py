@@ -259,3 +259,35 @@ def test_links_to_hidden_entries_and_link_loops_are_refused(root: Path) -> None:
     for name in ("stg", "loop"):
         with pytest.raises(RequestError):
             bundles.resolve(name)
+
+
+def test_an_unexpected_error_is_a_500_with_the_request_id_and_bundle_headers(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(Retriever.load(root / "v1"))
+    state = app.state.twotower
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(state.retriever, "similar_items", broken)
+    client = TestClient(app, raise_server_exceptions=False)
+    with caplog.at_level("ERROR"):
+        response = client.get("/similar/i1", headers={"X-Request-Id": "bug-1"})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error"}  # nothing of the bug
+    assert response.headers["x-request-id"] == "bug-1" and response.headers["x-twotower-bundle"]
+    assert "request id bug-1" in caplog.text and "a bug" in caplog.text
+
+
+def test_the_listener_takes_an_ipv6_address_in_brackets() -> None:
+    import socket
+
+    from retrieval.server import tcp_listener
+
+    try:
+        listener = tcp_listener("[::1]", 0)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    assert listener.family == socket.AF_INET6
+    listener.close()

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("twotower.access")
+errors = logging.getLogger(__name__)
 REQUEST_ID = b"x-request-id"
 BUNDLE_HEADER = b"x-twotower-bundle"
 SANE_ID = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
@@ -34,11 +35,12 @@ class AccessLog:
         given = dict(scope["headers"]).get(REQUEST_ID, b"")
         request_id = given if SANE_ID.match(given) else uuid.uuid4().hex.encode()
         status = 500
+        started = False
 
         async def tagged_send(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID, request_id))
                 headers.append((BUNDLE_HEADER, self.bundle_version().encode("latin-1", "replace")))
@@ -47,6 +49,24 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, tagged_send)
+        except Exception:
+            # a bug, not bad input: logged with the request id, answered with a bare 500
+            # that carries the same headers as every other answer
+            errors.exception("unhandled error (request id %s)", request_id.decode())
+            if started:
+                raise
+            body = b'{"detail":"internal server error"}'
+            await tagged_send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
         finally:
             client = scope.get("client") or ("-", 0)
             log.info(

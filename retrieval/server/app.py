@@ -358,6 +358,7 @@ def tcp_listener(host: str, port: int) -> socket.socket:
     TCP_NODELAY on accepted connections and every keep-alive response waits ~40 ms for
     the peer's delayed ACK (uvicorn issue #3149); measured here as a 48 ms floor.
     """
+    host = host.strip("[]")  # an IPv6 address as written in a URL: [::1]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

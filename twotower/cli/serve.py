@@ -227,7 +227,7 @@ def run(argv: list[str]) -> int:
     config = uvicorn.Config(
         "retrieval.server.app:app_from_env",
         factory=True,
-        host=settings.host,
+        host=settings.host.strip("[]"),  # [::1] as in a URL: the address is ::1
         port=settings.port,
         workers=workers,
         log_level=settings.log_level,
