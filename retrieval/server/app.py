@@ -152,9 +152,14 @@ def create_app(
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
+    # the served Retriever and its version (resolving its path is syscalls: once each)
+    version_of: list[tuple[Retriever, str]] = []
+
     def bundle_version() -> str:
         served = state.retriever
-        return f"{root.name_of(served.path)}@{served.manifest.created_at}"
+        if not version_of or version_of[0][0] is not served:
+            version_of[:] = [(served, f"{root.name_of(served.path)}@{served.manifest.created_at}")]
+        return version_of[0][1]
 
     app.add_middleware(AccessLog, bundle_version=bundle_version)
 
