@@ -19,11 +19,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from towers.pipeline import TrainResult
 from twotower.bundle.layout import USER_TOWER
 
 from .conftest import ROOT
+from .test_prometheus import wait_for
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "twotower.json"
 # what Grafana would put in place of its variables; `route` is the dashboard's own
@@ -120,20 +120,6 @@ def call(
         return status, json.loads(raw)
     except ValueError:
         return status, raw
-
-
-def wait_for(check: Callable[[], bool], seconds: float) -> bool:
-    """Whether ``check`` turns true within ``seconds`` (a connection error counts as not
-    yet)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return True
-        except OSError:
-            pass
-        time.sleep(0.25)
-    return False
 
 
 def is_finite(sample: dict[str, Any]) -> bool:

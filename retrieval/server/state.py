@@ -21,6 +21,7 @@ import calendar
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import pandas as pd
 from retrieval.retriever import Retriever
 from retrieval.server.metrics import Metrics
 from retrieval.server.schemas import UserQuery
-from retrieval.server.store import Change, StateStore
+from retrieval.server.store import Change, LogWriter, StateStore
 from twotower.errors import TwoTowerError
 
 log = logging.getLogger(__name__)
@@ -168,41 +169,40 @@ class ServerState:
         """Upsert items: durable in the log, then served (the tower embeds them here;
         the other workers embed them when they follow the log)."""
         table = pd.DataFrame(records)
+        return self._write(
+            lambda retriever: retriever.add_items(table),
+            lambda writer: writer.record_upserts(records),
+        )
+
+    def remove_items(self, item_ids: list[str]) -> int:
+        """Hide items from every result: durable in the log, then served."""
+        return self._write(
+            lambda retriever: retriever.remove_items(item_ids),
+            lambda writer: writer.record_removals(item_ids),
+        )
+
+    def _write(
+        self, edit: Callable[[Retriever], int], record: Callable[[LogWriter], list[int]]
+    ) -> int:
+        """Apply ``edit`` to the served catalogue and ``record`` it in the log, both or
+        neither: after every earlier row, under the store's write lock; the edit is undone
+        when the log cannot take it. Returns what ``edit`` returns."""
         with self._lock:
             self.catch_up()  # outside the write lock: following may load bundles
             with self.store.writing() as writer:
                 self._follow(writer.since(self.applied))
                 retriever = self.retriever
                 snapshot = retriever.catalogue
-                added = retriever.add_items(table)  # bad rows raise: nothing recorded
+                changed = edit(retriever)  # bad rows raise: nothing recorded
                 try:
-                    seqs = writer.record_upserts(records)
+                    seqs = record(writer)
                     writer.commit()
                 except BaseException:
                     retriever.restore(snapshot)
                     raise
                 self.applied = seqs[-1]
         self.metrics.index_items.set(retriever.catalogue.live)
-        return added
-
-    def remove_items(self, item_ids: list[str]) -> int:
-        """Hide items from every result: durable in the log, then served."""
-        with self._lock:
-            self.catch_up()
-            with self.store.writing() as writer:
-                self._follow(writer.since(self.applied))
-                retriever = self.retriever
-                snapshot = retriever.catalogue
-                removed = retriever.remove_items(item_ids)
-                try:
-                    seqs = writer.record_removals(item_ids)
-                    writer.commit()
-                except BaseException:
-                    retriever.restore(snapshot)
-                    raise
-                self.applied = seqs[-1]
-        self.metrics.index_items.set(retriever.catalogue.live)
-        return removed
+        return changed
 
     def reload(self, path: str | Path) -> Retriever:
         """Load the bundle at ``path`` (raises, and keeps the served one, when it does not
