@@ -394,3 +394,17 @@ def test_two_uvicorn_workers_share_events_and_metrics(trained: TrainResult, tmp_
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_one_server_at_a_time_per_state_dir(tmp_path: Path) -> None:
+    import os
+
+    from twotower.cli.serve import claim_state_dir
+
+    held = claim_state_dir(tmp_path / "state")
+    try:
+        with pytest.raises(ValueError, match=rf"in use by another server \(pid {os.getpid()}\)"):
+            claim_state_dir(tmp_path / "state")
+    finally:
+        os.close(held)
+    os.close(claim_state_dir(tmp_path / "state"))  # free again once the holder is gone
