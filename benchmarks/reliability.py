@@ -17,6 +17,7 @@ every worker is asked) and the catalogue size of every worker.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -73,7 +74,7 @@ class Client:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
             return error.code, None
-        except (OSError, ValueError):  # refused, reset, timed out mid-fault
+        except (OSError, ValueError, http.client.HTTPException):  # refused, reset, cut off
             return 0, None
 
 
