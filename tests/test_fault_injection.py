@@ -12,7 +12,11 @@ from benchmarks.bench_reliability import bundle_root
 from benchmarks.reliability import FAULTS, fault_rounds, soak
 from towers.pipeline import TrainResult
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # a client thread that dies would write less and hide losses: make it a failure
+    pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning"),
+]
 
 
 def test_no_acknowledged_write_is_lost_under_kill_9_and_a_locked_store(
