@@ -106,8 +106,12 @@ def test_re_export_switches_a_versioned_link_and_the_bundle_never_disappears(
     assert seen and not [s for s in seen if s.startswith("missing")]
     assert target.is_symlink() and "@" in os.readlink(target)
     versions = sorted(p.name for p in tmp_path.glob("bundle@*"))
-    assert len(versions) == 2 and os.readlink(target) == versions[-1]  # two newest kept
+    assert len(versions) == 3 and os.readlink(target) == versions[-1]  # the newest three
     Retriever.load(target)
+    (tmp_path / "pinned").symlink_to(versions[0])  # a link keeps its version from pruning
+    for _ in range(3):
+        export_bundle(trained.module, trained.data, target)
+    assert (tmp_path / "pinned").resolve().is_dir() and len(list(tmp_path.glob("bundle@*"))) == 4
 
     legacy = tmp_path / "legacy"  # a bundle written as a plain directory, before versions
     shutil.copytree(target.resolve(), legacy)

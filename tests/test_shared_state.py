@@ -141,7 +141,7 @@ def test_reload_rule_bundle_wins_for_items_it_was_exported_with(
     root = tmp_path / "bundles"
     older = _with_created_at(trained.bundle, root / "older", "2000-01-01T00:00:00Z")
     newer = _with_created_at(trained.bundle, root / "newer", "2999-01-01T00:00:00Z")
-    known = str(Retriever.load(older).item_ids[0])
+    known, removed = (str(i) for i in Retriever.load(older).item_ids[:2])
     app = create_app(Retriever.load(older), StateStore(tmp_path / "state"), bundle_root=root)
     with TestClient(app) as client:
         posted = [
@@ -149,6 +149,7 @@ def test_reload_rule_bundle_wins_for_items_it_was_exported_with(
             {"item_id": "fresh", "category": "c-fresh"},
         ]
         assert client.post("/items", json={"items": posted}).status_code == 200
+        assert client.post("/items/remove", json={"item_ids": [removed]}).status_code == 200
         state: ServerState = app.state.twotower
         upserted = _catalogue_state(state.retriever)[known]
 
@@ -158,6 +159,7 @@ def test_reload_rule_bundle_wins_for_items_it_was_exported_with(
         np.testing.assert_allclose(served[known], bundle_own)  # the newer bundle's version
         fresh_vector = state.retriever.embed_items(pd.DataFrame([posted[1]]))[0]
         np.testing.assert_allclose(served["fresh"], fresh_vector, atol=1e-6)  # kept
+        assert removed not in served  # a removal always applies
 
         assert client.post("/admin/reload", json={"bundle": "older"}).status_code == 200
         served = _catalogue_state(state.retriever)
@@ -408,3 +410,21 @@ def test_one_server_at_a_time_per_state_dir(tmp_path: Path) -> None:
     finally:
         os.close(held)
     os.close(claim_state_dir(tmp_path / "state"))  # free again once the holder is gone
+
+
+def test_a_reload_without_a_name_loads_the_started_name_afresh(
+    trained: TrainResult, tmp_path: Path
+) -> None:
+    """Started as ``latest``: after ``latest`` moves (a re-export), ``POST /admin/reload
+    {}`` serves where it points now, not the version the server resolved at start."""
+    root = _bundles(trained, tmp_path / "bundles")
+    (root / "latest").symlink_to("served")
+    retriever = Retriever.load(root / "latest")
+    app = create_app(
+        retriever, StateStore(tmp_path / "state"), bundle_root=root, bundle_name="latest"
+    )
+    with TestClient(app) as client:
+        assert client.get("/readyz").json()["bundle"] == "served"
+        (root / "latest").unlink()
+        (root / "latest").symlink_to("copy")
+        assert client.post("/admin/reload", json={}).json()["bundle"] == "copy"

@@ -84,6 +84,7 @@ def create_app(
     *,
     tokens: TokenTable | None = None,
     bundle_root: str | Path | None = None,
+    bundle_name: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
     cors_origins: Sequence[str] | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -101,6 +102,8 @@ def create_app(
     None serves without access control, for in-process use (``twotower serve`` takes
     that only as an explicit ``auth=none`` on loopback). ``bundle_root``: where
     ``/admin/reload`` may load bundles from (default: the served bundle's parent).
+    ``bundle_name``: the name under the root the server was started with (``latest``);
+    a reload without a name resolves it again, so it picks up a re-export.
     ``allowed_hosts``: accepted ``Host`` headers (None: any); ``cors_origins``: origins
     allowed cross-origin requests (None: no CORS).
     """
@@ -328,9 +331,10 @@ def create_app(
         """Load a bundle under the bundle root by name and swap it in; on failure keep
         serving the old one (the reason goes to the server's log, not to the client)."""
         current = state.retriever
-        name = body.bundle or root.name_of(current.path)
+        given = body.bundle or bundle_name  # a link such as latest is resolved afresh
+        name = given or root.name_of(current.path)
         # a RequestError (422) for a name outside the root; no name: the served bundle
-        path = root.resolve(body.bundle) if body.bundle else current.path
+        path = root.resolve(given) if given else current.path
         try:
             fresh = state.reload(str(path))
         except (TwoTowerError, OSError) as exc:
@@ -377,7 +381,8 @@ def app_from_env() -> FastAPI:
     configured by the environment:
 
     - ``TWOTOWER_BUNDLE``: the bundle directory to serve; ``TWOTOWER_BUNDLE_ROOT``: where
-      reloads may load from (default: its parent);
+      reloads may load from (default: its parent); ``TWOTOWER_BUNDLE_NAME``: the name a
+      reload without one loads again (e.g. ``latest``);
     - ``TWOTOWER_AUTH``: ``tokens`` (default: the tokens of ``TWOTOWER_TOKENS_FILE`` or
       ``TWOTOWER_API_TOKENS``, see :mod:`retrieval.server.auth`) or ``none``;
     - ``TWOTOWER_ALLOWED_HOSTS``, ``TWOTOWER_CORS_ORIGINS``: comma-separated lists;
@@ -411,6 +416,7 @@ def app_from_env() -> FastAPI:
     options: dict[str, Any] = {
         "tokens": tokens,
         "bundle_root": os.environ.get("TWOTOWER_BUNDLE_ROOT") or None,
+        "bundle_name": os.environ.get("TWOTOWER_BUNDLE_NAME") or None,
         "allowed_hosts": allowed_hosts,
         "cors_origins": _listed(os.environ.get("TWOTOWER_CORS_ORIGINS")),
         "threads": threads,

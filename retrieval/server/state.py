@@ -8,11 +8,12 @@ the commit. Other workers follow the log (a background thread, every
 ``poll_seconds``) and a restarted worker replays it, so all converge on one catalogue.
 
 **The reload rule.** When a bundle is loaded (a reload, a restart) the item rows are
-replayed on it, the added items re-embedded by *its* item tower. A row recorded before
-the bundle was created (its manifest's ``created_at``) is skipped when the bundle holds
-that item already: the bundle was exported after the write, from data that includes
-the item. Every row recorded after the bundle was created is applied. Per item, only
-its last row decides, which is what lets :meth:`StateStore.compact` drop the others.
+replayed on it, the added items re-embedded by *its* item tower. Per item only its last
+row counts. A removal always applies. An upsert recorded before the bundle was created
+(its manifest's ``created_at``) is skipped when the bundle holds that item already: the
+bundle was exported after the write, from data that includes the item. Every other
+upsert applies, and so does every row written after the switch to the bundle. Since
+only an item's last row decides, :meth:`StateStore.compact` may drop the others.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pandas as pd
 from retrieval.retriever import Retriever
 from retrieval.server.metrics import Metrics
 from retrieval.server.schemas import UserQuery
-from retrieval.server.store import Change, LogWriter, StateStore
+from retrieval.server.store import Change, LogWriter, StateStore, StoreUnavailableError
 from twotower.errors import TwoTowerError
 
 log = logging.getLogger(__name__)
@@ -47,41 +48,43 @@ def bundle_time(retriever: Retriever) -> float:
         return 0.0
 
 
-def replay(retriever: Retriever, changes: list[Change]) -> int:
-    """Apply item rows to ``retriever`` by the reload rule (see the module docstring);
-    returns how many were applied. A row that no longer fits (say, an attribute the
-    bundle dropped) is logged and skipped."""
+def replay(retriever: Retriever, changes: list[Change], bundle_seq: int = 0) -> int:
+    """Apply item rows to ``retriever``; returns how many items changed.
+
+    Per item only its last row counts (an upsert or a removal replaces whatever came
+    before), so the result does not depend on how the rows are batched or compacted.
+    Rows written after the bundle was switched to (``seq > bundle_seq``) always apply;
+    earlier ones follow the reload rule (see the module docstring): a removal always
+    applies, an upsert recorded before the bundle was created is skipped when the bundle
+    holds the item. A row that no longer fits (an attribute the bundle dropped) is logged
+    and skipped."""
     bundle_rows = retriever.catalogue
     created = bundle_time(retriever)
-    pending: dict[str, dict[str, Any]] = {}
-    applied = 0
-
-    def flush() -> None:
-        nonlocal applied
-        if not pending:
-            return
-        try:
-            applied += retriever.add_items(pd.DataFrame(list(pending.values())))
-        except TwoTowerError:  # one bad row must not drop the others
-            for item_id, record in pending.items():
-                try:
-                    applied += retriever.add_items(pd.DataFrame([record]))
-                except TwoTowerError as exc:
-                    log.warning("item %r from the change log skipped: %s", item_id, exc)
-        pending.clear()
-
+    last: dict[str, Change] = {}
     for change in changes:
-        item_id = str(change.item_id)
-        if change.recorded_at < created and bundle_rows.rows_of([item_id])[0] >= 0:
-            continue
-        if change.kind == "upsert":
-            if item_id in pending:
-                flush()
-            pending[item_id] = change.payload
-        elif change.kind == "remove":
-            flush()
-            applied += retriever.remove_items([item_id])
-    flush()
+        last[str(change.item_id)] = change
+    upserts: dict[str, dict[str, Any]] = {}
+    removals: list[str] = []
+    for item_id, change in last.items():
+        if change.kind == "remove":
+            removals.append(item_id)
+        elif (
+            change.seq > bundle_seq
+            or change.recorded_at >= created
+            or bundle_rows.rows_of([item_id])[0] < 0
+        ):
+            upserts[item_id] = change.payload
+    applied = retriever.remove_items(removals) if removals else 0
+    if not upserts:
+        return applied
+    try:
+        return applied + retriever.add_items(pd.DataFrame(list(upserts.values())))
+    except TwoTowerError:  # one bad row must not drop the others
+        for item_id, record in upserts.items():
+            try:
+                applied += retriever.add_items(pd.DataFrame([record]))
+            except TwoTowerError as exc:
+                log.warning("item %r from the change log skipped: %s", item_id, exc)
     return applied
 
 
@@ -121,7 +124,9 @@ class ServerState:
                         exc,
                         retriever.path,
                     )
-            replayed = replay(retriever, [c for c in changes if c.kind != "bundle"])
+            bundle_seq = bundles[-1].seq if bundles else 0
+            items = [c for c in changes if c.kind != "bundle"]
+            replayed = replay(retriever, items, bundle_seq)
             self._serve(retriever)
             self.applied = changes[-1].seq if changes else 0
         log.info(
@@ -138,24 +143,40 @@ class ServerState:
         return len(changes)
 
     def _follow(self, changes: list[Change]) -> None:
-        for change in changes:
-            try:
-                self._apply(change)
-            except (TwoTowerError, OSError) as exc:  # logged; the worker keeps following
-                log.error("change %d (%s) could not be applied: %s", change.seq, change.kind, exc)
-                if change.kind == "bundle":
-                    self.metrics.reloads.labels("failed").inc()
-            self.applied = change.seq
+        """Apply rows in order: a bundle row on its own, consecutive item rows together."""
+        batch: list[Change] = []
+        for change in [*changes, None]:
+            if change is not None and change.kind != "bundle":
+                batch.append(change)
+                continue
+            if batch:
+                self._applying(batch, lambda rows=batch: self._apply_items(rows))
+                batch = []
+            if change is not None:
+                self._applying([change], lambda row=change: self._apply_bundle(row))
 
-    def _apply(self, change: Change) -> None:
-        if change.kind == "bundle":
-            fresh = self._load(change.payload)
-            replay(fresh, self.store.item_changes(before=change.seq))
-            self._serve(fresh)
-            self.metrics.reloads.labels("followed").inc()
-        else:
-            replay(self.retriever, [change])
-            self.metrics.index_items.set(self.retriever.catalogue.live)
+    def _applying(self, rows: list[Change], apply: Callable[[], None]) -> None:
+        try:
+            apply()
+        except StoreUnavailableError:
+            raise  # nothing applied for good: retried on the next catch-up
+        except Exception as exc:  # logged; the worker keeps following
+            log.error(
+                "change-log rows %d..%d could not be applied: %s", rows[0].seq, rows[-1].seq, exc
+            )
+            if rows[0].kind == "bundle":
+                self.metrics.reloads.labels("failed").inc()
+        self.applied = rows[-1].seq
+
+    def _apply_bundle(self, change: Change) -> None:
+        fresh = self._load(change.payload)
+        replay(fresh, self.store.item_changes(before=change.seq), change.seq)
+        self._serve(fresh)
+        self.metrics.reloads.labels("followed").inc()
+
+    def _apply_items(self, rows: list[Change]) -> None:
+        replay(self.retriever, rows)  # after the served bundle's row: every row applies
+        self.metrics.index_items.set(self.retriever.catalogue.live)
 
     def _load(self, path: str | Path) -> Retriever:
         return Retriever.load(path, device=self.retriever.device, threads=self.threads)
@@ -208,16 +229,13 @@ class ServerState:
         """Load the bundle at ``path`` (raises, and keeps the served one, when it does not
         load), replay the item log on it, record the switch and serve it."""
         fresh = self._load(path)
-        # the item log so far is re-embedded before the write lock is taken; only the
-        # rows written meanwhile are replayed under it
-        replayed_to = self.store.last_seq()
-        replay(fresh, self.store.item_changes(before=replayed_to + 1))
         with self._lock:
             self.catch_up()
             with self.store.writing() as writer:
                 self._follow(writer.since(self.applied))
                 seq = writer.record_bundle(Path(fresh.path).resolve())
-                replay(fresh, writer.item_changes(replayed_to, seq))
+                # one pass, as every follower and restart does it: the same result
+                replay(fresh, writer.item_changes(0, seq), seq)
                 writer.commit()
             self._serve(fresh)
             self.applied = seq

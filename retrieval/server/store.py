@@ -42,6 +42,7 @@ EVENT_OVERHEAD_BYTES = 48
 DEFAULT_MAX_EVENT_BYTES = 256 * 2**20
 # evicting down to this share of the cap leaves room for many appends before the next
 EVICT_TO = 0.9
+EVICT_CHUNK = 1000  # events deleted per statement while evicting
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -242,13 +243,13 @@ class StateStore:
         ((held,),) = connection.execute("SELECT value FROM meta WHERE key = 'event_bytes'")
         if held <= self.max_event_bytes:
             return int(held)
-        excess = held - int(self.max_event_bytes * EVICT_TO)
-        connection.execute(
-            "DELETE FROM events WHERE seq <= (SELECT seq FROM (SELECT seq, SUM(size) OVER "
-            "(ORDER BY seq) AS freed FROM events) WHERE freed >= ? ORDER BY seq LIMIT 1)",
-            (excess,),
-        )
-        ((held,),) = connection.execute("SELECT value FROM meta WHERE key = 'event_bytes'")
+        target = int(self.max_event_bytes * EVICT_TO)
+        while held > target:  # oldest first, in chunks: no scan of the whole table
+            connection.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM events ORDER BY seq LIMIT ?)",
+                (EVICT_CHUNK,),
+            )
+            ((held,),) = connection.execute("SELECT value FROM meta WHERE key = 'event_bytes'")
         log.info("event store over %d bytes: oldest events evicted", self.max_event_bytes)
         return int(held)
 
@@ -319,12 +320,6 @@ class StateStore:
             "WHERE seq > ? AND seq < ? AND kind != 'bundle'",
             (after, before if before is not None else 2**62),
         )
-
-    def last_seq(self) -> int:
-        """The newest change-log row's number (0 for an empty log)."""
-        with self._translated_errors():
-            ((seq,),) = self._connection().execute("SELECT coalesce(max(seq), 0) FROM changes")
-        return int(seq)
 
     def compact(self) -> int:
         """Drop the rows that no longer decide anything: an item's rows before its last

@@ -5,7 +5,7 @@ the benchmarks): files go into a staging directory beside the target, the manife
 completed with every file's sha256, permissions are made readable by other users
 (directories 0755, files 0644), and only then does the directory become a version
 ``NAME@VERSION`` beside the target, with ``NAME`` a link switched to it atomically (the
-two newest versions are kept).
+three newest versions, and any a link beside them points at, are kept).
 :func:`open_bundle` is the only way one is read: manifest validated, files verified.
 """
 
@@ -29,8 +29,8 @@ from twotower.bundle.manifest import Manifest, check_inside
 from twotower.errors import BundleError
 
 log = logging.getLogger(__name__)
-# bundle versions kept beside a bundle's name: the served one and the one before it
-KEEP_VERSIONS = 2
+# bundle versions kept beside a bundle's name: the newest and the two before it
+KEEP_VERSIONS = 3
 DIRECTORY_MODE = 0o755
 FILE_MODE = 0o644
 
@@ -205,17 +205,20 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 def versions_of(target: Path) -> list[Path]:
-    """The version directories ``NAME@VERSION`` beside ``target``, oldest first."""
-    return sorted(
-        p for p in target.parent.glob(f"{glob.escape(target.name)}@*") if p.is_dir()
-    )
+    """The version directories ``NAME@VERSION`` beside ``target``, oldest first (by the
+    time their version was written)."""
+    found = [p for p in target.parent.glob(f"{glob.escape(target.name)}@*") if p.is_dir()]
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
 
 def prune_versions(target: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` versions (never the one ``target`` points at)."""
-    current = target.resolve()
+    """Delete all but the newest ``keep`` versions; never one that a link beside them
+    points at (``NAME`` itself, ``latest``, a pinned name)."""
+    linked = {
+        p.resolve() for p in target.parent.iterdir() if p.is_symlink() and p.exists()
+    }
     for old in versions_of(target)[: -keep or None]:
-        if old.resolve() != current:
+        if old.resolve() not in linked:
             shutil.rmtree(old, ignore_errors=True)
 
 

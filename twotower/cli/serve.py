@@ -199,6 +199,10 @@ def run(argv: list[str]) -> int:
         allowed_hosts = ",".join((*LOOPBACK_NAMES, "[::1]"))
     os.environ["TWOTOWER_BUNDLE"] = str(bundle)
     os.environ["TWOTOWER_BUNDLE_ROOT"] = str(root)
+    # the name as given (latest, not its version): a reload without a name resolves it
+    os.environ["TWOTOWER_BUNDLE_NAME"] = (
+        settings.bundle if settings.bundle_root is not None else Path(settings.bundle).name
+    )
     os.environ["TWOTOWER_AUTH"] = settings.auth
     os.environ["TWOTOWER_TOKENS_FILE"] = (
         str(Path(settings.tokens_file).resolve()) if settings.tokens_file else ""
