@@ -376,12 +376,15 @@ def test_two_uvicorn_workers_share_events_and_metrics(trained: TrainResult, tmp_
         before = [i["item_id"] for i in first["results"][0]["items"]]
         events = [{"user_id": user, "item_id": item} for item in before[:3]]
         assert _post(f"{base}/events", {"events": events}) == {"accepted": 3}
-        n_requests = 40  # new connections: the kernel spreads them over both workers
-        workers = set()
-        for _ in range(n_requests):
+        # new connections, until both workers have answered (at least 40 requests): the
+        # kernel hands each to whichever worker accepts first, not in turn
+        n_requests, workers = 0, set()
+        deadline = time.monotonic() + 60
+        while (n_requests < 40 or len(workers) < 2) and time.monotonic() < deadline:
             body = json.loads(_get(f"{base}/recommend?user_id={user}&k=10"))
             assert not set(before[:3]) & {i["item_id"] for i in body["items"]}
             workers.add(json.loads(_get(f"{base}/readyz"))["worker"])
+            n_requests += 1
         assert len(workers) == 2
         text = _get(f"{base}/metrics")
         counted = sum(
