@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.serving import free_port
 from retrieval.server.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,6 @@ TOKEN = "reliability-test-token"
 FAULTS = ("kill_worker", "kill_server", "lock_store")
 # longer than the store's lock_timeout (5 s), so waiting writes get their 503
 LOCK_SECONDS = 6.5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Client:

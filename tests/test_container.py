@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.serving import free_port
 from towers.pipeline import TrainResult
 
 from .conftest import ROOT
@@ -80,13 +80,6 @@ def image() -> str:
         pytest.skip(f"podman cannot be installed or used here: {result.stderr[-1500:]}")
     assert result.returncode == 0, f"build.sh failed:\n{result.stderr[-5000:]}"
     return IMAGE
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def request(url: str, token: str | None = None) -> tuple[int, Any]:

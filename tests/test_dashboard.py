@@ -10,13 +10,11 @@ query API: each must answer with data. Skipped, with the reason, without ``prome
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -28,11 +26,12 @@ from typing import Any
 
 import pytest
 
+from benchmarks.serving import free_port
 from towers.pipeline import TrainResult
 from twotower.bundle.layout import USER_TOWER
 
 from .conftest import ROOT
-from .test_prometheus import wait_for
+from .test_prometheus import start_prometheus, wait_for, write_scrape_config
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "twotower.json"
 # what Grafana would put in place of its variables; `route` is the dashboard's own
@@ -93,13 +92,6 @@ def substitute(expr: str) -> str:
     return VARIABLE.sub(value, expr)
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def call(
     url: str, method: str = "GET", body: Any = None, token: str | None = None
 ) -> tuple[int, Any]:
@@ -125,16 +117,6 @@ def call(
 def is_finite(sample: dict[str, Any]) -> bool:
     """Whether an instant-vector sample's value is a finite number (not NaN or Inf)."""
     return math.isfinite(float(sample["value"][1]))
-
-
-def state_setting(directory: Path) -> str:
-    """The ``twotower serve`` setting that gives the server a durable state store in
-    ``directory``: ``state_dir`` where the server has it, else the older ``state_file``."""
-    from twotower.cli.serve import ServeSettings
-
-    if "state_dir" in {f.name for f in dataclasses.fields(ServeSettings)}:
-        return f"state_dir={directory}"
-    return f"state_file={directory / 'state.sqlite'}"
 
 
 class Prometheus:
@@ -260,16 +242,9 @@ def test_every_panel_query_returns_data_from_prometheus(
     env = {
         **os.environ,
         "TWOTOWER_API_TOKENS": f"{SCRAPE_TOKEN}:read;{ADMIN_TOKEN}:read+write+admin",
-        # the checkout's own packages, whatever the environment has installed
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "XDG_STATE_HOME": str(tmp_path / "xdg"),  # never the user's own state directory
     }
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        f"global:\n  scrape_interval: {SCRAPE_INTERVAL_S}s\n"
-        "scrape_configs:\n  - job_name: twotower\n"
-        f"    authorization:\n      credentials: {SCRAPE_TOKEN}\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{app_port}']\n"
+    config = write_scrape_config(
+        tmp_path / "prometheus.yml", app_port, SCRAPE_TOKEN, SCRAPE_INTERVAL_S
     )
     base = f"http://127.0.0.1:{app_port}"
     prometheus = Prometheus(prom_port)
@@ -284,7 +259,7 @@ def test_every_panel_query_returns_data_from_prometheus(
                         f"bundle_root={root}",
                         "bundle=first",
                         f"port={app_port}",
-                        state_setting(tmp_path / "state"),
+                        f"state_dir={tmp_path / 'state'}",
                         "log_level=warning",
                     ],
                     stdout=log,
@@ -294,18 +269,7 @@ def test_every_panel_query_returns_data_from_prometheus(
             )
             started = wait_for(lambda: call(f"{base}/healthz")[0] == 200, 45)
             assert started, f"the app did not start:\n{server_log.read_text()[-3000:]}"
-            processes.append(
-                subprocess.Popen(
-                    [
-                        binary,
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                        f"--web.listen-address=127.0.0.1:{prom_port}",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+            processes.append(start_prometheus(binary, config, tmp_path / "tsdb", prom_port))
             assert wait_for(prometheus.target_up, 30), "Prometheus could not scrape the app"
 
             # Two rounds with scrapes between them: rate() sees each series grow.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.serving import free_port
 from towers.pipeline import TrainResult
 
 from .conftest import ROOT
@@ -25,13 +25,31 @@ from .conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 TOKEN = "prometheus-scrape-token"
+
+
+def write_scrape_config(path: Path, app_port: int, token: str, interval_s: float = 1) -> Path:
+    """A Prometheus config scraping the app on ``app_port`` with a bearer token."""
+    path.write_text(
+        f"global:\n  scrape_interval: {interval_s}s\nscrape_configs:\n  - job_name: twotower\n"
+        f"    authorization:\n      credentials: {token}\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{app_port}']\n"
+    )
+    return path
+
+
+def start_prometheus(binary: str, config: Path, data: Path, port: int) -> subprocess.Popen:
+    """Debian's prometheus server on loopback, storing its series under ``data``."""
+    return subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def get(url: str, token: str | None = None) -> str:
@@ -71,12 +89,7 @@ def test_prometheus_scrapes_twotower_series(trained: TrainResult, tmp_path: Path
         stderr=subprocess.DEVNULL,
         env={**os.environ, "TWOTOWER_API_TOKENS": f"{TOKEN}:read"},
     )
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: twotower\n"
-        f"    authorization:\n      credentials: {TOKEN}\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{app_port}']\n"
-    )
+    config = write_scrape_config(tmp_path / "prometheus.yml", app_port, TOKEN)
     prometheus = None
     try:
         assert wait_for(lambda: "ok" in get(f"http://127.0.0.1:{app_port}/healthz"), 60), (
@@ -84,16 +97,7 @@ def test_prometheus_scrapes_twotower_series(trained: TrainResult, tmp_path: Path
         )
         user = trained.data.test.user_ids[0]
         get(f"http://127.0.0.1:{app_port}/recommend?user_id={user}&k=5", TOKEN)
-        prometheus = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        prometheus = start_prometheus(binary, config, tmp_path / "tsdb", prom_port)
         query = f"http://127.0.0.1:{prom_port}/api/v1/query?query=twotower_requests_total"
 
         def scraped() -> bool:

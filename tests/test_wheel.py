@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.serving import free_port
 from towers.pipeline import TrainResult
 
 from .conftest import ROOT
@@ -35,12 +35,6 @@ def run(command: list[str], cwd: Path, timeout: int = INSTALL_TIMEOUT) -> str:
     )
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get_json(url: str) -> dict:
