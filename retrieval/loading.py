@@ -16,8 +16,10 @@ from retrieval.catalogue import Catalogue
 from retrieval.search import FaissCandidates
 from twotower.bundle import Manifest, layout, open_bundle
 from twotower.bundle.embeddings import read_embeddings
+from twotower.bundle.remote import fetch_bundle
 from twotower.encoding import FeatureEncoders
 from twotower.errors import BundleError, RequestError
+from twotower.storage import is_url
 
 log = logging.getLogger(__name__)
 DEVICES = ("cpu", "cuda")
@@ -59,8 +61,11 @@ def providers(device: str) -> list[str]:
 
 
 def load_bundle(path: str | Path, device: str = "cpu", threads: int | None = None) -> LoadedBundle:
-    """Load and verify a bundle: format version, checksums, dimensions and counts."""
+    """Load and verify a bundle: format version, checksums, dimensions and counts. A URL
+    (``s3://...``) is first fetched into the local cache (:func:`fetch_bundle`)."""
     chosen = providers(device)
+    if is_url(str(path)):
+        path = fetch_bundle(str(path))
     bundle, manifest = open_bundle(path)
     encoders = FeatureEncoders.load(bundle / layout.ENCODERS)
     options = ort.SessionOptions()

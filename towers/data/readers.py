@@ -1,4 +1,9 @@
-"""Read the three input tables from CSV, Parquet or pandas DataFrames, and validate them."""
+"""Read the three input tables from CSV, Parquet or pandas DataFrames, and validate them.
+
+A table is a DataFrame, a file (.csv, .tsv, .parquet), or a **dataset**: a directory of
+Parquet (or CSV) shards, hive partitions included, read with ``pyarrow.dataset``. Each
+may be local or any fsspec URL (``s3://``, ``gs://``, ``file://``): see docs/storage.md.
+"""
 
 from __future__ import annotations
 
@@ -18,18 +23,63 @@ from towers.data.schema import (
 )
 from twotower.encoding import FeatureColumns
 from twotower.errors import DataValidationError, MissingFileError
+from twotower.storage import arrow_filesystem, is_url
 
 TableSource = str | Path | pd.DataFrame
 ID_COLUMNS = {USER_ID: str, ITEM_ID: str}
 
 
+def _dataset_format(files: list[str], where: str) -> str:
+    suffixes = {Path(f).suffix.lower() for f in files}
+    if suffixes <= {".parquet", ".pq", ""}:
+        return "parquet"
+    if suffixes <= {".csv"}:
+        return "csv"
+    raise DataValidationError(
+        f"{where}: a dataset must hold only .parquet or only .csv files, found {sorted(suffixes)}"
+    )
+
+
+def read_dataset(location: str) -> pd.DataFrame:
+    """One table from a Parquet or CSV file or a directory of shards (hive partitions
+    become columns), local or at an fsspec URL, read with ``pyarrow.dataset``."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.dataset as ds
+
+    filesystem, path = arrow_filesystem(location) if is_url(location) else (None, location)
+    try:
+        probe = ds.dataset(path, filesystem=filesystem, partitioning="hive")
+        files = [f for f in probe.files if not Path(f).name.startswith(("_", "."))]
+        if not files:
+            raise DataValidationError(f"{location}: no data files in the dataset")
+        fmt = _dataset_format(files, location)
+        file_format: str | ds.FileFormat = fmt
+        if fmt == "csv":
+            types = {column: pa.string() for column in ID_COLUMNS}
+            file_format = ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(column_types=types))
+        table = ds.dataset(
+            files, filesystem=filesystem, format=file_format, partitioning="hive"
+        ).to_table()
+    except FileNotFoundError as exc:
+        raise MissingFileError(f"{location}: no such file or directory") from exc
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataValidationError(f"{location}: cannot be read as a dataset: {exc}") from exc
+    return table.to_pandas()
+
+
 def read_table(source: TableSource) -> tuple[pd.DataFrame, str]:
-    """A DataFrame and a name for messages, from a DataFrame or a .csv/.tsv/.parquet path."""
+    """A DataFrame and a name for messages, from a DataFrame, a .csv/.tsv/.parquet file or
+    a directory of shards, local or at an fsspec URL."""
     if isinstance(source, pd.DataFrame):
         return source, "DataFrame"
+    if is_url(source):
+        return read_dataset(str(source)), str(source)
     path = Path(source)
+    if path.is_dir():
+        return read_dataset(str(path)), str(path)
     if not path.is_file():
-        raise MissingFileError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -22,7 +24,9 @@ from towers.export.onnx_export import export_tower
 from towers.model.module import TwoTowerModule, embed
 from twotower.bundle import Counts, IndexInfo, Manifest, layout, write_bundle
 from twotower.bundle.embeddings import write_embeddings
+from twotower.bundle.remote import publish_bundle
 from twotower.bundle.store import switch_link
+from twotower.storage import is_url
 
 log = logging.getLogger(__name__)
 PARITY_ROWS = 256
@@ -103,7 +107,7 @@ def write_bundle_files(
     item_vectors = embed(model.item_tower, data.catalogue_inputs)
     query_inputs = {k: v[: settings.recall_queries] for k, v in data.test.user_inputs.items()}
     queries = embed(model.user_tower, query_inputs)
-    factory = auto_factory(len(item_vectors)) if settings.index == "auto" else settings.index
+    factory = auto_factory(*item_vectors.shape) if settings.index == "auto" else settings.index
     index = build_index(item_vectors, factory)
     report: IndexReport = tune_and_check(
         index,
@@ -190,9 +194,11 @@ def export_bundle(
     settings: ExportSettings | None = None,
     config: Mapping[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
-) -> Path:
+) -> Path | str:
     """Write the bundle to ``target`` atomically: nothing is left half-written on failure,
-    and an existing bundle there is replaced only once the new one is complete."""
+    and an existing bundle there is replaced only once the new one is complete. A URL
+    ``target`` (``s3://...``) is written locally, then published there (manifest last);
+    the result is then the URL, and ``settings.latest`` (a local link) is not touched."""
     settings = settings or ExportSettings()
 
     def write_files(staging: Path) -> Manifest:
@@ -201,6 +207,12 @@ def export_bundle(
             metrics=dict(metrics or {}), config=dict(config or {}), export=asdict(settings)
         )
 
+    if is_url(str(target)):
+        staging = Path(tempfile.mkdtemp(prefix="twotower-export-"))
+        try:
+            return publish_bundle(write_bundle(staging / "bundle", write_files), str(target))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     target = write_bundle(target, write_files)
     if settings.latest:
         point_latest(Path(settings.latest), target)

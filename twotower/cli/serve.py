@@ -108,9 +108,16 @@ def is_loopback(host: str) -> bool:
 
 
 def bundle_location(settings: ServeSettings) -> tuple[Path, Path]:
-    """(the bundle directory, the bundle root) the settings name."""
+    """(the bundle directory, the bundle root) the settings name; a bundle URL
+    (``s3://...``) is fetched into the local cache first and served from there."""
     from retrieval.server.bundles import BundleRoot
+    from twotower.storage import is_url
 
+    if is_url(settings.bundle) and settings.bundle_root is None:
+        from twotower.bundle.remote import fetch_bundle
+
+        local = fetch_bundle(settings.bundle)
+        return local, local.parent
     if settings.bundle_root is None:
         given = Path(settings.bundle).absolute()
         return given.resolve(), given.parent.resolve()
@@ -185,7 +192,7 @@ def run(argv: list[str]) -> int:
         with store.writing() as writer:  # this run starts from the bundle it was given
             writer.record_bundle(Path(served.path).resolve())
             writer.commit()
-    except (TwoTowerError, ValueError, OSError, StoreUnavailableError) as exc:
+    except (TwoTowerError, ValueError, OSError, ImportError, StoreUnavailableError) as exc:
         print(f"twotower serve: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(
@@ -201,7 +208,11 @@ def run(argv: list[str]) -> int:
     os.environ["TWOTOWER_BUNDLE_ROOT"] = str(root)
     # the name as given (latest, not its version): a reload without a name resolves it
     os.environ["TWOTOWER_BUNDLE_NAME"] = (
-        settings.bundle if settings.bundle_root is not None else Path(settings.bundle).name
+        settings.bundle
+        if settings.bundle_root is not None
+        else bundle.name  # a fetched URL's cached copy
+        if "://" in settings.bundle
+        else Path(settings.bundle).name
     )
     os.environ["TWOTOWER_AUTH"] = settings.auth
     os.environ["TWOTOWER_TOKENS_FILE"] = (
