@@ -87,9 +87,10 @@ class InteractionBatches(Dataset[Batch]):
     ``catalogue_inputs`` one row per catalogue item. With ``mixed_negatives > 0`` each
     batch also carries that many items drawn uniformly (seeded by epoch and batch) from
     the items seen in training (``item_rows``), never from items held out of training.
-    With ``target_horizon > 1`` each batch rebuilds its samples' histories from
-    ``history_source``, each cut a random 0..horizon-1 events earlier (seeded by epoch and
-    batch): the target is then any of the user's next ``target_horizon`` events.
+    With a ``history_source`` each batch builds its samples' histories from it (so they
+    are never all in memory at once); with ``target_horizon > 1`` each is cut a random
+    0..horizon-1 events earlier (seeded by epoch and batch): the target is then any of
+    the user's next ``target_horizon`` events. Without one, ``user_inputs`` hold them.
     """
 
     def __init__(
@@ -149,7 +150,7 @@ class InteractionBatches(Dataset[Batch]):
             "item_rows": item_rows,
             "weights": self.weights[index],
         }
-        if self.target_horizon > 1 and self.history_source is not None:
+        if self.history_source is not None:  # plain windows at horizon 1
             rng = np.random.default_rng((self.seed, request.epoch, request.number, 2))
             windows = self.history_source.windows(request.positions, self.target_horizon, rng)
             batch["user"]["history"] = torch.from_numpy(windows)  # type: ignore[index]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from towers.data.samples import HistorySource, history_bounds, history_windows, latest_histories
+from towers.data.samples import HistorySource, history_bounds, latest_histories
 from towers.data.schema import ITEM_ID, USER_ID, WEIGHT, RawData, infer_feature_columns
 from towers.data.split import Split
 from twotower.encoding import EntityEncoder, FeatureColumns, FeatureEncoders
@@ -194,6 +194,65 @@ def build_eval_set(
     )
 
 
+@dataclass
+class TrainingSamples:
+    """One sample per fit event: its user's tower inputs (all but the history), its item,
+    weight, and what rebuilds its history (``histories.windows``)."""
+
+    user_inputs: dict[str, np.ndarray]
+    item_rows: np.ndarray
+    weights: np.ndarray
+    histories: HistorySource
+    item_log_p: np.ndarray
+
+
+def build_training_samples(
+    raw: RawData, fit: pd.DataFrame, catalogue: pd.DataFrame, encoders: FeatureEncoders
+) -> TrainingSamples:
+    """Leakage-free samples of the ``fit`` events (sorted by user, then time)."""
+    length = encoders.history_length
+    item_codes = encoders.items.ids.encode(fit[ITEM_ID])
+    starts, ends = history_bounds(fit)
+    sample_users, user_codes = np.unique(fit[USER_ID].to_numpy(dtype=object), return_inverse=True)
+    per_user = encoders.users.transform(
+        list(sample_users), user_attribute_rows(raw.users, sample_users)
+    )
+    # the histories are not materialised here ((samples x length) int64: most of the
+    # memory at scale); each batch cuts its own from ``histories`` (a HistorySource)
+    user_inputs = {name: values[user_codes] for name, values in per_user.items()}
+    item_rows = catalogue_rows(catalogue, fit[ITEM_ID])
+    counts = np.bincount(item_rows, minlength=len(catalogue)).astype(np.float64)
+    log_p = np.log(np.maximum(counts, 1.0) / counts.sum())
+    weights = (
+        fit[WEIGHT].to_numpy(np.float32) if WEIGHT in fit.columns else np.ones(len(fit), np.float32)
+    )
+    return TrainingSamples(
+        user_inputs,
+        item_rows,
+        weights,
+        HistorySource(item_codes, starts, ends, length),
+        log_p.astype(np.float32),
+    )
+
+
+def build_eval_sets(
+    raw: RawData,
+    split: Split,
+    fit: pd.DataFrame,
+    catalogue: pd.DataFrame,
+    encoders: FeatureEncoders,
+) -> tuple[EvalSet, EvalSet]:
+    """The validation set (users of ``split.validation``, known from ``fit``) and the test
+    set (users of ``split.test``, known from all of train)."""
+    # the cold split's test items do not exist yet in validation's world: validation
+    # ranks train's items only, its own held-out items among them, as test ranks all
+    validation = build_eval_set(
+        fit, split.validation, catalogue, raw.users, encoders, split.cold_items
+    )
+    test = build_eval_set(split.train, split.test, catalogue, raw.users, encoders)
+    return validation, test
+
+
 def prepare_data(
     raw: RawData, split: Split, settings: FeatureSettings, fit_on: str = "fit"
 ) -> PreparedData:
@@ -207,37 +266,20 @@ def prepare_data(
     catalogue = raw.items.reset_index(drop=True)
     fit = split.fit if fit_on == "fit" else split.train
     encoders = fit_encoders(raw, fit, settings)
-    item_codes = encoders.items.ids.encode(fit[ITEM_ID])
-    starts, ends = history_bounds(fit)
-    history_source = HistorySource(item_codes, starts, ends, settings.history_length)
-    sample_users, user_codes = np.unique(fit[USER_ID].to_numpy(dtype=object), return_inverse=True)
-    per_user = encoders.users.transform(
-        list(sample_users), user_attribute_rows(raw.users, sample_users)
-    )
-    sample_inputs = {name: values[user_codes] for name, values in per_user.items()}
-    sample_inputs["history"] = history_windows(item_codes, starts, ends, settings.history_length)
-    item_rows = catalogue_rows(catalogue, fit[ITEM_ID])
-    counts = np.bincount(item_rows, minlength=len(catalogue)).astype(np.float64)
-    log_p = np.log(np.maximum(counts, 1.0) / counts.sum())
-    weights = (
-        fit[WEIGHT].to_numpy(np.float32) if WEIGHT in fit.columns else np.ones(len(fit), np.float32)
-    )
+    samples = build_training_samples(raw, fit, catalogue, encoders)
+    validation, test = build_eval_sets(raw, split, fit, catalogue, encoders)
     return PreparedData(
         catalogue=catalogue,
         users=raw.users,
         split=split,
         encoders=encoders,
         catalogue_inputs=encoders.item_inputs(catalogue),
-        sample_user_inputs=sample_inputs,
-        sample_item_rows=item_rows,
-        sample_weights=weights,
-        sample_histories=history_source,
-        item_log_p=log_p.astype(np.float32),
-        # the cold split's test items do not exist yet in validation's world: validation
-        # ranks train's items only, its own held-out items among them, as test ranks all
-        validation=build_eval_set(
-            fit, split.validation, catalogue, raw.users, encoders, split.cold_items
-        ),
-        test=build_eval_set(split.train, split.test, catalogue, raw.users, encoders),
+        sample_user_inputs=samples.user_inputs,
+        sample_item_rows=samples.item_rows,
+        sample_weights=samples.weights,
+        sample_histories=samples.histories,
+        item_log_p=samples.item_log_p,
+        validation=validation,
+        test=test,
         info={"dataset": raw.name, "trained_on": fit_on, **split.stats()},
     )
