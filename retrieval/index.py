@@ -92,30 +92,48 @@ def search(
     return index.search(queries, k, params=params)
 
 
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the exact top-``k`` of each query by inner product (brute force, no copy of
+    ``vectors``)."""
+    k = min(k, len(vectors))
+    _, truth = faiss.knn(
+        np.ascontiguousarray(queries, dtype=np.float32),
+        np.ascontiguousarray(vectors, dtype=np.float32),
+        k,
+        metric=faiss.METRIC_INNER_PRODUCT,
+    )
+    return truth
+
+
 def ann_recall(
     index: faiss.Index,
     vectors: np.ndarray,
     queries: np.ndarray,
     k: int,
     knobs: Mapping[str, Any] | None = None,
+    truth: np.ndarray | None = None,
 ) -> float:
-    """Share of the exact top-``k`` (inner product over ``vectors``) that ``index`` returns."""
+    """Share of the exact top-``k`` (inner product over ``vectors``) that ``index`` returns;
+    ``truth``: :func:`exact_neighbours` of the queries, when already computed."""
     from faiss.contrib.evaluation import knn_intersection_measure
 
     k = min(k, len(vectors))
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    _, truth = exact.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    if truth is None:
+        truth = exact_neighbours(vectors, queries, k)
     _, found = search(index, queries, k, knobs)
-    return float(knn_intersection_measure(found, truth))
+    return float(knn_intersection_measure(found, truth[:, :k]))
 
 
-def auto_factory(n_items: int) -> str:
+def auto_factory(n_items: int, dim: int = 64) -> str:
     """A sensible index for the catalogue size: exact below 100k items, IVF-Flat up to 2M,
-    IVF-PQ with exact re-ranking beyond."""
+    beyond that IVF-PQ (two dimensions per code byte) with exact re-ranking and an HNSW
+    coarse quantizer, ``sqrt(n)`` lists (so that training and adding stay minutes on a
+    small machine: docs/benchmarks/retrieval.md, "Large catalogues")."""
     if n_items <= 100_000:
         return "Flat"
-    nlist = 1 << round(math.log2(4 * math.sqrt(n_items)))
     if n_items <= 2_000_000:
+        nlist = 1 << round(math.log2(4 * math.sqrt(n_items)))
         return f"IVF{nlist},Flat"
-    return f"IVF{nlist},PQ32,RFlat"
+    nlist = 1 << round(math.log2(math.sqrt(n_items)))
+    codes = max(1, dim // 2) if dim % 2 == 0 else dim
+    return f"IVF{nlist}_HNSW32,PQ{codes},RFlat"

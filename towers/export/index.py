@@ -15,7 +15,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.index import ann_recall, applicable_knobs, auto_factory, index_kind
+from retrieval.index import (
+    ann_recall,
+    applicable_knobs,
+    auto_factory,
+    exact_neighbours,
+    index_kind,
+)
 from towers.export.onnx_export import ExportError
 
 log = logging.getLogger(__name__)
@@ -32,17 +38,35 @@ class IndexReport:
     n_queries: int = 0
 
 
-def build_index(vectors: np.ndarray, factory: str = "Flat") -> faiss.Index:
+TRAIN_POINTS_PER_LIST = 256  # FAISS's own max_points_per_centroid
+ADD_CHUNK = 1 << 20
+
+
+def build_index(vectors: np.ndarray, factory: str = "Flat", seed: int = 0) -> faiss.Index:
     """An index over ``vectors`` from a FAISS factory string (or ``auto``), metric passed
-    explicitly: inner product, the towers' metric (IVF would default to L2)."""
+    explicitly: inner product, the towers' metric (IVF would default to L2). Vectors are
+    added in chunks; ``seed`` draws the training sample (:func:`training_sample`)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if factory == "auto":
-        factory = auto_factory(len(vectors))
+        factory = auto_factory(*vectors.shape)
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
+        index.train(training_sample(index, vectors, seed))
+    for lo in range(0, len(vectors), ADD_CHUNK):
+        index.add(vectors[lo : lo + ADD_CHUNK])
     return index
+
+
+def training_sample(index: faiss.Index, vectors: np.ndarray, seed: int = 0) -> np.ndarray:
+    """What the index trains on: every vector, or for an IVF index at most
+    ``TRAIN_POINTS_PER_LIST`` per list, a seeded sample drawn here rather than inside
+    FAISS, so that the 10M-vector catalogue is never copied for training."""
+    ivf = faiss.try_extract_index_ivf(index)
+    limit = max(TRAIN_POINTS_PER_LIST * ivf.nlist, 10_000) if ivf else len(vectors)
+    if len(vectors) <= limit:
+        return vectors
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), limit, replace=False))
+    return vectors[rows]
 
 
 def _candidate_knobs(index: faiss.Index, k: int) -> list[dict[str, Any]]:
@@ -82,8 +106,9 @@ def tune_and_check(
     else:
         tried = [{}]
     recall, chosen = 0.0, tried[-1]
+    truth = exact_neighbours(vectors, queries, k)  # once for every setting tried
     for setting in tried:
-        recall = ann_recall(index, vectors, queries, k, setting)
+        recall = ann_recall(index, vectors, queries, k, setting, truth)
         chosen = setting
         if recall >= floor:
             break
