@@ -14,6 +14,7 @@ COMMANDS = {
     "export": ("twotower.cli.export", "export a bundle from a training run's checkpoint"),
     "serve": ("twotower.cli.serve", "serve a bundle over HTTP (key=value settings)"),
     "bench": ("twotower.cli.bench", "run a benchmark from the checkout (quality, retrieval, ...)"),
+    "spark": ("twotower.cli.spark", "Spark jobs: prepare (split, encoders, shards), score (batch)"),
 }
 
 

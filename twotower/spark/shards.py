@@ -1,0 +1,108 @@
+"""The prepare job's output directory (format :data:`PREPARED_FORMAT`) and its reader.
+
+A trainer reads it without Spark (pyarrow): :func:`read_samples` rebuilds exactly the
+arrays :func:`towers.data.prepare.prepare_data` builds on one machine
+(``sample_user_inputs``, ``sample_item_rows``, ``sample_weights``,
+``sample_histories``). See ``docs/spark.md`` for the layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from towers.data.samples import HistorySource
+from twotower.bundle import layout
+from twotower.encoding import FeatureEncoders
+
+PREPARED_FORMAT = 1
+MANIFEST = "prepared.json"
+ENCODERS = layout.ENCODERS  # the bundle's own file name and format
+SAMPLES = "samples"
+CATALOGUE = "catalogue"
+SPLIT = "split"
+
+# the columns of samples/, one row per training event in sample order
+SAMPLE = "sample"
+USER_INDEX = "user_index"
+USER_CODE = "user_code"
+ITEM_ROW = "item_row"
+ITEM_CODE = "item_code"
+TIMESTAMP = "timestamp"
+WEIGHT = "weight"
+HISTORY_START = "history_start"
+HISTORY_END = "history_end"
+HISTORY = "history"
+USER_ATTRIBUTE_INPUTS = ("user_cat", "user_bag", "user_num")
+# the columns of split/ besides the events' own
+EVENT = "event"
+PART = "part"
+
+
+@dataclass
+class Samples:
+    """The training samples of a prepared directory, as ``prepare_data`` holds them."""
+
+    user_inputs: dict[str, np.ndarray]  # all but the history
+    item_rows: np.ndarray
+    weights: np.ndarray
+    timestamps: np.ndarray
+    histories: HistorySource
+
+    def __len__(self) -> int:
+        return len(self.item_rows)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The ``prepared.json`` of a prepared directory."""
+    return json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
+
+
+def read_encoders(directory: str | Path) -> FeatureEncoders:
+    """The fitted encoders (the bundle's ``encoders.json`` format)."""
+    return FeatureEncoders.load(Path(directory) / ENCODERS)
+
+
+def _matrix(table: pa.Table, name: str, dtype: type) -> np.ndarray:
+    column = table.column(name).combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    rows = len(column)
+    return values.reshape(rows, len(values) // rows if rows else 0)
+
+
+def read_samples(directory: str | Path, encoders: FeatureEncoders | None = None) -> Samples:
+    """The samples of a prepared directory (a local path, or any URL pyarrow opens), in
+    sample order, as :func:`towers.data.prepare.build_training_samples` holds them: the
+    user-tower inputs but the history, named as the towers name them (``user_id`` is the
+    ``user_code`` column), the catalogue rows, the weights, the times and the
+    :class:`HistorySource` that cuts each batch's histories (the ``history`` column holds
+    the plain ones, ``histories.windows(positions, 1, rng)``)."""
+    encoders = encoders or read_encoders(directory)
+    table = pq.read_table(f"{str(directory).rstrip('/')}/{SAMPLES}").sort_by(SAMPLE)
+    inputs: dict[str, np.ndarray] = {}
+    for name in encoders.user_input_names:
+        if name == HISTORY:  # cut per batch from ``histories``, as prepare_data does
+            continue
+        if name == "user_id":
+            inputs[name] = table.column(USER_CODE).to_numpy().astype(np.int64)
+        elif name == "user_num":
+            inputs[name] = _matrix(table, name, np.float32)
+        else:
+            inputs[name] = _matrix(table, name, np.int64)
+    return Samples(
+        user_inputs=inputs,
+        item_rows=table.column(ITEM_ROW).to_numpy().astype(np.int64),
+        weights=table.column(WEIGHT).to_numpy().astype(np.float32),
+        timestamps=table.column(TIMESTAMP).to_numpy().astype(np.float64),
+        histories=HistorySource(
+            table.column(ITEM_CODE).to_numpy().astype(np.int64),
+            table.column(HISTORY_START).to_numpy().astype(np.int64),
+            table.column(HISTORY_END).to_numpy().astype(np.int64),
+            encoders.history_length,
+        ),
+    )
