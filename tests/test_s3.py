@@ -90,6 +90,7 @@ def s3_run(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory):
         f"data.users={data}/users.parquet",
         f"export.bundle_dir=s3://{BUCKET}/bundles/v1",
         f"paths.output_dir={out}",
+        f"paths.upload_to=s3://{BUCKET}/runs/r1",
     ]
     result = train(compose_config(overrides))
     assert result is not None
@@ -110,6 +111,17 @@ def test_train_from_s3_and_export_to_s3(s3_run) -> None:
     assert len(ids) == 5 and np.all(np.diff(scores) <= 1e-6)
     # the same answers as the model trained in this process, scored directly
     assert retriever.manifest.metrics["test/recall@20"] == s3_run.metrics["test/recall@20"]
+
+
+def test_the_run_directory_is_uploaded(s3_run) -> None:
+    fs = s3fs.S3FileSystem()
+    root = f"{BUCKET}/runs/r1"
+    uploaded = {p[len(root) + 1 :] for p in fs.find(root)}
+    local = {p.relative_to(s3_run.output_dir).as_posix() for p in s3_run.output_dir.rglob("*")}
+    assert {"metrics.json", "checkpoints/last.ckpt"} <= uploaded
+    assert uploaded == {p for p in local if (s3_run.output_dir / p).is_file()}
+    remote = json.loads(fs.cat_file(f"{root}/metrics.json"))
+    assert remote["test/recall@20"] == s3_run.metrics["test/recall@20"]
 
 
 def test_load_from_s3_downloads_once_into_the_cache(s3_run, own_cache: Path) -> None:

@@ -8,7 +8,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 # config keys that name files or folders
-PATH_KEYS = ("data.path", "data.interactions", "data.items", "data.users", "export.latest")
+PATH_KEYS = (
+    "data.path",
+    "data.interactions",
+    "data.items",
+    "data.users",
+    "export.latest",
+    "init_from",
+    "paths.upload_to",
+)
 
 
 def absolute_paths(cfg: DictConfig, base: Path) -> None:

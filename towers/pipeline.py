@@ -30,15 +30,17 @@ from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
 from towers.data.samples import user_activity_weights
 from towers.data.schema import ITEM_ID, RawData
 from towers.data.sources import load_data
-from towers.data.split import make_split, prepare_interactions
+from towers.data.split import make_split, prepare_interactions, recent_window
 from towers.evaluation.callback import RankingEvaluation, evaluate_module
 from towers.evaluation.ranking import evaluate_popularity, evaluate_vectors
 from towers.export.bundle import ExportSettings, export_bundle
 from towers.logs import quiet_lightning
 from towers.model.module import TwoTowerModule, embed
 from towers.model.spec import ModelConfig, TowerSpec
+from towers.model.warm_start import WarmStartError, check_source, warm_start
 from towers.tensorboard import log_hparams, log_item_projector
 from twotower.encoding import FeatureColumns
+from twotower.storage import filesystem, upload_tree
 
 log = logging.getLogger(__name__)
 quiet_lightning()
@@ -53,7 +55,7 @@ class TrainResult:
     metrics: dict[str, float]
     module: TwoTowerModule
     data: PreparedData
-    bundle: Path
+    bundle: Path | str  # a URL when export.bundle_dir is one
     output_dir: Path
     best_checkpoint: Path | None
 
@@ -121,7 +123,11 @@ def prepare(
         if raw is None:
             raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
     with timed(timings, "split"):
-        events = prepare_interactions(raw.interactions, cfg.data.get("min_rating"))
+        interactions = raw.interactions
+        window_days = cfg.train.get("window_days")
+        if window_days is not None:
+            interactions = recent_window(interactions, float(window_days))
+        events = prepare_interactions(interactions, cfg.data.get("min_rating"))
         split = make_split(events, **split_settings(cfg))
     with timed(timings, "features"):
         data = prepare_data(raw, split, feature_settings(cfg.features), fit_on)
@@ -174,7 +180,17 @@ def build_module(cfg: DictConfig, data: PreparedData, negative_pool_size: int) -
     module.set_item_log_p(data.item_log_p)
     codes = data.encoders.items.ids.encode(data.catalogue[ITEM_ID])
     module.model.set_item_attributes(codes, data.catalogue_inputs)
+    module.feature_encoders = data.encoders
     return module
+
+
+def apply_init_from(cfg: DictConfig, module: TwoTowerModule, data: PreparedData) -> None:
+    """Warm-start ``module`` from ``cfg.init_from``, when set: the previous model's weights,
+    embedding rows matched by vocabulary entry (:mod:`towers.model.warm_start`); only the
+    weights carry over, the optimiser and scheduler start afresh."""
+    source = cfg.get("init_from")
+    if source:
+        warm_start(module, data.encoders, source, member=cfg.get("init_member"))
 
 
 def build_trainer(
@@ -227,27 +243,34 @@ def refit_on_train(
     )
     pl.seed_everything(cfg.seed, workers=True)
     data = data or prepare(cfg, fit_on="train")
+    module = train_for_epochs(cfg, data, epochs, output_dir / "checkpoints" / "refit")
+    return (
+        module,
+        data,
+        {**score_test(module, data, list(cfg.eval.ks)), "refit_epochs": float(epochs)},
+    )
+
+
+def train_for_epochs(
+    cfg: DictConfig, data: PreparedData, epochs: int, checkpoint_dir: Path
+) -> TwoTowerModule:
+    """Train a new module (warm-started from ``cfg.init_from`` when set) on ``data`` for
+    exactly ``epochs`` epochs, without validation or early stopping, in one process;
+    ``checkpoint_dir/last.ckpt`` holds the result. Seed first (``pl.seed_everything``)
+    for a reproducible run."""
     datamodule = build_datamodule(cfg, data)
     module = build_module(cfg, data, datamodule.negative_pool_size)
+    apply_init_from(cfg, module, data)
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         max_epochs=epochs,
         devices=1,  # the refit runs in one process, after any DDP selection run
         strategy="auto",
         logger=False,
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=output_dir / "checkpoints" / "refit", save_last=True, save_top_k=0
-            )
-        ],
+        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0)],
     )
     trainer.fit(module, datamodule=datamodule, weights_only=False)
-    module = module.cpu().eval()
-    return (
-        module,
-        data,
-        {**score_test(module, data, list(cfg.eval.ks)), "refit_epochs": float(epochs)},
-    )
+    return module.cpu().eval()
 
 
 def score_test(module: TwoTowerModule, data: PreparedData, ks: list[int]) -> dict[str, float]:
@@ -282,6 +305,7 @@ def fit_and_select(
     data = data or prepare(cfg, timings=timings, raw=raw)
     datamodule = build_datamodule(cfg, data)
     module = build_module(cfg, data, datamodule.negative_pool_size)
+    apply_init_from(cfg, module, data)
     trainer, checkpoint, loggers = build_trainer(cfg, data, out)
     # weights_only=False: our checkpoints hold the config (optimiser factory, spec) as hparams
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
@@ -302,6 +326,8 @@ def member_config(cfg: DictConfig, index: int, out: Path) -> DictConfig:
     member.split.seed = split_settings(cfg)["seed"]
     member.seed = int(cfg.seed) + index
     member.paths.output_dir = str(out / "members" / str(index))
+    if member.get("init_from"):
+        member.init_member = index  # starts from the same member of an ensemble run
     return member
 
 
@@ -351,11 +377,21 @@ def train_ensemble(
 
 def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> TrainResult | None:
     """Run the whole job; writes ``metrics.json``, logs, checkpoints and the bundle into
-    ``cfg.paths.output_dir``. Returns None on DDP processes other than rank 0. ``raw``:
+    ``cfg.paths.output_dir`` (then copies that directory to ``cfg.paths.upload_to``, an
+    fsspec URL, when set). Returns None on DDP processes other than rank 0. ``raw``:
     the tables of ``cfg.data``, if already loaded or being loaded."""
     out = Path(cfg.paths.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     absolute_paths(cfg, Path.cwd())
+    if cfg.get("init_from"):
+        check_source(cfg.init_from)  # before any work: a missing path fails at once
+        if cfg.get("ckpt_path"):
+            raise WarmStartError(
+                "init_from (a warm start) and ckpt_path (resuming) exclude each other"
+            )
+    upload_to = cfg.paths.get("upload_to")
+    if upload_to:
+        filesystem(str(upload_to))  # a missing file-system package fails before any work
+    out.mkdir(parents=True, exist_ok=True)
     log.info("config:\n%s", resolved_yaml(cfg))
     timings: dict[str, float] = {}
     if int(cfg.model.get("ensemble", 1)) > 1:
@@ -406,4 +442,6 @@ def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> Trai
     (out / METRICS_FILE).write_text(
         json.dumps({**metrics, "split": data.info, "seconds": timings}, indent=2, default=str)
     )
+    if upload_to:
+        upload_tree(out, str(upload_to))
     return TrainResult(metrics, module, data, bundle, out, best)

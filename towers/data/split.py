@@ -14,6 +14,7 @@ from twotower.errors import EmptyTableError
 log = logging.getLogger(__name__)
 
 SORT_KEY = "_item_order"
+SECONDS_PER_DAY = 86_400.0
 
 
 def item_order_key(item_ids: pd.Series) -> pd.Series:
@@ -43,6 +44,21 @@ def prepare_interactions(
     if events.empty:
         raise EmptyTableError("no interactions left after the rating threshold")
     return events
+
+
+def recent_window(interactions: pd.DataFrame, days: float) -> pd.DataFrame:
+    """The interactions of the last ``days`` days: those at most ``days * 86400`` seconds
+    before the newest one (``train.window_days``, for retraining on recent data only)."""
+    if days <= 0:
+        raise ValueError(f"train.window_days must be positive, got {days}")
+    if interactions.empty:
+        return interactions
+    times = interactions[TIMESTAMP]
+    kept = interactions.loc[times >= times.max() - days * SECONDS_PER_DAY]
+    log.info("window of the last %g days: %d of %d interactions", days, len(kept), len(times))
+    if kept.empty:
+        raise EmptyTableError(f"no interactions in the last {days} days")
+    return kept
 
 
 def temporal_holdout(

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from towers.model.loss import candidate_log_q, in_batch_softmax_loss
 from towers.model.spec import LossConfig, ModelConfig, TowerConfig, TowerSpec
 from towers.model.towers import TwoTowerModel
+from towers.model.warm_start import ENCODERS_KEY
+from twotower.encoding import FeatureEncoders
 
 # The module moves its own batches (see transfer_batch_to_device); Lightning warns that a
 # datamodule is also present, which is expected here.
@@ -78,6 +80,9 @@ class TwoTowerModule(pl.LightningModule):
         self._epoch_loss = torch.zeros(())
         self._epoch_steps = 0
         self._epoch_started = time.perf_counter()
+        # the encoders the embedding rows are keyed by: saved in checkpoints, so a later
+        # run can warm-start from one (towers.model.warm_start)
+        self.feature_encoders: FeatureEncoders | None = None
 
     @classmethod
     def from_config(
@@ -220,9 +225,17 @@ class TwoTowerModule(pl.LightningModule):
         world_size = self._trainer.world_size if self._trainer is not None else 1
         return loss * world_size
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the feature encoders (when set) beside the weights."""
+        if self.feature_encoders is not None:
+            checkpoint[ENCODERS_KEY] = self.feature_encoders.to_dict()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Read checkpoints written before history items had their own embedder, where the
-        user tower's shared id table was ``user_tower.item_embedding``."""
+        """Restore the feature encoders, if saved; read checkpoints written before history
+        items had their own embedder, where the user tower's shared id table was
+        ``user_tower.item_embedding``."""
+        if checkpoint.get(ENCODERS_KEY) is not None:
+            self.feature_encoders = FeatureEncoders.from_dict(checkpoint[ENCODERS_KEY])
         state = checkpoint.get("state_dict", {})
         for key in list(state):
             renamed = LEGACY_HISTORY_KEY.sub(r"\1history_embedding.item_embedding.", key)
