@@ -1,6 +1,7 @@
 """``twotower bench NAME [args ...]``: run a benchmark of the checkout's ``benchmarks/``
-(not in the wheel): quality, retrieval, serving, training, main_job or reliability. Run
-it from the checkout's root; ``twotower bench NAME --help`` describes each."""
+(not in the wheel): quality, retrieval, serving, training, main_job, reliability, scale,
+large_catalogue or continuous. Run it from the checkout's root; ``twotower bench NAME
+--help`` describes each."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ import importlib
 import sys
 from pathlib import Path
 
-NAMES = ("quality", "retrieval", "serving", "training", "main_job", "reliability")
+NAMES = (
+    "quality",
+    "retrieval",
+    "serving",
+    "training",
+    "main_job",
+    "reliability",
+    "scale",
+    "large_catalogue",
+    "continuous",
+)
 
 
 def checkout_root() -> Path | None:

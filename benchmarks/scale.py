@@ -1,0 +1,352 @@
+"""The scale ladder: the main job's stages at 1M, 10M and 100M synthetic events.
+
+Each rung runs in a child process (so its peak RSS is its own) that goes through the
+stages of ``twotower train`` one by one on data written by
+:func:`towers.data.synthetic_shards.write_synthetic_shards`:
+
+- ``generate``: write the Parquet shards (O(events) sampler);
+- ``read``: load and validate the three tables (``data=csv`` on the shard directory);
+- ``split``: ``prepare_interactions`` + the EVALUATION.md split;
+- ``encoders``: fit the feature encoders on the fit events;
+- ``samples``: the training samples (user inputs, items, histories);
+- ``eval_sets``: the validation and test sets;
+- ``train``: ``train_steps`` optimiser steps through Lightning (an epoch is extrapolated);
+- ``evaluate``: full-ranking test metrics for up to ``eval_users`` users (extrapolated);
+- ``export``: the bundle with ``index=auto`` (ONNX towers, FAISS index, recall check).
+
+A sampler thread in the child records each stage's peak RSS. The parent watches the
+child's RSS and stops it above ``rss_limit_gb``: that stage is where one machine stops.
+Every finished stage is appended to a JSON-lines file at once, so a killed rung keeps
+the stages it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One size of the ladder."""
+
+    events: int
+    users: int
+    items: int
+
+
+LADDER = (
+    Rung(1_000_000, 50_000, 10_000),
+    Rung(10_000_000, 500_000, 100_000),
+    Rung(100_000_000, 5_000_000, 1_000_000),
+)
+
+
+@dataclass
+class ScaleSettings:
+    """What ``twotower bench scale`` runs (see the module doc)."""
+
+    rungs: tuple[Rung, ...] = LADDER
+    train_steps: int = 100
+    batch_size: int = 1024
+    eval_users: int = 20_000
+    rss_limit_gb: float = 20.0
+    users_per_shard: int = 250_000
+    seed: int = 0
+    work_dir: str = "/tmp/twotower-scale"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident set size of a process (default: this one), from /proc."""
+    with open(f"/proc/{pid or 'self'}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRss:
+    """A thread sampling this process's RSS; :meth:`stage` gives a block's peak."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.peak = rss_bytes()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="peak-rss")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    @contextmanager
+    def stage(self, record: dict[str, Any]) -> Iterator[None]:
+        """Time the block and record its ``seconds`` and ``peak_rss_gb`` into ``record``."""
+        self.peak = rss_bytes()
+        start = time.perf_counter()
+        yield
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        record["peak_rss_gb"] = round(max(self.peak, rss_bytes()) / GB, 3)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def subset_eval_set(eval_set: Any, n_users: int) -> Any:
+    """The first ``n_users`` users of an :class:`EvalSet` (all of it when smaller)."""
+    import dataclasses
+
+    if eval_set.n_users <= n_users:
+        return eval_set
+    keep_exclude = eval_set.exclude_users < n_users
+    keep_target = eval_set.target_users < n_users
+    return dataclasses.replace(
+        eval_set,
+        user_ids=eval_set.user_ids[:n_users],
+        user_inputs={k: v[:n_users] for k, v in eval_set.user_inputs.items()},
+        exclude_users=eval_set.exclude_users[keep_exclude],
+        exclude_items=eval_set.exclude_items[keep_exclude],
+        target_users=eval_set.target_users[keep_target],
+        target_items=eval_set.target_items[keep_target],
+    )
+
+
+def model_config(batch_size: int, seed: int) -> Any:
+    """The default main job's config (its model and features), batch size set."""
+    from hydra import compose, initialize_config_dir
+
+    from twotower.config import config_dir
+
+    overrides = [f"train.batch_size={batch_size}", f"seed={seed}", "logger=none"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
+    """The child's work: every stage in turn, one JSON line each into ``progress``."""
+    import pytorch_lightning as pl
+
+    from towers.data.prepare import (
+        PreparedData,
+        build_eval_sets,
+        build_training_samples,
+        fit_encoders,
+    )
+    from towers.data.readers import load_tables
+    from towers.data.split import make_split, prepare_interactions
+    from towers.data.synthetic_shards import (
+        INTERACTIONS_DIR,
+        ITEMS_FILE,
+        USERS_FILE,
+        ShardedSyntheticSettings,
+        write_synthetic_shards,
+    )
+    from towers.evaluation.ranking import evaluate_vectors
+    from towers.export.bundle import ExportSettings, export_bundle
+    from towers.model.module import embed
+    from towers.pipeline import build_datamodule, build_module, feature_settings, split_settings
+
+    sampler = PeakRss()
+    data_dir = Path(s.work_dir) / f"events-{rung.events}"
+
+    def stage(name: str) -> Any:
+        record: dict[str, Any] = {"events": rung.events, "stage": name}
+        with progress.open("a") as f:
+            f.write(json.dumps({**record, "status": "started"}) + "\n")
+        return record
+
+    def done(record: dict[str, Any]) -> None:
+        record["events_per_second"] = round(rung.events / max(record["seconds"], 1e-9))
+        record["status"] = "done"
+        with progress.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("%s", record)
+
+    record = stage("generate")
+    shutil.rmtree(data_dir, ignore_errors=True)  # always generated afresh, and timed
+    with sampler.stage(record):
+        settings = ShardedSyntheticSettings(
+            n_users=rung.users,
+            n_items=rung.items,
+            mean_events_per_user=rung.events / rung.users,
+            users_per_shard=s.users_per_shard,
+            seed=s.seed,
+        )
+        write_synthetic_shards(data_dir, settings)
+    record["generated_events"] = json.loads((data_dir / "synthetic.json").read_text())["events"]
+    done(record)
+
+    cfg = model_config(s.batch_size, s.seed)
+    record = stage("read")
+    with sampler.stage(record):
+        raw = load_tables(data_dir / INTERACTIONS_DIR, data_dir / ITEMS_FILE, data_dir / USERS_FILE)
+    done(record)
+
+    record = stage("split")
+    with sampler.stage(record):
+        events = prepare_interactions(raw.interactions)
+        raw.interactions = events  # the raw rows are no longer needed
+        del events
+        split = make_split(raw.interactions, **split_settings(cfg))
+        raw.interactions = None  # type: ignore[assignment]
+    record.update(split.stats())
+    done(record)
+
+    record = stage("encoders")
+    with sampler.stage(record):
+        catalogue = raw.items.reset_index(drop=True)
+        encoders = fit_encoders(raw, split.fit, feature_settings(cfg.features))
+    done(record)
+
+    record = stage("samples")
+    with sampler.stage(record):
+        samples = build_training_samples(raw, split.fit, catalogue, encoders)
+    record["samples"] = len(samples.item_rows)
+    done(record)
+
+    record = stage("eval_sets")
+    with sampler.stage(record):
+        validation, test = build_eval_sets(raw, split, split.fit, catalogue, encoders)
+        data = PreparedData(
+            catalogue=catalogue,
+            users=raw.users,
+            split=split,
+            encoders=encoders,
+            catalogue_inputs=encoders.item_inputs(catalogue),
+            sample_user_inputs=samples.user_inputs,
+            sample_item_rows=samples.item_rows,
+            sample_weights=samples.weights,
+            sample_histories=samples.histories,
+            item_log_p=samples.item_log_p,
+            validation=validation,
+            test=test,
+            info={"dataset": "synthetic_shards", "trained_on": "fit", **split.stats()},
+        )
+    done(record)
+
+    record = stage("train")
+    with sampler.stage(record):
+        pl.seed_everything(s.seed)
+        datamodule = build_datamodule(cfg, data)
+        module = build_module(cfg, data, datamodule.negative_pool_size)
+        trainer = pl.Trainer(
+            max_steps=s.train_steps,
+            max_epochs=1,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        train_seconds = time.perf_counter() - started
+    examples = trainer.global_step * s.batch_size
+    record.update(
+        steps=trainer.global_step,
+        examples_per_second=round(examples / train_seconds),
+        epoch_seconds_extrapolated=round(data.n_samples / (examples / train_seconds)),
+    )
+    done(record)
+
+    record = stage("evaluate")
+    with sampler.stage(record):
+        module = module.cpu().eval()
+        eval_set = subset_eval_set(data.test, s.eval_users)
+        item_vectors = embed(module.model.item_tower, data.catalogue_inputs)
+        user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
+        metrics = evaluate_vectors(user_vectors, item_vectors, eval_set, [20], "test/")
+    record.update(
+        users=eval_set.n_users,
+        all_users=data.test.n_users,
+        recall_at_20=round(metrics["test/recall@20"], 4),
+        ndcg_at_20=round(metrics["test/ndcg@20"], 4),
+        all_users_seconds_extrapolated=round(
+            record["seconds"] * data.test.n_users / max(eval_set.n_users, 1)
+        ),
+    )
+    done(record)
+
+    record = stage("export")
+    with sampler.stage(record):
+        bundle = export_bundle(
+            module,
+            data,
+            Path(s.work_dir) / f"bundle-{rung.events}",
+            settings=ExportSettings(index="auto", recall_queries=1000),
+        )
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    record.update(index=manifest.get("index", {}).get("factory"))
+    done(record)
+    sampler.close()
+
+
+def run_rung(rung: Rung, s: ScaleSettings, progress: Path) -> list[dict[str, Any]]:
+    """Run one rung in a child process, stopping it above the RSS limit; its rows."""
+    settings_file = progress.with_suffix(".settings.json")
+    settings_file.write_text(json.dumps({**asdict(s), "rungs": [asdict(rung)]}))
+    progress.write_text("")
+    command = [sys.executable, "-m", "benchmarks.bench_scale", "--child", str(settings_file)]
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(command, cwd=root, start_new_session=True)
+    stopped: str | None = None
+    peak = 0
+    while child.poll() is None:
+        try:
+            rss = rss_bytes(child.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        peak = max(peak, rss)
+        if rss > s.rss_limit_gb * GB:
+            stopped = f"stopped: RSS {rss / GB:.1f} GB over the {s.rss_limit_gb:g} GB limit"
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            break
+        time.sleep(0.2)
+    lines = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+    rows = [line for line in lines if line.get("status") == "done"]
+    finished = {row["stage"] for row in rows}
+    unfinished = [line for line in lines if line["stage"] not in finished]
+    if unfinished:
+        reason = stopped or f"failed: exit status {child.returncode}"
+        rows.append(
+            {
+                "events": rung.events,
+                "stage": unfinished[-1]["stage"],
+                "status": reason,
+                "seconds": None,
+                "peak_rss_gb": round(peak / GB, 3),
+            }
+        )
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per rung: total seconds, peak RSS and the stage it stopped at (if any)."""
+    out: dict[str, Any] = {}
+    for events in sorted({row["events"] for row in rows}):
+        mine = [row for row in rows if row["events"] == events]
+        failed = [row for row in mine if row["status"] != "done"]
+        out[str(events)] = {
+            "seconds": round(sum(row["seconds"] or 0 for row in mine), 1),
+            "peak_rss_gb": max(row["peak_rss_gb"] for row in mine),
+            "stopped_at": failed[0]["stage"] if failed else None,
+            "reason": failed[0]["status"] if failed else None,
+        }
+    return out
