@@ -100,3 +100,15 @@ def bundles(trained: TrainResult, tmp_path_factory: pytest.TempPathFactory) -> d
         )
         for factory in INDEXES
     }
+
+
+# torch's gloo transport thread (pt_gloo_runloop) now and then segfaults on CPU (seen in
+# about 1 run of 10 of the two-process tests with torch 2.13; the kernel log shows
+# "pt_gloo_runloop ... segfault"); the surviving process then fails with a reset
+# connection. The DDP tests run once more when that is how they failed.
+GLOO_CRASH = ("Connection reset by peer", "Signal 11 (SIGSEGV)", "exitcode: -11")
+
+
+def gloo_crashed(output: str) -> bool:
+    """Whether a distributed run's output shows a process lost inside gloo."""
+    return any(sign in output for sign in GLOO_CRASH)

@@ -127,3 +127,25 @@ def test_relative_data_paths_resolve_against_the_run_start(tmp_path: Path) -> No
     assert cfg.data.interactions == str(tmp_path / "start" / "events.csv")
     assert cfg.data["items"] is None and cfg.data.path == "s3://bucket/x"
     assert cfg.export.latest == str(tmp_path / "start" / "outputs" / "latest")
+
+
+def test_spark_without_pyspark_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from twotower.cli import spark
+
+    for name in [m for m in sys.modules if m == "pyspark" or m.startswith("pyspark.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "pyspark", None)  # import pyspark raises ImportError
+    code = spark.run(
+        [
+            "prepare",
+            "--interactions",
+            str(tmp_path / "e.parquet"),
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 1
+    assert "pip install 'twotower[spark]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -42,7 +42,6 @@ SPEC = {
 }
 
 
-
 def build(cfg) -> TwoTowerModule:
     """The module of a composed config, as the pipeline builds it."""
     return TwoTowerModule.from_config(model_config(cfg), TowerSpec.from_dict(SPEC), 8)
@@ -52,6 +51,7 @@ def test_a_misspelt_model_key_is_an_error() -> None:
     cfg = compose_config(["+model.temprature=0.2"])
     with pytest.raises(ValueError, match="temprature"):
         model_config(cfg)
+
 
 @pytest.mark.parametrize("data", DATA_CONFIGS)
 def test_data_configs_compose(data: str) -> None:

@@ -10,12 +10,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 from benchmarks.serving import free_port
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, gloo_crashed
 from towers.pipeline import METRICS_FILE
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
@@ -28,39 +29,59 @@ def torchrun() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run"]
 
 
-def test_two_torchrun_nodes_match_one_process_with_twice_the_batch(tmp_path: Path) -> None:
+def launch_two_nodes(run_dir: Path) -> tuple[list[int], list[str]]:
+    """Two torchrun launchers, node ranks 0 and 1, on a fresh loopback port; their exit
+    codes and outputs (written to files, so neither can block on a full pipe)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [
-        subprocess.Popen(
-            [
-                *torchrun(),
-                "--nnodes=2",
-                "--nproc-per-node=1",
-                f"--node-rank={rank}",
-                "--master-addr=127.0.0.1",
-                f"--master-port={port}",
-                "-m",
-                "twotower.cli.train",
-                *RUN,
-                "trainer=ddp",
-                "trainer.devices=1",
-                "trainer.num_nodes=2",
-                f"hydra.run.dir={tmp_path / f'node{rank}'}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
+    logs = [run_dir / f"node{rank}.log" for rank in (0, 1)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    nodes = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as sink:
+            nodes.append(
+                subprocess.Popen(
+                    [
+                        *torchrun(),
+                        "--nnodes=2",
+                        "--nproc-per-node=1",
+                        f"--node-rank={rank}",
+                        "--master-addr=127.0.0.1",
+                        f"--master-port={port}",
+                        "-m",
+                        "twotower.cli.train",
+                        *RUN,
+                        "trainer=ddp",
+                        "trainer.devices=1",
+                        "trainer.num_nodes=2",
+                        f"hydra.run.dir={run_dir / f'node{rank}'}",
+                    ],
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
+    codes = [node.wait(timeout=900) for node in nodes]
+    return codes, [log.read_text() for log in logs]
+
+
+def test_two_torchrun_nodes_match_one_process_with_twice_the_batch(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in (1, 2):
+        run_dir = tmp_path / f"attempt{attempt}"
+        codes, outputs = launch_two_nodes(run_dir)
+        report = "\n".join(
+            f"node {rank} (exit {code}):\n{output[-4000:]}"
+            for rank, (code, output) in enumerate(zip(codes, outputs, strict=True))
         )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=900)[0] for node in nodes]
-    for rank, (node, output) in enumerate(zip(nodes, outputs, strict=True)):
-        assert node.returncode == 0, f"node {rank}:\n{output[-3000:]}"
+        if not any(codes) or attempt == 2 or not any(gloo_crashed(o) for o in outputs):
+            break
+        warnings.warn(f"a process died inside gloo, once more:\n{report}", stacklevel=1)
+    # every node's output: a node that fails on its own shows up in the other as a reset
+    assert not any(codes), report
     assert "MEMBER: 2/2" in outputs[1]  # the second node joined as rank 1 of 2
-    distributed = json.loads((tmp_path / "node0" / METRICS_FILE).read_text())
-    assert not (tmp_path / "node1" / METRICS_FILE).exists()  # only rank 0 writes the run
+    distributed = json.loads((run_dir / "node0" / METRICS_FILE).read_text())
+    assert not (run_dir / "node1" / METRICS_FILE).exists()  # only rank 0 writes the run
 
     batch = 128  # the quick experiment's train.batch_size
     single = subprocess.run(

@@ -145,9 +145,7 @@ def test_history_shares_the_item_id_embedding_by_default() -> None:
 def test_learned_temperature_moves_and_fixed_one_does_not() -> None:
     spec = SPEC.to_dict()
     for learn in (True, False):
-        module = TwoTowerModule(
-            spec, 12, loss=LossConfig(temperature=0.2, learn_temperature=learn)
-        )
+        module = TwoTowerModule(spec, 12, loss=LossConfig(temperature=0.2, learn_temperature=learn))
         batch = {
             "user": user_inputs(8),
             "item": item_inputs(8),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from towers.pipeline import (
     train,
 )
 
-from .conftest import ROOT, TINY_OVERRIDES, compose_config
+from .conftest import ROOT, TINY_OVERRIDES, compose_config, gloo_crashed
 
 
 def test_best_checkpoint_reloads_to_the_same_metrics(trained: TrainResult) -> None:
@@ -78,17 +79,34 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> Non
     assert full.metrics["test/recall@20"] == resumed.metrics["test/recall@20"]
 
 
+def failure_lines(stderr: str) -> str:
+    """What each process said when it failed: the two processes share stderr, and a
+    process that dies on its own shows up in the other only as a reset connection."""
+    lines = stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    blocks = ["\n".join(lines[i : i + 60][-25:]) for i in starts]
+    return "\n---\n".join(blocks) or stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
     overrides = [*TINY_OVERRIDES, "trainer=ddp", "trainer.max_epochs=2", "logger=none"]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={out}", *overrides],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    for attempt in (1, 2):
+        out = tmp_path / f"ddp{attempt}"
+        command = [sys.executable, str(ROOT / "scripts" / "train.py"), f"hydra.run.dir={out}"]
+        result = subprocess.run(
+            [*command, *overrides],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if result.returncode == 0 or attempt == 2 or not gloo_crashed(result.stderr):
+            break
+        warnings.warn(
+            f"a process died inside gloo, once more:\n{failure_lines(result.stderr)}",
+            stacklevel=1,
+        )
+    assert result.returncode == 0, failure_lines(result.stderr)
     reported = json.loads((out / METRICS_FILE).read_text())
     cfg = compose_config([*overrides, f"paths.output_dir={tmp_path / 'single'}"])
     data = prepare(cfg)
@@ -116,7 +134,7 @@ def test_multirun_sweep_returns_the_optimised_metric(tmp_path: Path) -> None:
         text=True,
         timeout=900,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_lines(result.stderr)
     runs = sorted(tmp_path.glob("*/metrics.json"))
     assert len(runs) == 2
 

@@ -279,6 +279,10 @@ def test_a_missing_or_unusable_init_from_is_an_error(
     garbage.write_text("not a checkpoint")
     empty_run = tmp_path / "empty-run"
     empty_run.mkdir()
+    broken_run = tmp_path / "broken-run"
+    (broken_run / "checkpoints").mkdir(parents=True)
+    (broken_run / "checkpoints" / "last.ckpt").write_text("truncated")
+    broken_last = broken_run / "checkpoints" / "last.ckpt"
     old = tmp_path / "old.ckpt"
     checkpoint = torch.load(previous_run.best_checkpoint, weights_only=False)
     del checkpoint[ENCODERS_KEY]
@@ -288,6 +292,7 @@ def test_a_missing_or_unusable_init_from_is_an_error(
     for source, message in [
         (garbage, "not a readable checkpoint"),
         (empty_run, "no checkpoint found"),
+        (broken_run, f"not a readable checkpoint|{broken_last}: not a readable checkpoint"),
         (old, "the checkpoint holds no feature encoders .* warm-start from the bundle"),
     ]:
         with pytest.raises(WarmStartError, match=f"init_from {source}: {message}"):

@@ -40,7 +40,7 @@ from towers.model.spec import ModelConfig, TowerSpec
 from towers.model.warm_start import WarmStartError, check_source, warm_start
 from towers.tensorboard import log_hparams, log_item_projector
 from twotower.encoding import FeatureColumns
-from twotower.storage import filesystem, upload_tree
+from twotower.storage import check_upload_target, upload_tree
 
 log = logging.getLogger(__name__)
 quiet_lightning()
@@ -390,7 +390,7 @@ def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> Trai
             )
     upload_to = cfg.paths.get("upload_to")
     if upload_to:
-        filesystem(str(upload_to))  # a missing file-system package fails before any work
+        check_upload_target(str(upload_to), out)  # fails before any work, not after it
     out.mkdir(parents=True, exist_ok=True)
     log.info("config:\n%s", resolved_yaml(cfg))
     timings: dict[str, float] = {}
@@ -443,5 +443,8 @@ def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> Trai
         json.dumps({**metrics, "split": data.info, "seconds": timings}, indent=2, default=str)
     )
     if upload_to:
-        upload_tree(out, str(upload_to))
+        try:
+            upload_tree(out, str(upload_to), last=METRICS_FILE)
+        except Exception as exc:
+            raise OSError(f"{upload_to}: the upload failed ({exc}); the run is in {out}") from exc
     return TrainResult(metrics, module, data, bundle, out, best)

@@ -83,19 +83,61 @@ def download_tree(url: str, destination: Path) -> Path:
     return destination
 
 
-def upload_tree(source: Path, url: str) -> str:
-    """Copy the local directory ``source`` to ``url``, replacing what was there; returns
-    ``url``. Object stores have no atomic directory switch: readers that must never see a
-    half-written bundle load a versioned URL (each export writes a new one)."""
+def upload_tree(source: Path, url: str, last: str | None = None) -> str:
+    """Copy the local directory ``source`` to ``url`` (a URL or a path); returns ``url``.
+
+    Every file is uploaded first (``last``, a name relative to ``source``, after all the
+    others: a marker such as a bundle's manifest), then the files that were at ``url``
+    before and are not in ``source`` are removed, so a failure midway leaves the new
+    files beside the old ones, never an empty destination. A bucket's root and a
+    destination overlapping ``source`` are refused. Object stores have no atomic
+    directory switch: readers that must never see a mix load a versioned URL."""
     fs, path = filesystem(url)
     root = path.rstrip("/")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    files = sorted(p for p in source.rglob("*") if p.is_file())
-    for local in files:
-        fs.put_file(str(local), f"{root}/{local.relative_to(source).as_posix()}")
-    log.info("uploaded %d files to %s", len(files), url)
+    check_destination(fs, root, source, url)
+    files = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
+    if last is not None:
+        if last not in files:
+            raise FileNotFoundError(f"{source / last}: no such file to upload last")
+        files = [name for name in files if name != last] + [last]
+    made: set[str] = set()
+    for name in files:
+        target = f"{root}/{name}"
+        parent = target.rsplit("/", 1)[0]
+        if parent not in made:
+            fs.makedirs(parent, exist_ok=True)
+            made.add(parent)
+        fs.put_file(str(source / name), target)
+    stale = [f for f in fs.find(root) if f[len(root) :].lstrip("/") not in set(files)]
+    if stale:
+        fs.rm(stale)
+    log.info("uploaded %d files to %s (%d stale removed)", len(files), url, len(stale))
     return url
+
+
+def check_upload_target(url: str, source: Path) -> None:
+    """Fail early (before a long run) on an upload :func:`upload_tree` would refuse or
+    could not reach: a missing file-system package, a bucket root, a destination
+    overlapping ``source``, or an unreachable store (credentials, bucket, network)."""
+    fs, path = filesystem(url)
+    root = path.rstrip("/")
+    check_destination(fs, root, source, url)
+    try:
+        fs.exists(root)
+    except Exception as exc:  # each file system raises its own kinds
+        raise OSError(f"{url}: cannot reach the upload destination ({exc})") from exc
+
+
+def check_destination(fs: Any, root: str, source: Path, url: str) -> None:
+    """Refuse an upload to a bucket's root (or an empty path) and one whose local
+    destination is ``source``, inside it, or holds it."""
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    if not root.strip("/") or (not local and "/" not in root.strip("/")):
+        raise ValueError(f"{url}: upload to a folder inside the bucket, not its root")
+    if local:
+        destination, origin = Path(root).resolve(), source.resolve()
+        if destination == origin or origin in destination.parents or destination in origin.parents:
+            raise ValueError(f"{url}: the destination overlaps the directory uploaded ({source})")
 
 
 def local_staging(prefix: str = "twotower-") -> Path:

@@ -75,7 +75,7 @@ def _candidate_knobs(index: faiss.Index, k: int) -> list[dict[str, Any]]:
     settings: list[dict[str, Any]] = []
     ivf = faiss.try_extract_index_ivf(index)
     nprobes = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if ivf and n <= ivf.nlist]
-    if ivf:
+    if ivf and ivf.nlist not in nprobes:
         nprobes.append(ivf.nlist)
     for nprobe in nprobes or [None]:
         for ef in [max(k, 16) * m for m in (1, 2, 4, 8, 16)] if kind["hnsw"] else [None]:

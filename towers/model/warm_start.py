@@ -143,7 +143,12 @@ def best_checkpoint_of(last: Path) -> Path | None:
     """The best checkpoint ``ModelCheckpoint`` recorded in ``last``: the file of that name
     beside ``last`` (the run directory may have been moved or copied since), else the
     recorded path."""
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
+        raise WarmStartError(f"init_from {last}: not a readable checkpoint ({exc})") from exc
+    if not isinstance(state, dict):
+        raise WarmStartError(f"init_from {last}: not a Lightning checkpoint")
     for key, value in state.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
             recorded = Path(value["best_model_path"])

@@ -24,7 +24,7 @@ from twotower.bundle import layout
 from twotower.bundle.manifest import Manifest, check_inside
 from twotower.bundle.store import verify_files
 from twotower.errors import BundleError
-from twotower.storage import filesystem
+from twotower.storage import filesystem, upload_tree
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,10 @@ def cache_root() -> Path:
 
 
 def publish_bundle(local: Path, url: str) -> str:
-    """Upload the bundle directory ``local`` to ``url`` (files first, the manifest last);
-    what was at ``url`` before is replaced. Returns ``url``."""
-    fs, path = filesystem(url)
-    root = path.rstrip("/")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    names = sorted(p.name for p in local.iterdir() if p.name != layout.MANIFEST)
-    for name in [*names, layout.MANIFEST]:
-        fs.put_file(str(local / name), f"{root}/{name}")
-    log.info("bundle published to %s (%d files)", url, len(names) + 1)
+    """Upload the bundle directory ``local`` to ``url`` (files first, the manifest last,
+    then any stale files of a bundle that was there removed). Returns ``url``."""
+    upload_tree(local, url, last=layout.MANIFEST)
+    log.info("bundle published to %s", url)
     return url
 
 

@@ -263,10 +263,13 @@ def run(argv: list[str]) -> int:
     )
     logging.getLogger("py4j").setLevel(logging.WARNING)
     from twotower.errors import TwoTowerError
-    from twotower.spark.session import SparkUnavailableError, spark_session
+    from twotower.spark.session import SparkUnavailableError, spark_missing, spark_session
 
     spark, started = None, False
     try:
+        missing = spark_missing()  # before anything imports pyspark
+        if missing is not None:
+            raise SparkUnavailableError(f"cannot run: {missing}")
         conf = _key_values(args.conf, "--conf")
         settings = prepare_settings(args) if args.job == "prepare" else score_settings(args)
         settings.check()
