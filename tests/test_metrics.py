@@ -7,7 +7,12 @@ import math
 import numpy as np
 
 from towers.evaluation.metrics import ranking_metrics
-from towers.evaluation.ranking import top_k_excluding
+from towers.evaluation.ranking import (
+    BYTES_PER_CELL,
+    SCORE_BUDGET_BYTES,
+    chunk_users,
+    top_k_excluding,
+)
 
 
 def reference(top: np.ndarray, targets: list[set[int]], k: int, n_items: int) -> dict[str, float]:
@@ -86,3 +91,24 @@ def test_top_k_never_returns_unavailable_items() -> None:
         banned = set(unavailable) | ({5} if u == 0 else set())
         expected = [i for i in np.argsort(-scores[u], kind="stable") if i not in banned][:10]
         assert list(top[u]) == expected
+
+
+def test_chunks_shrink_with_the_catalogue_to_bound_memory() -> None:
+    # both MovieLens catalogues rank 1024 users at once, as before the bound
+    assert chunk_users(1_682) == chunk_users(9_742) == 1024
+    for n_items in (100_000, 1_000_000, 10_000_000):
+        users = chunk_users(n_items)
+        assert 1 <= users < 1024
+        assert users * n_items * BYTES_PER_CELL <= SCORE_BUDGET_BYTES
+    assert chunk_users(10**12) == 1
+
+
+def test_evaluation_gives_the_same_lists_whatever_the_chunk() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(50, 30)).astype(np.float32)
+    ex_users, ex_items = np.repeat(np.arange(50), 2), rng.integers(0, 30, 100)
+    lists = [
+        top_k_excluding(lambda lo, hi: scores[lo:hi], 50, 10, ex_users, ex_items, chunk_size=size)
+        for size in (1, 7, 1024)
+    ]
+    assert all(np.array_equal(lists[0], other) for other in lists[1:])

@@ -11,6 +11,19 @@ from towers.evaluation.metrics import DEFAULT_KS, ranking_metrics
 
 ScoreFn = Callable[[int, int], np.ndarray]
 
+MAX_CHUNK_USERS = 1024
+SCORE_BUDGET_BYTES = 512 * 2**20
+# bytes per (user, item) cell while a chunk is ranked: the scores as given (float32), their
+# float64 copy, its negation for argpartition and argpartition's int64 rows
+BYTES_PER_CELL = 4 + 8 + 8 + 8
+
+
+def chunk_users(n_items: int, budget_bytes: int = SCORE_BUDGET_BYTES) -> int:
+    """How many users to rank at once so that a chunk's score arrays stay near
+    ``budget_bytes``: at most 1024 (up to 18k items, both MovieLens catalogues), fewer
+    for large catalogues (191 users at 100k items), never fewer than one."""
+    return max(1, min(MAX_CHUNK_USERS, budget_bytes // max(1, n_items * BYTES_PER_CELL)))
+
 
 def top_k_excluding(
     score_chunk: ScoreFn,
@@ -18,7 +31,7 @@ def top_k_excluding(
     k: int,
     exclude_users: np.ndarray,
     exclude_items: np.ndarray,
-    chunk_size: int = 1024,
+    chunk_size: int = MAX_CHUNK_USERS,
     unavailable_items: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n_users, k) best catalogue rows per user, excluded pairs never returned (unless a
@@ -27,6 +40,8 @@ def top_k_excluding(
     ``score_chunk(lo, hi)`` gives the (hi - lo, n_items) scores of users ``lo..hi-1``;
     ``exclude_users`` must be sorted; ``unavailable_items`` (catalogue rows) are returned
     for no user (while it has other candidates). Ties are broken by catalogue row.
+    ``chunk_size``: users ranked at once (:func:`chunk_users` bounds the memory a
+    chunk takes for a catalogue's size).
     """
     out = np.empty((n_users, k), dtype=np.int64)
     for lo in range(0, n_users, chunk_size):
@@ -81,6 +96,7 @@ def evaluate_scores(
         max(ks),
         eval_set.exclude_users,
         eval_set.exclude_items,
+        chunk_size=chunk_users(n_items),
         unavailable_items=eval_set.unavailable_items,
     )
     return ranking_metrics(top, eval_set.target_users, eval_set.target_items, n_items, ks, prefix)
