@@ -142,7 +142,7 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
     import pytorch_lightning as pl
 
     from towers.data.prepare import (
-        PreparedData,
+        assemble_prepared,
         build_eval_sets,
         build_training_samples,
         fit_encoders,
@@ -222,20 +222,8 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
     record = stage("eval_sets")
     with sampler.stage(record):
         validation, test = build_eval_sets(raw, split, split.fit, catalogue, encoders)
-        data = PreparedData(
-            catalogue=catalogue,
-            users=raw.users,
-            split=split,
-            encoders=encoders,
-            catalogue_inputs=encoders.item_inputs(catalogue),
-            sample_user_inputs=samples.user_inputs,
-            sample_item_rows=samples.item_rows,
-            sample_weights=samples.weights,
-            sample_histories=samples.histories,
-            item_log_p=samples.item_log_p,
-            validation=validation,
-            test=test,
-            info={"dataset": "synthetic_shards", "trained_on": "fit", **split.stats()},
+        data = assemble_prepared(
+            raw, split, catalogue, encoders, samples, (validation, test), "fit"
         )
     done(record)
 

@@ -268,6 +268,21 @@ def prepare_data(
     encoders = fit_encoders(raw, fit, settings)
     samples = build_training_samples(raw, fit, catalogue, encoders)
     validation, test = build_eval_sets(raw, split, fit, catalogue, encoders)
+    return assemble_prepared(raw, split, catalogue, encoders, samples, (validation, test), fit_on)
+
+
+def assemble_prepared(
+    raw: RawData,
+    split: Split,
+    catalogue: pd.DataFrame,
+    encoders: FeatureEncoders,
+    samples: TrainingSamples,
+    eval_sets: tuple[EvalSet, EvalSet],
+    fit_on: str,
+) -> PreparedData:
+    """The :class:`PreparedData` of stages already run (encoders, samples, the
+    validation and test sets), for callers that time or run them one by one."""
+    validation, test = eval_sets
     return PreparedData(
         catalogue=catalogue,
         users=raw.users,
