@@ -167,7 +167,7 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
     def stage(name: str) -> Any:
         record: dict[str, Any] = {"events": rung.events, "stage": name}
         with progress.open("a") as f:
-            f.write(json.dumps({**record, "status": "started"}) + "\n")
+            f.write(json.dumps({**record, "status": "started", "started_at": time.time()}) + "\n")
         return record
 
     def done(record: dict[str, Any]) -> None:
@@ -294,6 +294,7 @@ def run_rung(rung: Rung, s: ScaleSettings, progress: Path) -> list[dict[str, Any
     root = Path(__file__).resolve().parent.parent
     child = subprocess.Popen(command, cwd=root, start_new_session=True)
     stopped: str | None = None
+    stopped_at = None
     peak = 0
     while child.poll() is None:
         try:
@@ -303,6 +304,7 @@ def run_rung(rung: Rung, s: ScaleSettings, progress: Path) -> list[dict[str, Any
         peak = max(peak, rss)
         if rss > s.rss_limit_gb * GB:
             stopped = f"stopped: RSS {rss / GB:.1f} GB over the {s.rss_limit_gb:g} GB limit"
+            stopped_at = time.time()
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
             break
@@ -313,12 +315,15 @@ def run_rung(rung: Rung, s: ScaleSettings, progress: Path) -> list[dict[str, Any
     unfinished = [line for line in lines if line["stage"] not in finished]
     if unfinished:
         reason = stopped or f"failed: exit status {child.returncode}"
+        ended = stopped_at or time.time()
+        started = unfinished[-1].get("started_at")
         rows.append(
             {
                 "events": rung.events,
                 "stage": unfinished[-1]["stage"],
                 "status": reason,
-                "seconds": None,
+                # how long the stage ran before it was stopped (or failed)
+                "seconds": round(ended - started, 2) if started else None,
                 "peak_rss_gb": round(peak / GB, 3),
             }
         )
