@@ -25,7 +25,10 @@ from towers.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 from towers.data.split import make_split, prepare_interactions
 from towers.data.synthetic import generate_synthetic
 from twotower.cli import main
+from twotower.errors import PreparedDataError
 from twotower.spark.session import spark_missing
+
+from .conftest import TINY_OVERRIDES, compose_config
 
 MISSING = spark_missing()
 needs_spark = pytest.mark.skipif(MISSING is not None, reason=f"Spark cannot run: {MISSING}")
@@ -406,3 +409,91 @@ def test_cli_score_prints_a_summary(spark, trained, tmp_path: Path) -> None:
         "items": len(pd.read_parquet(Path(trained.bundle) / "items.parquet"))
     }
     assert (tmp_path / "item_vectors").is_dir() and not (tmp_path / "top_k").exists()
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+@needs_spark
+def test_training_from_a_prepared_directory_equals_training_from_the_tables(
+    spark, tmp_path: Path
+) -> None:
+    """``data.prepared=DIR`` (``twotower spark prepare``'s output) trains exactly as the
+    tables themselves do: the same split, encoders and samples, so the same metrics."""
+    from towers.pipeline import train
+
+    tables = synthetic_tables(tmp_path / "tables")
+    assert tables.items is not None and tables.users is not None
+    prepared = tmp_path / "prepared"
+    history = compose_config(TINY_OVERRIDES).features.history_length
+    code, err = run_cli(
+        "prepare",
+        "--interactions",
+        str(tables.interactions),
+        "--items",
+        str(tables.items),
+        "--users",
+        str(tables.users),
+        "--output",
+        str(prepared),
+        "--history-length",
+        str(history),
+        "--samples-per-shard",
+        "2000",  # several shards
+    )
+    assert code == 0, err
+    common = [*TINY_OVERRIDES, "logger=none", "data=csv", f"data.users={tables.users}"]
+    from_tables = train(
+        compose_config(
+            [
+                *common,
+                f"data.interactions={tables.interactions}",
+                f"data.items={tables.items}",
+                f"paths.output_dir={tmp_path / 'from_tables'}",
+            ]
+        )
+    )
+    from_prepared = train(
+        compose_config(
+            [*common, f"data.prepared={prepared}", f"paths.output_dir={tmp_path / 'prepared_run'}"]
+        )
+    )
+    assert from_tables is not None and from_prepared is not None
+    assert from_prepared.data.info == {**from_tables.data.info, "prepared": str(prepared)}
+    assert from_prepared.data.users is not None  # the evaluation users' attributes
+    assert "user_num" in from_prepared.data.test.user_inputs
+    metrics = [k for k in from_tables.metrics if k.startswith(("val/", "test/"))]
+    assert metrics
+    assert {k: from_prepared.metrics[k] for k in metrics} == {
+        k: from_tables.metrics[k] for k in metrics
+    }
+
+    # what a prepared directory cannot serve fails before any work, naming the setting
+    for override, message in (
+        ("train.refit=true", "--fit-on train"),
+        ("train.window_days=30", "train.window_days"),
+    ):
+        cfg = compose_config(
+            [*common, f"data.prepared={prepared}", override, f"paths.output_dir={tmp_path}"]
+        )
+        with pytest.raises(PreparedDataError, match=message) as failure:
+            train(cfg)
+        assert f"data.prepared={prepared}" in str(failure.value)
+
+
+def test_training_from_a_directory_that_is_not_prepared_names_it(tmp_path: Path) -> None:
+    from towers.pipeline import train
+
+    directory = tmp_path / "not-prepared"
+    (directory / "samples").mkdir(parents=True)
+    (directory / "encoders.json").write_text("{}")
+    base = [*TINY_OVERRIDES, "logger=none", f"paths.output_dir={tmp_path / 'run'}"]
+    overrides = [*base, "data=csv"]
+    with pytest.raises(PreparedDataError, match="not a prepared directory") as failure:
+        train(compose_config([*overrides, f"data.prepared={directory}"]))
+    assert f"data.prepared={directory}" in str(failure.value)
+    (directory / "prepared.json").write_text(json.dumps({"format": 99, "trained_on": "fit"}))
+    with pytest.raises(PreparedDataError, match="format 99") as failure:
+        train(compose_config([*overrides, f"data.prepared={directory}"]))
+    assert str(directory) in str(failure.value)
+    with pytest.raises(PreparedDataError, match="needs data=csv"):
+        train(compose_config([*base, f"data.prepared={directory}"]))  # data=synthetic

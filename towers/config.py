@@ -13,6 +13,7 @@ PATH_KEYS = (
     "data.interactions",
     "data.items",
     "data.users",
+    "data.prepared",
     "export.latest",
     "init_from",
     "paths.upload_to",

@@ -19,6 +19,7 @@ from typing import Any
 
 import hydra
 import numpy as np
+import pandas as pd
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -27,6 +28,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from towers.config import absolute_paths
 from towers.data.datamodule import TwoTowerDataModule
 from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
+from towers.data.prepared_dir import load_prepared, read_prepared_manifest
+from towers.data.readers import load_user_table
 from towers.data.samples import user_activity_weights
 from towers.data.schema import ITEM_ID, RawData
 from towers.data.sources import load_data
@@ -40,6 +43,7 @@ from towers.model.spec import ModelConfig, TowerSpec
 from towers.model.warm_start import WarmStartError, check_source, warm_start
 from towers.tensorboard import log_hparams, log_item_projector
 from twotower.encoding import FeatureColumns
+from twotower.errors import PreparedDataError
 from twotower.storage import check_upload_target, upload_tree
 
 log = logging.getLogger(__name__)
@@ -108,6 +112,97 @@ def timed(timings: dict[str, float] | None, stage: str) -> Iterator[None]:
             timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
+def prepared_directory(cfg: DictConfig) -> str | None:
+    """``data.prepared``: the ``twotower spark prepare`` output to train from, or None."""
+    value = cfg.data.get("prepared")
+    return str(value) if value else None
+
+
+def check_prepared(
+    cfg: DictConfig, directory: str, fit_on: str = "fit", warn: bool = True
+) -> dict[str, Any]:
+    """The prepared directory's manifest, after refusing what it cannot serve: a
+    directory that is not a prepared one, ``train.window_days`` (its split is fixed), a
+    data kind other than ``csv``, and training on all of train (``train.refit``) from a
+    directory prepared on the fit part only. ``warn``: log the split and feature
+    settings the run's config sets otherwise (the directory's are used)."""
+    where = f"data.prepared={directory}"
+    if cfg.train.get("window_days") is not None:
+        raise PreparedDataError(
+            f"{where}: train.window_days cannot apply to a prepared directory (its split "
+            "is fixed): prepare the window's interactions with `twotower spark prepare`, "
+            "or unset train.window_days"
+        )
+    if cfg.data.get("kind") != "csv":
+        raise PreparedDataError(
+            f"{where}: needs data=csv (data={cfg.data.get('kind')} reads its own tables); "
+            "the user table, if any, is data.users"
+        )
+    manifest = read_prepared_manifest(directory)
+    if manifest["trained_on"] == "fit" and (fit_on == "train" or cfg.train.get("refit")):
+        raise PreparedDataError(
+            f"{where}: train.refit=true trains again on all of train, but this directory "
+            "was prepared on the fit part only (trained_on: fit): prepare it with "
+            "`twotower spark prepare --fit-on train`, or set train.refit=false"
+        )
+    if not warn:
+        return manifest
+    if manifest["trained_on"] == "train" and fit_on == "fit":
+        log.warning(
+            "%s was prepared on all of train (--fit-on train): the model trains on the "
+            "validation events too, so validation metrics (and early stopping) are on "
+            "seen data",
+            where,
+        )
+    differing = differing_settings(cfg, manifest.get("settings") or {})
+    if differing:
+        log.warning(
+            "%s: the directory was prepared with %s; its split and features are used",
+            where,
+            ", ".join(differing),
+        )
+    return manifest
+
+
+def differing_settings(cfg: DictConfig, prepared: dict[str, Any]) -> list[str]:
+    """``key=value (config: value)`` for each split and feature setting (and
+    ``data.min_rating``) that the prepared directory's ``settings`` set otherwise."""
+    split = split_settings(cfg)
+    ours: dict[str, Any] = {f"split.{k}": v for k, v in split.items()}
+    if not split.get("cold_items"):  # the draw's settings do not matter then
+        ours.pop("split.seed", None)
+        ours.pop("split.cold_fraction", None)
+    features = OmegaConf.to_container(cfg.features, resolve=True)
+    assert isinstance(features, dict)
+    ours.update(
+        {
+            f"features.{k}": v
+            for k, v in features.items()
+            if k not in ("item_columns", "user_columns")
+        }
+    )
+    ours["data.min_rating"] = cfg.data.get("min_rating")
+    theirs = {f"split.{k}": v for k, v in prepared.items() if k != "features"}
+    theirs.update({f"features.{k}": v for k, v in (prepared.get("features") or {}).items()})
+    theirs["data.min_rating"] = prepared.get("min_rating")
+    return [
+        f"{key}={theirs[key]} (config: {value})"
+        for key, value in ours.items()
+        if key in theirs and theirs[key] != value
+    ]
+
+
+def prepared_users(cfg: DictConfig) -> pd.DataFrame | None:
+    """The user table of ``cfg.data`` (``data.users``, renamed by ``data.columns`` and
+    validated as :func:`towers.data.readers.load_tables` does), or None; the
+    interactions and the item table are not read."""
+    users = cfg.data.get("users")
+    if not users:
+        return None
+    columns = {k: v for k, v in dict(cfg.data.get("columns") or {}).items() if v}
+    return load_user_table(str(users), columns)
+
+
 def prepare(
     cfg: DictConfig,
     fit_on: str = "fit",
@@ -116,7 +211,21 @@ def prepare(
 ) -> PreparedData:
     """Load, split and encode the data named by ``cfg.data`` (see ``prepare_data``);
     ``timings`` collects the seconds of each step; ``raw``: the tables of ``cfg.data``
-    already loaded, or being loaded (:func:`towers.data.sources.load_data_in_background`)."""
+    already loaded, or being loaded (:func:`towers.data.sources.load_data_in_background`).
+    With ``data.prepared=DIR``: the split, encoders, catalogue and samples of ``DIR``
+    (:func:`towers.data.prepared_dir.load_prepared`; ``fit_on`` must be what it was
+    prepared on, or ``"fit"``), with the user table of ``cfg.data`` (of ``raw`` when
+    given); the interactions are not read."""
+    directory = prepared_directory(cfg)
+    if directory is not None:
+        check_prepared(cfg, directory, fit_on)
+        with timed(timings, "load"):
+            if isinstance(raw, Future):
+                raw = raw.result()
+            users = raw.users if raw is not None else prepared_users(cfg)
+            data = load_prepared(directory, users, str(cfg.data.kind))
+        log.info("split %s", data.info)
+        return data
     with timed(timings, "load"):
         if isinstance(raw, Future):
             raw = raw.result()
@@ -391,6 +500,9 @@ def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> Trai
     upload_to = cfg.paths.get("upload_to")
     if upload_to:
         check_upload_target(str(upload_to), out)  # fails before any work, not after it
+    directory = prepared_directory(cfg)
+    if directory is not None:
+        check_prepared(cfg, directory, warn=False)  # an unusable directory fails at once
     out.mkdir(parents=True, exist_ok=True)
     log.info("config:\n%s", resolved_yaml(cfg))
     timings: dict[str, float] = {}

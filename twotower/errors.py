@@ -41,6 +41,11 @@ class EmptyTableError(DataValidationError):
     """A table has no rows."""
 
 
+class PreparedDataError(TwoTowerError, ValueError):
+    """A prepared directory (``twotower spark prepare``'s output) is missing, incomplete,
+    of another format, or cannot serve the run's settings."""
+
+
 class BundleError(TwoTowerError):
     """A bundle is missing, corrupt, or does not match this runtime."""
 

@@ -206,6 +206,13 @@ class TrainingSamples:
     item_log_p: np.ndarray
 
 
+def item_log_p(item_rows: np.ndarray, n_items: int) -> np.ndarray:
+    """Each catalogue row's log share of the training samples (``item_rows``: their
+    positives; an item never trained on counts once): the sampled-softmax correction."""
+    counts = np.bincount(item_rows, minlength=n_items).astype(np.float64)
+    return np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32)
+
+
 def build_training_samples(
     raw: RawData, fit: pd.DataFrame, catalogue: pd.DataFrame, encoders: FeatureEncoders
 ) -> TrainingSamples:
@@ -221,8 +228,6 @@ def build_training_samples(
     # memory at scale); each batch cuts its own from ``histories`` (a HistorySource)
     user_inputs = {name: values[user_codes] for name, values in per_user.items()}
     item_rows = catalogue_rows(catalogue, fit[ITEM_ID])
-    counts = np.bincount(item_rows, minlength=len(catalogue)).astype(np.float64)
-    log_p = np.log(np.maximum(counts, 1.0) / counts.sum())
     weights = (
         fit[WEIGHT].to_numpy(np.float32) if WEIGHT in fit.columns else np.ones(len(fit), np.float32)
     )
@@ -231,7 +236,7 @@ def build_training_samples(
         item_rows,
         weights,
         HistorySource(item_codes, starts, ends, length),
-        log_p.astype(np.float32),
+        item_log_p(item_rows, len(catalogue)),
     )
 
 

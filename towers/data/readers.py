@@ -122,9 +122,13 @@ def load_tables(
         raw_items = rename_columns(raw_items, columns, items_source)
         item_table = validate_entities(raw_items, ITEM_ID, items_source, "item")
         events = check_known_items(events, item_table, unknown_items, events_source)
-    user_table = None
-    if users is not None:
-        raw_users, users_source = read_table(users)
-        raw_users = rename_columns(raw_users, columns, users_source)
-        user_table = validate_entities(raw_users, USER_ID, users_source, "user")
+    user_table = None if users is None else load_user_table(users, columns)
     return RawData(events, item_table, user_table, item_features, user_features, name)
+
+
+def load_user_table(users: TableSource, columns: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Read and validate the user table alone, as :func:`load_tables` does (``columns``:
+    the same renaming)."""
+    raw_users, users_source = read_table(users)
+    raw_users = rename_columns(raw_users, dict(columns or {}), users_source)
+    return validate_entities(raw_users, USER_ID, users_source, "user")

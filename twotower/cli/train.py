@@ -31,8 +31,13 @@ def task(cfg: Any) -> float:
 
     from towers.data.sources import load_data_in_background
 
-    # the data loads (or is generated) while torch and Lightning are imported
-    tables = load_data_in_background(OmegaConf.to_container(cfg.data, resolve=True))
+    # the data loads (or is generated) while torch and Lightning are imported; from a
+    # prepared directory (data.prepared) the pipeline reads what it needs itself
+    tables = (
+        None
+        if cfg.data.get("prepared")
+        else load_data_in_background(OmegaConf.to_container(cfg.data, resolve=True))
+    )
     from retrieval import Retriever
     from towers.pipeline import train
 

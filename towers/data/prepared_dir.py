@@ -1,0 +1,195 @@
+"""Training data from a prepared directory (``twotower spark prepare``'s output).
+
+``data.prepared=DIR`` makes ``twotower train`` take the split, the encoders, the
+catalogue and the training samples from ``DIR`` instead of computing them: the same
+:class:`~towers.data.prepare.PreparedData` that :func:`towers.data.prepare.prepare_data`
+builds from the same tables and settings. The interactions are not read; the user table
+(for the attributes of the evaluation users) is the caller's. Everything is loaded in
+memory, as on the single-machine path (no streaming from the shards).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from towers.data.prepare import (
+    PreparedData,
+    TrainingSamples,
+    assemble_prepared,
+    build_eval_sets,
+    item_log_p,
+)
+from towers.data.schema import ITEM_ID, USER_ID, RawData, normalise_ids, validate_entities
+from towers.data.split import Split
+from twotower.errors import PreparedDataError
+from twotower.spark import shards
+from twotower.storage import download_tree, exists, filesystem, is_url, local_staging, remove
+
+log = logging.getLogger(__name__)
+
+SETTING = "data.prepared"
+TRAINED_ON = ("fit", "train")
+PARTS = (shards.ENCODERS, shards.SAMPLES, shards.CATALOGUE, shards.SPLIT)
+
+
+def _where(directory: str | Path) -> str:
+    return f"{SETTING}={directory}"
+
+
+def _read_text(location: str) -> str:
+    if is_url(location):
+        fs, path = filesystem(location)
+        with fs.open(path, "r", encoding="utf-8") as handle:
+            return handle.read()
+    return Path(location).read_text(encoding="utf-8")
+
+
+def read_prepared_manifest(directory: str | Path) -> dict[str, Any]:
+    """The checked ``prepared.json`` of ``directory`` (a path or a URL): a
+    :class:`PreparedDataError` naming the directory and the setting when it is not a
+    complete prepared directory of this format."""
+    root = str(directory).rstrip("/") or str(directory)
+    manifest_path = f"{root}/{shards.MANIFEST}"
+    if not exists(root):
+        raise PreparedDataError(f"{_where(directory)}: no such directory")
+    try:
+        manifest = json.loads(_read_text(manifest_path))
+    except FileNotFoundError as exc:
+        raise PreparedDataError(
+            f"{_where(directory)}: not a prepared directory (no {shards.MANIFEST}; "
+            "write one with `twotower spark prepare --output DIR`, which writes it last)"
+        ) from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PreparedDataError(
+            f"{_where(directory)}: cannot read {shards.MANIFEST}: {exc}"
+        ) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != shards.PREPARED_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise PreparedDataError(
+            f"{_where(directory)}: {shards.MANIFEST} has format {found!r}, this version "
+            f"reads format {shards.PREPARED_FORMAT}"
+        )
+    if manifest.get("trained_on") not in TRAINED_ON:
+        raise PreparedDataError(
+            f"{_where(directory)}: {shards.MANIFEST} has trained_on "
+            f"{manifest.get('trained_on')!r}, expected one of {list(TRAINED_ON)}"
+        )
+    missing = [part for part in PARTS if not exists(f"{root}/{part}")]
+    if missing:
+        raise PreparedDataError(f"{_where(directory)}: incomplete, missing {', '.join(missing)}")
+    return manifest
+
+
+def read_catalogue(directory: Path, item_table: bool = True, where: str = "") -> pd.DataFrame:
+    """The catalogue: the item table in catalogue order (``item_row``, then dropped),
+    validated as the single-machine reader validates an item table; without an item
+    table (``item_table=False``), the bare item ids as that reader builds them."""
+    table = pd.read_parquet(directory / shards.CATALOGUE)
+    table = table.sort_values(shards.ITEM_ROW, kind="mergesort")
+    if not np.array_equal(table[shards.ITEM_ROW].to_numpy(), np.arange(len(table))):
+        raise PreparedDataError(f"{where}: {shards.CATALOGUE}/ item_row is not 0..n-1")
+    table = table.drop(columns=[shards.ITEM_ROW])
+    table = validate_entities(table, ITEM_ID, f"{where}/{shards.CATALOGUE}", "item")
+    if not item_table:  # as towers.data.readers.load_tables builds it, dtypes included
+        return pd.DataFrame({ITEM_ID: table[ITEM_ID].to_numpy()})
+    return table
+
+
+def read_split(
+    directory: Path, cold_items: list[str], where: str = ""
+) -> tuple[Split, pd.DataFrame]:
+    """The :class:`Split` of ``split/`` as :func:`towers.data.split.make_split` returns it
+    (each part in the events' order: user, time, item order, file order; train is fit
+    plus validation in that order), and every prepared event."""
+    table = pd.read_parquet(directory / shards.SPLIT)
+    table = table.sort_values(shards.EVENT, kind="mergesort").reset_index(drop=True)
+    if not np.array_equal(table[shards.EVENT].to_numpy(), np.arange(len(table))):
+        raise PreparedDataError(f"{where}: {shards.SPLIT}/ event is not 0..n-1")
+    part = table[shards.PART].to_numpy()
+    unknown = set(pd.unique(part)) - {"fit", "validation", "test"}
+    if unknown:
+        raise PreparedDataError(f"{where}: {shards.SPLIT}/ has unknown parts {sorted(unknown)}")
+    events = table.drop(columns=[shards.EVENT, shards.PART])
+    for column in (USER_ID, ITEM_ID):  # ids as the single-machine tables hold them
+        events[column] = normalise_ids(events[column], f"{where}/{shards.SPLIT}", column)
+
+    def rows(keep: np.ndarray) -> pd.DataFrame:
+        return events.loc[keep].reset_index(drop=True)
+
+    split = Split(
+        train=rows(part != "test"),
+        fit=rows(part == "fit"),
+        validation=rows(part == "validation"),
+        test=rows(part == "test"),
+        cold_items=np.asarray(cold_items, dtype=object),
+    )
+    return split, events
+
+
+def load_prepared(
+    directory: str | Path, users: pd.DataFrame | None, name: str = "prepared"
+) -> PreparedData:
+    """The :class:`PreparedData` of a prepared directory (a path, or a URL copied to a
+    local temporary directory first), trained on what the directory was prepared on
+    (``trained_on``: the fit part, or all of train), with ``users`` (the validated user
+    table, or None) for the evaluation users' attributes; ``name`` names the data in
+    ``info``."""
+    manifest = read_prepared_manifest(directory)
+    if not is_url(str(directory)):
+        return _load(Path(directory), manifest, users, name, str(directory))
+    staging = local_staging("twotower-prepared-")
+    try:
+        download_tree(str(directory), staging)
+        return _load(staging, manifest, users, name, str(directory))
+    finally:
+        remove(staging)
+
+
+def _load(
+    root: Path, manifest: dict[str, Any], users: pd.DataFrame | None, name: str, directory: str
+) -> PreparedData:
+    where = _where(directory)
+    fit_on = str(manifest["trained_on"])
+    counts = manifest.get("counts", {})
+    encoders = shards.read_encoders(root)
+    item_table = (manifest.get("settings") or {}).get("items") is not None
+    catalogue = read_catalogue(root, item_table, where)
+    split, events = read_split(root, list(manifest.get("cold_items", [])), where)
+    read = shards.read_samples(root, encoders)
+    expected = {
+        "items": len(catalogue),
+        "samples": len(read),
+        **{k: v for k, v in split.stats().items() if k in counts},
+    }
+    wrong = {k: (counts[k], v) for k, v in expected.items() if k in counts and counts[k] != v}
+    if wrong:
+        found = ", ".join(f"{k} {v} (prepared.json: {c})" for k, (c, v) in wrong.items())
+        raise PreparedDataError(f"{where}: the files do not match {shards.MANIFEST}: {found}")
+    if len(read) and (read.item_rows.min() < 0 or read.item_rows.max() >= len(catalogue)):
+        raise PreparedDataError(f"{where}: {shards.SAMPLES}/ names item rows outside the catalogue")
+    samples = TrainingSamples(
+        user_inputs=read.user_inputs,
+        item_rows=read.item_rows,
+        weights=read.weights,
+        histories=read.histories,
+        item_log_p=item_log_p(read.item_rows, len(catalogue)),
+    )
+    raw = RawData(events, catalogue, users, name=name)
+    fit = split.fit if fit_on == "fit" else split.train
+    eval_sets = build_eval_sets(raw, split, fit, catalogue, encoders)
+    data = assemble_prepared(raw, split, catalogue, encoders, samples, eval_sets, fit_on)
+    data.info["prepared"] = directory
+    log.info(
+        "prepared directory %s: %d samples (trained on %s), %d items",
+        data.info["prepared"],
+        data.n_samples,
+        fit_on,
+        data.n_items,
+    )
+    return data
