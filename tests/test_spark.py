@@ -479,6 +479,18 @@ def test_training_from_a_prepared_directory_equals_training_from_the_tables(
             train(cfg)
         assert f"data.prepared={prepared}" in str(failure.value)
 
+    # the directory's encoders know user attributes: a run without the user table (or
+    # with one lacking their columns) is refused rather than scoring unknown users
+    from towers.data.prepared_dir import load_prepared
+
+    with pytest.raises(PreparedDataError, match=r"set data\.users"):
+        load_prepared(prepared, None)
+    users = from_tables.data.users
+    assert users is not None
+    attributes = [c for c in users.columns if c != "user_id"]
+    with pytest.raises(PreparedDataError, match="has no column"):
+        load_prepared(prepared, users.drop(columns=attributes[:1]))
+
 
 def test_training_from_a_directory_that_is_not_prepared_names_it(tmp_path: Path) -> None:
     from towers.pipeline import train

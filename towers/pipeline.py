@@ -154,6 +154,9 @@ def check_prepared(
             "seen data",
             where,
         )
+    ignored = [f"data.{key}" for key in ("interactions", "items") if cfg.data.get(key)]
+    if ignored:
+        log.warning("%s: %s not read (the directory holds the data)", where, ", ".join(ignored))
     differing = differing_settings(cfg, manifest.get("settings") or {})
     if differing:
         log.warning(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from towers.data.prepare import (
     PreparedData,
@@ -27,7 +28,7 @@ from towers.data.prepare import (
 )
 from towers.data.schema import ITEM_ID, USER_ID, RawData, normalise_ids, validate_entities
 from towers.data.split import Split
-from twotower.errors import PreparedDataError
+from twotower.errors import PreparedDataError, TwoTowerError
 from twotower.spark import shards
 from twotower.storage import download_tree, exists, filesystem, is_url, local_staging, remove
 
@@ -151,17 +152,43 @@ def load_prepared(
         remove(staging)
 
 
+def check_user_table(encoders: Any, users: pd.DataFrame | None, where: str) -> None:
+    """Refuse a run whose user table lacks attribute columns the directory's encoders were
+    fitted on: its evaluation users (and the bundle) would silently get unknown values."""
+    user = encoders.users
+    needed = [*user.categorical, *user.multi_hot, *user.numeric, *user.text]
+    if not needed:
+        return
+    if users is None:
+        raise PreparedDataError(
+            f"{where}: prepared with user attributes {needed}: set data.users to the user "
+            "table it was prepared with"
+        )
+    missing = [column for column in needed if column not in users.columns]
+    if missing:
+        raise PreparedDataError(
+            f"{where}: the user table (data.users) has no column {missing}, which the "
+            "directory's encoders were fitted on (check data.columns)"
+        )
+
+
 def _load(
     root: Path, manifest: dict[str, Any], users: pd.DataFrame | None, name: str, directory: str
 ) -> PreparedData:
     where = _where(directory)
     fit_on = str(manifest["trained_on"])
     counts = manifest.get("counts", {})
-    encoders = shards.read_encoders(root)
-    item_table = (manifest.get("settings") or {}).get("items") is not None
-    catalogue = read_catalogue(root, item_table, where)
-    split, events = read_split(root, list(manifest.get("cold_items", [])), where)
-    read = shards.read_samples(root, encoders)
+    try:
+        encoders = shards.read_encoders(root)
+        check_user_table(encoders, users, where)
+        item_table = (manifest.get("settings") or {}).get("items") is not None
+        catalogue = read_catalogue(root, item_table, where)
+        split, events = read_split(root, list(manifest.get("cold_items", [])), where)
+        read = shards.read_samples(root, encoders)
+    except PreparedDataError:
+        raise
+    except (OSError, KeyError, ValueError, pa.ArrowException, TwoTowerError) as exc:
+        raise PreparedDataError(f"{where}: cannot read the directory ({exc})") from exc
     expected = {
         "items": len(catalogue),
         "samples": len(read),
