@@ -340,6 +340,14 @@ def build_trainer(
     return trainer, checkpoint, loggers
 
 
+def refit_data_for(cfg: DictConfig, data: PreparedData) -> PreparedData:
+    """The data a refit trains on (all of train): ``data`` itself when it already is
+    (a prepared directory made ``--fit-on train``), else prepared again that way."""
+    if data.info.get("trained_on") == "train":
+        return data
+    return prepare(cfg, fit_on="train")
+
+
 def refit_on_train(
     cfg: DictConfig, best: Path, output_dir: Path, data: PreparedData | None = None
 ) -> tuple[TwoTowerModule, PreparedData, dict[str, float]]:
@@ -475,7 +483,7 @@ def train_ensemble(
     module = assemble(cfg, data, [s.module for s in chosen])
     metrics = evaluate_all(module, data, list(cfg.eval.ks))
     if cfg.train.get("refit") and all(s.best is not None for s in chosen):
-        refit_data = prepare(cfg, fit_on="train")
+        refit_data = refit_data_for(cfg, data)
         refits = [
             refit_on_train(member_cfg, s.best, Path(member_cfg.paths.output_dir), refit_data)  # type: ignore[arg-type]
             for member_cfg, s in zip(configs, chosen, strict=True)
@@ -527,7 +535,9 @@ def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> Trai
             metrics = evaluate_all(module, data, list(cfg.eval.ks))
         if cfg.train.get("refit") and best is not None:
             with timed(timings, "refit"):
-                module, data, test_metrics = refit_on_train(cfg, best, out)
+                module, data, test_metrics = refit_on_train(
+                    cfg, best, out, refit_data_for(cfg, data)
+                )
             metrics.update(test_metrics)
     config = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(config, dict)
