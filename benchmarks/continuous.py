@@ -33,7 +33,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from towers.data.prepare import PreparedData, build_eval_set, prepare_data
+from towers.data.eval_sets import build_eval_set
+from towers.data.prepare import PreparedData, prepare_data
 from towers.data.schema import TIMESTAMP, USER_ID, RawData
 from towers.data.sources import load_data
 from towers.data.split import Split, prepare_interactions, recent_window, temporal_holdout

@@ -33,7 +33,9 @@ from benchmarks.baselines import (
     grid,
 )
 from retrieval import Retriever
-from towers.data.prepare import EvalSet, PreparedData, catalogue_rows
+from towers.data.eval_sets import EvalSet, catalogue_rows
+from towers.data.ids import distinct_in_order, positions_in
+from towers.data.prepare import PreparedData
 from towers.data.schema import ITEM_ID, USER_ID
 from towers.evaluation.metrics import ranking_metrics
 from towers.evaluation.ranking import top_k_excluding
@@ -74,7 +76,7 @@ def interaction_matrix(
     (``events`` sorted by user, then time)."""
     if last is not None:
         events = events.groupby(USER_ID, sort=False).tail(last)
-    rows = users.get_indexer(events[USER_ID])
+    rows = positions_in(users, events[USER_ID])
     cols = catalogue_rows(catalogue, events[ITEM_ID])
     data = np.ones(len(rows), dtype=np.float32)
     return sp.csr_matrix((data, (rows, cols)), shape=(len(users), len(catalogue)))
@@ -82,7 +84,9 @@ def interaction_matrix(
 
 def build_matrices(data: PreparedData) -> Matrices:
     split = data.split
-    users = pd.Index(pd.unique(pd.concat([split.train[USER_ID], split.test[USER_ID]])))
+    users = pd.Index(
+        distinct_in_order(pd.concat([split.train[USER_ID], split.test[USER_ID]])), dtype=object
+    )
     return Matrices(
         users,
         interaction_matrix(split.fit, users, data.catalogue),

@@ -9,7 +9,8 @@ stages of ``twotower train`` one by one on data written by
 - ``split``: ``prepare_interactions`` + the EVALUATION.md split;
 - ``encoders``: fit the feature encoders on the fit events;
 - ``samples``: the training samples (user inputs, items, histories);
-- ``eval_sets``: the validation and test sets;
+- ``eval_sets``: the validation and test sources (per-user row ranges; a piece of users
+  is built when it is evaluated);
 - ``train``: ``train_steps`` optimiser steps through Lightning (an epoch is extrapolated);
 - ``evaluate``: full-ranking test metrics for up to ``eval_users`` users (extrapolated);
 - ``export``: the bundle with ``index=auto`` (ONNX towers, FAISS index, recall check).
@@ -107,25 +108,6 @@ class PeakRss:
         self._stop.set()
 
 
-def subset_eval_set(eval_set: Any, n_users: int) -> Any:
-    """The first ``n_users`` users of an :class:`EvalSet` (all of it when smaller)."""
-    import dataclasses
-
-    if eval_set.n_users <= n_users:
-        return eval_set
-    keep_exclude = eval_set.exclude_users < n_users
-    keep_target = eval_set.target_users < n_users
-    return dataclasses.replace(
-        eval_set,
-        user_ids=eval_set.user_ids[:n_users],
-        user_inputs={k: v[:n_users] for k, v in eval_set.user_inputs.items()},
-        exclude_users=eval_set.exclude_users[keep_exclude],
-        exclude_items=eval_set.exclude_items[keep_exclude],
-        target_users=eval_set.target_users[keep_target],
-        target_items=eval_set.target_items[keep_target],
-    )
-
-
 def model_config(batch_size: int, seed: int) -> Any:
     """The default main job's config (its model and features), batch size set."""
     from hydra import compose, initialize_config_dir
@@ -143,7 +125,7 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
 
     from towers.data.prepare import (
         assemble_prepared,
-        build_eval_sets,
+        build_eval_sources,
         build_training_samples,
         fit_encoders,
     )
@@ -156,7 +138,7 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
         ShardedSyntheticSettings,
         write_synthetic_shards,
     )
-    from towers.evaluation.ranking import evaluate_vectors
+    from towers.evaluation.ranking import evaluate_stream, vector_scorer
     from towers.export.bundle import ExportSettings, export_bundle
     from towers.model.module import embed
     from towers.pipeline import build_datamodule, build_module, feature_settings, split_settings
@@ -221,10 +203,8 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
 
     record = stage("eval_sets")
     with sampler.stage(record):
-        validation, test = build_eval_sets(raw, split, split.fit, catalogue, encoders)
-        data = assemble_prepared(
-            raw, split, catalogue, encoders, samples, (validation, test), "fit"
-        )
+        sources = build_eval_sources(raw, split, split.fit, catalogue, encoders)
+        data = assemble_prepared(raw, split, catalogue, encoders, samples, sources, "fit")
     done(record)
 
     record = stage("train")
@@ -256,18 +236,20 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
     record = stage("evaluate")
     with sampler.stage(record):
         module = module.cpu().eval()
-        eval_set = subset_eval_set(data.test, s.eval_users)
         item_vectors = embed(module.model.item_tower, data.catalogue_inputs)
-        user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
-        metrics = evaluate_vectors(user_vectors, item_vectors, eval_set, [20], "test/")
+        user_tower = module.model.user_tower
+        scorer = vector_scorer(lambda inputs: embed(user_tower, inputs), item_vectors)
+        source = data.test_source
+        metrics = evaluate_stream(
+            source, scorer, len(item_vectors), [20], "test/", max_users=s.eval_users
+        )
+        scored = min(s.eval_users, source.n_users)
     record.update(
-        users=eval_set.n_users,
-        all_users=data.test.n_users,
+        users=scored,
+        all_users=source.n_users,
         recall_at_20=round(metrics["test/recall@20"], 4),
         ndcg_at_20=round(metrics["test/ndcg@20"], 4),
-        all_users_seconds_extrapolated=round(
-            record["seconds"] * data.test.n_users / max(eval_set.n_users, 1)
-        ),
+        all_users_seconds_extrapolated=round(record["seconds"] * source.n_users / max(scored, 1)),
     )
     done(record)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from towers.data.datamodule import EpochBatchSampler, InteractionBatches
 from towers.data.prepare import FeatureSettings, prepare_data
@@ -78,3 +79,30 @@ def test_target_horizon_rebuilds_histories_per_epoch(cold_prepared) -> None:
     assert ((far_history != 0).sum(axis=1) <= (near_history != 0).sum(axis=1)).all()
     with pytest.raises(ValueError, match="target_horizon"):
         InteractionBatches.from_prepared(cold_prepared, target_horizon=0)
+
+
+def test_user_inputs_kept_per_user_give_the_batches_of_per_sample_inputs(
+    tiny_data: RawData,
+) -> None:
+    split = make_split(prepare_interactions(tiny_data.interactions))
+    data = prepare_data(tiny_data, split, FeatureSettings(history_length=5))
+    assert data.sample_user_rows is not None
+    assert len(data.sample_user_inputs["user_id"]) < data.n_samples  # one row per user
+    per_user = InteractionBatches.from_prepared(data, mixed_negatives=4, seed=2)
+    per_sample = InteractionBatches(
+        data.user_inputs_of_samples(),
+        data.sample_item_rows,
+        data.catalogue_inputs,
+        data.sample_weights,
+        4,
+        2,
+        data.sample_histories,
+    )
+    sampler = EpochBatchSampler(data.n_samples, 32, seed=2)
+    sampler.set_epoch(1)
+    for request in list(sampler)[:5]:
+        ours, theirs = per_user[request], per_sample[request]
+        for name, values in theirs["user"].items():
+            assert torch.equal(ours["user"][name], values), name
+        assert torch.equal(ours["item_rows"], theirs["item_rows"])
+        assert torch.equal(ours["negative_rows"], theirs["negative_rows"])

@@ -188,8 +188,9 @@ def test_prepare_equals_the_single_machine_path(spark, tmp_path: Path, name: str
     # the training samples, array by array
     assert len(list((out / shards.SAMPLES).glob("*.parquet"))) > 1
     samples = shards.read_samples(out)
-    assert samples.user_inputs.keys() == data.sample_user_inputs.keys()
-    for input_name, theirs in data.sample_user_inputs.items():
+    per_sample = data.user_inputs_of_samples()
+    assert samples.user_inputs.keys() == per_sample.keys()
+    for input_name, theirs in per_sample.items():
         ours = samples.user_inputs[input_name]
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, input_name
         if input_name == "user_num":
@@ -212,12 +213,12 @@ def test_prepare_equals_the_single_machine_path(spark, tmp_path: Path, name: str
     if name == "temporal":  # the variant really exercised ties, weights and every encoder
         assert (theirs_h.ends > theirs_h.starts).any()
         assert (np.diff(theirs_h.ends) == 0).any()
-        assert set(data.sample_user_inputs) == {"user_id", "user_cat", "user_num"}
+        assert set(data.user_inputs_of_samples()) == {"user_id", "user_cat", "user_num"}
         assert data.encoders.items.text["title"].known_words
         assert data.encoders.items.multi_hot["tags"].vocabulary.values
     else:
         assert len(data.split.cold_items) > 0
-        assert (data.sample_user_inputs["user_id"] == 1).any()  # out of vocabulary
+        assert (data.user_inputs_of_samples()["user_id"] == 1).any()  # out of vocabulary
         assert (data.sample_histories.item_codes == 1).any()
 
 

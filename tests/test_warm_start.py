@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from towers.data.prepare import PreparedData, encode_users
+from towers.data.eval_sets import encode_users
+from towers.data.prepare import PreparedData
 from towers.data.schema import ITEM_ID, TIMESTAMP, RawData
 from towers.data.split import recent_window
 from towers.model.module import TwoTowerModule, embed

@@ -35,7 +35,7 @@ from towers.data.schema import ITEM_ID, RawData
 from towers.data.sources import load_data
 from towers.data.split import make_split, prepare_interactions, recent_window
 from towers.evaluation.callback import RankingEvaluation, evaluate_module
-from towers.evaluation.ranking import evaluate_popularity, evaluate_vectors
+from towers.evaluation.ranking import evaluate_popularity, evaluate_stream, vector_scorer
 from towers.export.bundle import ExportSettings, export_bundle
 from towers.logs import quiet_lightning
 from towers.model.module import TwoTowerModule, embed
@@ -248,13 +248,15 @@ def prepare(
 
 
 def evaluate_all(module: TwoTowerModule, data: PreparedData, ks: list[int]) -> dict[str, float]:
-    """Validation and test metrics of the model and of popularity."""
+    """Validation and test metrics of the model and of popularity (users streamed a
+    piece at a time: :func:`towers.evaluation.ranking.evaluate_stream`)."""
     metrics: dict[str, float] = {}
     item_vectors = embed(module.model.item_tower, data.catalogue_inputs)  # once for both sets
-    for stage, eval_set in (("val", data.validation), ("test", data.test)):
-        user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
-        metrics.update(evaluate_vectors(user_vectors, item_vectors, eval_set, ks, f"{stage}/"))
-        metrics.update(evaluate_popularity(eval_set, ks, f"{stage}_popularity/"))
+    user_tower = module.model.user_tower
+    scorer = vector_scorer(lambda inputs: embed(user_tower, inputs), item_vectors)
+    for stage, source in (("val", data.validation_source), ("test", data.test_source)):
+        metrics.update(evaluate_stream(source, scorer, len(item_vectors), ks, f"{stage}/"))
+        metrics.update(evaluate_popularity(source, ks, f"{stage}_popularity/"))
     return metrics
 
 
@@ -320,7 +322,7 @@ def build_trainer(
     )
     callbacks: list[pl.Callback] = [
         RankingEvaluation(
-            data.catalogue_inputs, data.validation, ks, cfg.train.eval_every_n_epochs
+            data.catalogue_inputs, data.validation_source, ks, cfg.train.eval_every_n_epochs
         ),
         checkpoint,
         EarlyStopping(
@@ -395,8 +397,8 @@ def train_for_epochs(
 
 def score_test(module: TwoTowerModule, data: PreparedData, ks: list[int]) -> dict[str, float]:
     """Test metrics of the model and of popularity."""
-    test = evaluate_module(module, data.catalogue_inputs, data.test, ks, "test/")
-    test.update(evaluate_popularity(data.test, ks, "test_popularity/"))
+    test = evaluate_module(module, data.catalogue_inputs, data.test_source, ks, "test/")
+    test.update(evaluate_popularity(data.test_source, ks, "test_popularity/"))
     return test
 
 

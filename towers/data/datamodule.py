@@ -91,6 +91,8 @@ class InteractionBatches(Dataset[Batch]):
     are never all in memory at once); with ``target_horizon > 1`` each is cut a random
     0..horizon-1 events earlier (seeded by epoch and batch): the target is then any of
     the user's next ``target_horizon`` events. Without one, ``user_inputs`` hold them.
+    With ``user_rows``, ``user_inputs`` hold one row per user and sample ``i`` takes row
+    ``user_rows[i]``; without, they hold one row per sample.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class InteractionBatches(Dataset[Batch]):
         seed: int = 0,
         history_source: HistorySource | None = None,
         target_horizon: int = 1,
+        user_rows: np.ndarray | None = None,
     ) -> None:
         if target_horizon < 1:
             raise ValueError(f"target_horizon must be >= 1, got {target_horizon}")
@@ -111,6 +114,7 @@ class InteractionBatches(Dataset[Batch]):
         self.history_source = history_source
         self.target_horizon = target_horizon
         self.user_inputs = to_tensors(user_inputs)
+        self.user_rows = None if user_rows is None else torch.from_numpy(np.asarray(user_rows))
         self.item_rows = torch.from_numpy(np.asarray(item_rows, dtype=np.int64))
         if weights is None:
             weights = np.ones(len(item_rows), dtype=np.float32)
@@ -133,6 +137,7 @@ class InteractionBatches(Dataset[Batch]):
             seed,
             data.sample_histories,
             target_horizon,
+            data.sample_user_rows,
         )
 
     def __len__(self) -> int:
@@ -144,8 +149,9 @@ class InteractionBatches(Dataset[Batch]):
     def __getitem__(self, request: BatchRequest) -> Batch:  # type: ignore[override]
         index = torch.from_numpy(np.asarray(request.positions, dtype=np.int64))
         item_rows = self.item_rows[index]
+        users = index if self.user_rows is None else self.user_rows[index].long()
         batch: Batch = {
-            "user": {name: values[index] for name, values in self.user_inputs.items()},
+            "user": {name: values[users] for name, values in self.user_inputs.items()},
             "item": self.item_inputs(item_rows),
             "item_rows": item_rows,
             "weights": self.weights[index],

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
 
-from towers.data.samples import HistorySource, history_bounds, latest_histories
+from towers.data.eval_sets import (
+    EvalSet,
+    EvalSource,
+    catalogue_rows,
+    user_attribute_rows,
+)
+from towers.data.ids import id_codes
+from towers.data.samples import HistorySource, history_bounds
 from towers.data.schema import ITEM_ID, USER_ID, WEIGHT, RawData, infer_feature_columns
 from towers.data.split import Split
 from twotower.encoding import EntityEncoder, FeatureColumns, FeatureEncoders
-from twotower.errors import UnknownIdError
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +48,9 @@ class FeatureSettings:
 
 
 @dataclass
-class EvalSet:
-    """Users to score, their tower inputs, what to exclude and what to find (catalogue rows).
-
-    ``unavailable_items``: catalogue rows that are no one's candidate in this evaluation
-    (in the cold-item split, validation does not rank the test's held-out items: they
-    belong to the test's future, as the validation items belong to validation's)."""
-
-    user_ids: np.ndarray
-    user_inputs: dict[str, np.ndarray]
-    exclude_users: np.ndarray
-    exclude_items: np.ndarray
-    target_users: np.ndarray
-    target_items: np.ndarray
-    popularity: np.ndarray
-    unavailable_items: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-
-    @property
-    def n_users(self) -> int:
-        return len(self.user_ids)
-
-
-@dataclass
 class PreparedData:
-    """Encoders, catalogue inputs, training samples and evaluation sets of one experiment."""
+    """Encoders, catalogue inputs, training samples and evaluation sets of one experiment
+    (each set as the :class:`EvalSource` that builds any range of its users)."""
 
     catalogue: pd.DataFrame
     users: pd.DataFrame | None
@@ -76,9 +62,31 @@ class PreparedData:
     sample_weights: np.ndarray
     sample_histories: HistorySource
     item_log_p: np.ndarray
-    validation: EvalSet
-    test: EvalSet
+    validation_source: EvalSource
+    test_source: EvalSource
+    sample_user_rows: np.ndarray | None = None
     info: dict[str, object] = field(default_factory=dict)
+
+    def user_inputs_of_samples(self, positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The user inputs (all but the history) of the samples at ``positions`` (all by
+        default), one row per sample, whether stored per sample or per user."""
+        rows = self.sample_user_rows
+        if positions is not None:
+            rows = positions if rows is None else rows[positions]
+        if rows is None:
+            return dict(self.sample_user_inputs)
+        return {name: values[rows] for name, values in self.sample_user_inputs.items()}
+
+    @cached_property
+    def validation(self) -> EvalSet:
+        """The whole validation set (built on first use; evaluation streams
+        ``validation_source`` instead)."""
+        return self.validation_source.materialise()
+
+    @cached_property
+    def test(self) -> EvalSet:
+        """The whole test set (built on first use; evaluation streams ``test_source``)."""
+        return self.test_source.materialise()
 
     @property
     def n_items(self) -> int:
@@ -87,15 +95,6 @@ class PreparedData:
     @property
     def n_samples(self) -> int:
         return len(self.sample_item_rows)
-
-
-def catalogue_rows(catalogue: pd.DataFrame, item_ids: pd.Series | np.ndarray) -> np.ndarray:
-    """Row of each item id in the catalogue; an id missing from it is an error."""
-    rows = pd.Index(catalogue[ITEM_ID]).get_indexer(np.asarray(item_ids, dtype=object))
-    if (rows < 0).any():
-        missing = np.asarray(item_ids, dtype=object)[rows < 0]
-        raise UnknownIdError(f"item_id {missing[:5].tolist()} not in the item table")
-    return rows.astype(np.int64)
 
 
 def fit_encoders(
@@ -137,73 +136,21 @@ def fit_encoders(
     return FeatureEncoders(items, users, settings.history_length)
 
 
-def user_attribute_rows(users: pd.DataFrame | None, user_ids: np.ndarray) -> pd.DataFrame | None:
-    """Rows of the user table aligned with ``user_ids`` (all-missing for unknown users)."""
-    if users is None:
-        return None
-    return (
-        users.set_index(USER_ID)
-        .reindex(pd.Index(user_ids, dtype=object, name=USER_ID))
-        .reset_index()
-    )
-
-
-def encode_users(
-    encoders: FeatureEncoders,
-    users: pd.DataFrame | None,
-    user_ids: np.ndarray,
-    histories: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """User-tower inputs for ``user_ids`` with their encoded ``histories``."""
-    return encoders.user_inputs(list(user_ids), histories, user_attribute_rows(users, user_ids))
-
-
-def build_eval_set(
-    known: pd.DataFrame,
-    held_out: pd.DataFrame,
-    catalogue: pd.DataFrame,
-    users: pd.DataFrame | None,
-    encoders: FeatureEncoders,
-    unavailable_items: np.ndarray | None = None,
-) -> EvalSet:
-    """Score the users of ``held_out`` from their ``known`` events (history and exclusions);
-    ``unavailable_items`` (item ids) are ranked for no one."""
-    user_ids = np.asarray(pd.unique(held_out[USER_ID]), dtype=object)
-    position = pd.Index(user_ids)
-    item_codes = encoders.items.ids.encode(known[ITEM_ID])
-    known_users, known_histories = latest_histories(known, item_codes, encoders.history_length)
-    histories = np.zeros((len(user_ids), encoders.history_length), dtype=np.int64)
-    found = position.get_indexer(known_users)
-    histories[found[found >= 0]] = known_histories[found >= 0]
-    seen = known.loc[known[USER_ID].isin(position)]
-    exclude_users = position.get_indexer(seen[USER_ID]).astype(np.int64)
-    exclude_items = catalogue_rows(catalogue, seen[ITEM_ID])
-    order = np.argsort(exclude_users, kind="stable")
-    popularity = np.bincount(catalogue_rows(catalogue, known[ITEM_ID]), minlength=len(catalogue))
-    return EvalSet(
-        user_ids=user_ids,
-        user_inputs=encode_users(encoders, users, user_ids, histories),
-        exclude_users=exclude_users[order],
-        exclude_items=exclude_items[order],
-        target_users=position.get_indexer(held_out[USER_ID]).astype(np.int64),
-        target_items=catalogue_rows(catalogue, held_out[ITEM_ID]),
-        popularity=popularity.astype(np.float64),
-        unavailable_items=catalogue_rows(
-            catalogue, np.asarray([] if unavailable_items is None else unavailable_items)
-        ),
-    )
-
-
 @dataclass
 class TrainingSamples:
     """One sample per fit event: its user's tower inputs (all but the history), its item,
-    weight, and what rebuilds its history (``histories.windows``)."""
+    weight, and what rebuilds its history (``histories.windows``).
+
+    With ``user_rows``, ``user_inputs`` hold one row per user and ``user_rows[i]`` is
+    sample ``i``'s row (a few bytes per sample instead of every input); without, they
+    hold one row per sample."""
 
     user_inputs: dict[str, np.ndarray]
     item_rows: np.ndarray
     weights: np.ndarray
     histories: HistorySource
     item_log_p: np.ndarray
+    user_rows: np.ndarray | None = None
 
 
 def item_log_p(item_rows: np.ndarray, n_items: int) -> np.ndarray:
@@ -213,31 +160,58 @@ def item_log_p(item_rows: np.ndarray, n_items: int) -> np.ndarray:
     return np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32)
 
 
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """Non-negative integer ``values`` as int32 when they fit (half the memory)."""
+    if len(values) and values.max() >= np.iinfo(np.int32).max:
+        return values
+    return values.astype(np.int32)
+
+
 def build_training_samples(
     raw: RawData, fit: pd.DataFrame, catalogue: pd.DataFrame, encoders: FeatureEncoders
 ) -> TrainingSamples:
     """Leakage-free samples of the ``fit`` events (sorted by user, then time)."""
     length = encoders.history_length
-    item_codes = encoders.items.ids.encode(fit[ITEM_ID])
-    starts, ends = history_bounds(fit)
-    sample_users, user_codes = np.unique(fit[USER_ID].to_numpy(dtype=object), return_inverse=True)
+    # int32 where it fits: these are a few integers per sample, the bulk of the memory
+    item_codes = _narrow(encoders.items.ids.encode(fit[ITEM_ID]))
+    starts, ends = (_narrow(bounds) for bounds in history_bounds(fit))
+    codes, ids = id_codes(fit[USER_ID])
+    present, user_codes = np.unique(codes, return_inverse=True)
+    sample_users = ids[present]  # sorted, as the ids sort
     per_user = encoders.users.transform(
         list(sample_users), user_attribute_rows(raw.users, sample_users)
     )
-    # the histories are not materialised here ((samples x length) int64: most of the
-    # memory at scale); each batch cuts its own from ``histories`` (a HistorySource)
-    user_inputs = {name: values[user_codes] for name, values in per_user.items()}
+    # neither the histories ((samples x length) int64: most of the memory at scale) nor
+    # the user inputs are materialised per sample: each batch cuts its own histories
+    # from ``histories`` (a HistorySource) and gathers its users' rows by ``user_rows``
     item_rows = catalogue_rows(catalogue, fit[ITEM_ID])
     weights = (
         fit[WEIGHT].to_numpy(np.float32) if WEIGHT in fit.columns else np.ones(len(fit), np.float32)
     )
     return TrainingSamples(
-        user_inputs,
+        per_user,
         item_rows,
         weights,
         HistorySource(item_codes, starts, ends, length),
         item_log_p(item_rows, len(catalogue)),
+        user_rows=_narrow(user_codes),
     )
+
+
+def build_eval_sources(
+    raw: RawData,
+    split: Split,
+    fit: pd.DataFrame,
+    catalogue: pd.DataFrame,
+    encoders: FeatureEncoders,
+) -> tuple[EvalSource, EvalSource]:
+    """The validation set (users of ``split.validation``, known from ``fit``) and the test
+    set (users of ``split.test``, known from all of train), as sources of user ranges."""
+    # the cold split's test items do not exist yet in validation's world: validation
+    # ranks train's items only, its own held-out items among them, as test ranks all
+    validation = EvalSource(fit, split.validation, catalogue, raw.users, encoders, split.cold_items)
+    test = EvalSource(split.train, split.test, catalogue, raw.users, encoders)
+    return validation, test
 
 
 def build_eval_sets(
@@ -247,15 +221,9 @@ def build_eval_sets(
     catalogue: pd.DataFrame,
     encoders: FeatureEncoders,
 ) -> tuple[EvalSet, EvalSet]:
-    """The validation set (users of ``split.validation``, known from ``fit``) and the test
-    set (users of ``split.test``, known from all of train)."""
-    # the cold split's test items do not exist yet in validation's world: validation
-    # ranks train's items only, its own held-out items among them, as test ranks all
-    validation = build_eval_set(
-        fit, split.validation, catalogue, raw.users, encoders, split.cold_items
-    )
-    test = build_eval_set(split.train, split.test, catalogue, raw.users, encoders)
-    return validation, test
+    """The whole validation and test sets of :func:`build_eval_sources`."""
+    validation, test = build_eval_sources(raw, split, fit, catalogue, encoders)
+    return validation.materialise(), test.materialise()
 
 
 def prepare_data(
@@ -272,8 +240,8 @@ def prepare_data(
     fit = split.fit if fit_on == "fit" else split.train
     encoders = fit_encoders(raw, fit, settings)
     samples = build_training_samples(raw, fit, catalogue, encoders)
-    validation, test = build_eval_sets(raw, split, fit, catalogue, encoders)
-    return assemble_prepared(raw, split, catalogue, encoders, samples, (validation, test), fit_on)
+    eval_sources = build_eval_sources(raw, split, fit, catalogue, encoders)
+    return assemble_prepared(raw, split, catalogue, encoders, samples, eval_sources, fit_on)
 
 
 def assemble_prepared(
@@ -282,12 +250,12 @@ def assemble_prepared(
     catalogue: pd.DataFrame,
     encoders: FeatureEncoders,
     samples: TrainingSamples,
-    eval_sets: tuple[EvalSet, EvalSet],
+    eval_sources: tuple[EvalSource, EvalSource],
     fit_on: str,
 ) -> PreparedData:
     """The :class:`PreparedData` of stages already run (encoders, samples, the
-    validation and test sets), for callers that time or run them one by one."""
-    validation, test = eval_sets
+    validation and test sources), for callers that time or run them one by one."""
+    validation, test = eval_sources
     return PreparedData(
         catalogue=catalogue,
         users=raw.users,
@@ -298,8 +266,9 @@ def assemble_prepared(
         sample_item_rows=samples.item_rows,
         sample_weights=samples.weights,
         sample_histories=samples.histories,
+        sample_user_rows=samples.user_rows,
         item_log_p=samples.item_log_p,
-        validation=validation,
-        test=test,
+        validation_source=validation,
+        test_source=test,
         info={"dataset": raw.name, "trained_on": fit_on, **split.stats()},
     )

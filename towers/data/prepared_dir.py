@@ -23,7 +23,7 @@ from towers.data.prepare import (
     PreparedData,
     TrainingSamples,
     assemble_prepared,
-    build_eval_sets,
+    build_eval_sources,
     item_log_p,
 )
 from towers.data.schema import ITEM_ID, USER_ID, RawData, normalise_ids, validate_entities
@@ -209,8 +209,8 @@ def _load(
     )
     raw = RawData(events, catalogue, users, name=name)
     fit = split.fit if fit_on == "fit" else split.train
-    eval_sets = build_eval_sets(raw, split, fit, catalogue, encoders)
-    data = assemble_prepared(raw, split, catalogue, encoders, samples, eval_sets, fit_on)
+    eval_sources = build_eval_sources(raw, split, fit, catalogue, encoders)
+    data = assemble_prepared(raw, split, catalogue, encoders, samples, eval_sources, fit_on)
     data.info["prepared"] = directory
     log.info(
         "prepared directory %s: %d samples (trained on %s), %d items",

@@ -7,11 +7,13 @@ may be local or any fsspec URL (``s3://``, ``gs://``, ``file://``): see docs/sto
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from towers.data.ids import distinct_in_order
 from towers.data.schema import (
     ITEM_ID,
     USER_ID,
@@ -40,17 +42,40 @@ def _dataset_format(files: list[str], where: str) -> str:
     )
 
 
-def read_dataset(location: str) -> pd.DataFrame:
+def _as_dictionary(batch: Any, id_columns: Sequence[str]) -> Any:
+    """``batch`` with its id columns dictionary-encoded (integer codes plus the batch's
+    distinct values), so that no string array of every row is ever held."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arrays = [
+        pc.dictionary_encode(column)
+        if name in id_columns and not pa.types.is_dictionary(column.type)
+        else column
+        for name, column in zip(batch.schema.names, batch.columns, strict=True)
+    ]
+    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+
+
+def read_dataset(location: str, id_columns: Sequence[str] = ()) -> pd.DataFrame:
     """One table from a Parquet or CSV file or a directory of shards (hive partitions
-    become columns), local or at an fsspec URL, read with ``pyarrow.dataset``."""
+    become columns), local or at an fsspec URL, read with ``pyarrow.dataset`` batch by
+    batch. ``id_columns`` are dictionary-encoded batch by batch and come back as pandas
+    Categoricals: memory for a code per row, not a string per row."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
 
     filesystem, path = arrow_filesystem(location) if is_url(location) else (None, location)
     try:
         probe = ds.dataset(path, filesystem=filesystem, partitioning="hive")
-        files = [f for f in probe.files if not Path(f).name.startswith(("_", "."))]
+        info = (filesystem or pafs.LocalFileSystem()).get_file_info(path)
+        files = [  # a file named itself is read whatever its name; a folder's _ and . are not
+            f
+            for f in probe.files
+            if info.type == pafs.FileType.File or not Path(f).name.startswith(("_", "."))
+        ]
         if not files:
             raise DataValidationError(f"{location}: no data files in the dataset")
         fmt = _dataset_format(files, location)
@@ -58,26 +83,35 @@ def read_dataset(location: str) -> pd.DataFrame:
         if fmt == "csv":
             types = {column: pa.string() for column in ID_COLUMNS}
             file_format = ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(column_types=types))
-        table = ds.dataset(
-            files, filesystem=filesystem, format=file_format, partitioning="hive"
-        ).to_table()
+        dataset = ds.dataset(files, filesystem=filesystem, format=file_format, partitioning="hive")
+        if id_columns:
+            batches = [_as_dictionary(b, id_columns) for b in dataset.to_batches()]
+            if not batches:
+                return dataset.schema.empty_table().to_pandas()
+            table = pa.Table.from_batches(batches).unify_dictionaries()
+            del batches
+        else:
+            table = dataset.to_table()
     except FileNotFoundError as exc:
         raise MissingFileError(f"{location}: no such file or directory") from exc
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataValidationError(f"{location}: cannot be read as a dataset: {exc}") from exc
-    return table.to_pandas()
+    return table.to_pandas(self_destruct=True)
 
 
-def read_table(source: TableSource) -> tuple[pd.DataFrame, str]:
+def read_table(source: TableSource, id_columns: Sequence[str] = ()) -> tuple[pd.DataFrame, str]:
     """A DataFrame and a name for messages, from a DataFrame, a .csv/.tsv/.parquet file or
-    a directory of shards, local or at an fsspec URL."""
+    a directory of shards, local or at an fsspec URL. Parquet and shards are read batch
+    by batch with ``id_columns`` as integer codes (see :func:`read_dataset`)."""
     if isinstance(source, pd.DataFrame):
         return source, "DataFrame"
     if is_url(source):
-        return read_dataset(str(source)), str(source)
+        return read_dataset(str(source), id_columns), str(source)
     path = Path(source)
-    if path.is_dir():
-        return read_dataset(str(path)), str(path)
+    if path.is_dir() or (id_columns and path.suffix.lower() in (".parquet", ".pq")):
+        if not path.exists():
+            raise MissingFileError(f"{path}: no such file or directory")
+        return read_dataset(str(path), id_columns), str(path)
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
@@ -112,11 +146,12 @@ def load_tables(
     (``{"user_id": "customer_id", "timestamp": "ts"}``), applied to every table.
     """
     columns = dict(columns or {})
-    raw_events, events_source = read_table(interactions)
+    id_columns = [columns.get(USER_ID, USER_ID), columns.get(ITEM_ID, ITEM_ID)]
+    raw_events, events_source = read_table(interactions, id_columns)
     raw_events = rename_columns(raw_events, columns, events_source)
     events = validate_interactions(raw_events, events_source)
     if items is None:
-        item_table = pd.DataFrame({ITEM_ID: pd.unique(events[ITEM_ID])})
+        item_table = pd.DataFrame({ITEM_ID: distinct_in_order(events[ITEM_ID])})
     else:
         raw_items, items_source = read_table(items)
         raw_items = rename_columns(raw_items, columns, items_source)

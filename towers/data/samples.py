@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from towers.data.ids import id_codes
 from towers.data.schema import TIMESTAMP, USER_ID
 from twotower.encoding import PAD_INDEX
 
@@ -37,12 +38,15 @@ def _group_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def history_bounds(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """For every row of ``events`` (sorted by user, then time): the position of the user's
     first event and of the first event at the row's timestamp (its history ends there)."""
-    users = pd.factorize(events[USER_ID])[0]
+    users = id_codes(events[USER_ID])[0]
     user_start, _ = _group_bounds(users)
     times = events[TIMESTAMP].to_numpy()
-    same_moment = np.empty(len(events), dtype=np.int64)
-    same_moment[:] = pd.factorize(pd.MultiIndex.from_arrays([users, times]))[0]
-    tie_start, _ = _group_bounds(same_moment)
+    # a user's events at one moment are contiguous: a new moment starts where the user
+    # or the time changes
+    moment = np.empty(len(events), dtype=np.int64)
+    moment[0:1] = 0
+    moment[1:] = np.cumsum((users[1:] != users[:-1]) | (times[1:] != times[:-1]))
+    tie_start, _ = _group_bounds(moment)
     return user_start.astype(np.int64), tie_start.astype(np.int64)
 
 
@@ -74,8 +78,7 @@ def latest_histories(
 
     Returns the user ids (in order of appearance) and the (n_users, length) histories.
     """
-    users = events[USER_ID].to_numpy()
-    codes, uniques = pd.factorize(users)
+    codes, uniques = pd.factorize(events[USER_ID])
     start, end = _group_bounds(codes)
     first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     return np.asarray(uniques, dtype=object), history_windows(

@@ -1,7 +1,9 @@
 """The input schema (interactions, items, users) and its validation.
 
 Validated tables have string ids, float64 timestamps in seconds and, if present, a
-float ``weight``. Every failure raises a specific :mod:`twotower.errors` exception
+float ``weight``. The interactions' ids are Categoricals of sorted string ids (integer
+codes per row: :mod:`towers.data.ids`); the item and user tables' ids are strings.
+Every failure raises a specific :mod:`twotower.errors` exception
 whose message names the source, the column and the offending row or id.
 """
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from towers.data.ids import encode_id_column, positions_in
 from twotower.encoding import FeatureColumns
 from twotower.errors import (
     DuplicateIdError,
@@ -116,9 +119,9 @@ def validate_interactions(table: pd.DataFrame, source: str = "interactions") -> 
     """
     _require_rows(table, source, "interactions")
     _require_columns(table, [USER_ID, ITEM_ID], source, "interactions")
-    out = table.reset_index(drop=True).copy()
-    out[USER_ID] = normalise_ids(out[USER_ID], source, USER_ID)
-    out[ITEM_ID] = normalise_ids(out[ITEM_ID], source, ITEM_ID)
+    out = table.reset_index(drop=True)
+    out[USER_ID] = encode_id_column(out[USER_ID], source, USER_ID)
+    out[ITEM_ID] = encode_id_column(out[ITEM_ID], source, ITEM_ID)
     if TIMESTAMP in out.columns:
         out[TIMESTAMP] = parse_timestamps(out[TIMESTAMP], source)
     else:
@@ -146,8 +149,7 @@ def validate_interactions(table: pd.DataFrame, source: str = "interactions") -> 
             if bad.any():
                 row = _first_bad_row(bad)
                 raise InvalidValueError(
-                    f"{source}: column '{WEIGHT}' is {what} at row {row} "
-                    f"(value {weights[row]!r})"
+                    f"{source}: column '{WEIGHT}' is {what} at row {row} (value {weights[row]!r})"
                 )
         if not (weights > 0).any():
             raise InvalidValueError(f"{source}: column '{WEIGHT}' is zero on every row")
@@ -196,7 +198,7 @@ def check_known_items(
     """Interactions whose item is missing from the item table: raise, or drop and log."""
     if policy not in UNKNOWN_ITEM_POLICIES:
         raise ValueError(f"unknown_items must be one of {UNKNOWN_ITEM_POLICIES}, got {policy!r}")
-    known = interactions[ITEM_ID].isin(set(items[ITEM_ID])).to_numpy()
+    known = positions_in(pd.Index(items[ITEM_ID], dtype=object), interactions[ITEM_ID]) >= 0
     if known.all():
         return interactions
     unknown_ids = pd.unique(interactions.loc[~known, ITEM_ID])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from towers.data.ids import distinct_in_order, id_codes, positions_in
 from towers.data.schema import ITEM_ID, RATING, TIMESTAMP, USER_ID
 from twotower.errors import EmptyTableError
 
@@ -17,12 +18,56 @@ SORT_KEY = "_item_order"
 SECONDS_PER_DAY = 86_400.0
 
 
-def item_order_key(item_ids: pd.Series) -> pd.Series:
-    """Tie-break key: item ids as integers when every id is an integer, else as strings."""
-    as_str = item_ids.astype(str)
+def item_order_key(item_ids: pd.Series) -> np.ndarray:
+    """Tie-break key: item ids ordered as integers when every id is an integer, else as
+    strings (the codes of :func:`towers.data.ids.id_codes`); integer codes that sort as
+    the ids do, not the ids."""
+    codes, ids = id_codes(item_ids)
+    as_str = pd.Series(ids, dtype=object).astype(str)
     if as_str.str.fullmatch(r"[+-]?\d+").all():
-        return as_str.astype(np.int64)
-    return as_str
+        # the integers' order as small ranks (equal integers, such as "01" and "1", tie)
+        ranks = np.unique(as_str.astype(np.int64).to_numpy(), return_inverse=True)[1]
+        return ranks.astype(codes.dtype)[codes]
+    return codes
+
+
+def chronological_order(events: pd.DataFrame) -> np.ndarray | None:
+    """The stable order by (user, timestamp, item order) of ``events`` (the item order
+    from their ``SORT_KEY`` column, if any), or ``None`` when they are in that order."""
+    item_key = events[SORT_KEY] if SORT_KEY in events.columns else item_order_key(events[ITEM_ID])
+    keys = (
+        np.asarray(item_key),
+        events[TIMESTAMP].to_numpy(),
+        id_codes(events[USER_ID])[0],
+    )
+    item_key, times, users = keys
+    if len(users) < 2:
+        return None
+    step_user, step_time = np.diff(users), np.diff(times)
+    in_order = (step_user > 0) | (
+        (step_user == 0) & ((step_time > 0) | ((step_time == 0) & (np.diff(item_key) >= 0)))
+    )
+    del step_user, step_time
+    if in_order.all():
+        return None
+    return np.lexsort(keys)
+
+
+def in_chronological_order(events: pd.DataFrame) -> pd.DataFrame:
+    """``events`` sorted by (user, timestamp, item order), stably (a merge sort's order)."""
+    order = chronological_order(events)
+    return events if order is None else events.take(order)
+
+
+def repeated_pairs(events: pd.DataFrame) -> np.ndarray:
+    """Mask of the rows whose (user, item) pair appeared on an earlier row."""
+    users = id_codes(events[USER_ID])[0]
+    items = id_codes(events[ITEM_ID])[0]
+    order = np.lexsort((items, users))  # stable: equal pairs keep their row order
+    same = (users[order[1:]] == users[order[:-1]]) & (items[order[1:]] == items[order[:-1]])
+    repeated = np.zeros(len(users), dtype=bool)
+    repeated[order[1:][same]] = True
+    return repeated
 
 
 def prepare_interactions(
@@ -35,12 +80,16 @@ def prepare_interactions(
         if RATING not in events.columns:
             raise EmptyTableError("min_rating is set but the interactions have no 'rating' column")
         events = events.loc[events[RATING] >= min_rating]
-    events = events.assign(**{SORT_KEY: item_order_key(events[ITEM_ID])})
-    events = events.sort_values([USER_ID, TIMESTAMP, SORT_KEY], kind="mergesort")
-    before = len(events)
-    events = events.drop_duplicates([USER_ID, ITEM_ID], keep="first").reset_index(drop=True)
-    if len(events) < before:
-        log.info("kept the earliest of repeated (user, item) pairs: %d -> %d", before, len(events))
+    events = in_chronological_order(events.assign(**{SORT_KEY: item_order_key(events[ITEM_ID])}))
+    repeated = repeated_pairs(events)
+    if repeated.any():
+        log.info(
+            "kept the earliest of repeated (user, item) pairs: %d -> %d",
+            len(events),
+            len(events) - int(repeated.sum()),
+        )
+        events = events.loc[~repeated]
+    events = events.reset_index(drop=True)
     if events.empty:
         raise EmptyTableError("no interactions left after the rating threshold")
     return events
@@ -69,9 +118,15 @@ def temporal_holdout(
 
     ``events`` must come from :func:`prepare_interactions` (sorted, with the order key).
     """
-    ordered = events.sort_values([USER_ID, TIMESTAMP, SORT_KEY], kind="mergesort")
-    sizes = ordered.groupby(USER_ID, sort=False)[ITEM_ID].transform("size").to_numpy()
-    rank = ordered.groupby(USER_ID, sort=False).cumcount().to_numpy()
+    ordered = in_chronological_order(events)
+    users = id_codes(ordered[USER_ID])[0]
+    change = np.ones(len(users), dtype=bool)
+    change[1:] = users[1:] != users[:-1]
+    first = np.flatnonzero(change)  # each user's first row (their rows are contiguous)
+    sizes = np.diff(np.append(first, len(users)))
+    user_of_row = np.cumsum(change) - 1
+    rank = np.arange(len(users)) - first[user_of_row]
+    sizes = sizes[user_of_row]
     n_held = np.where(sizes >= min_interactions, np.maximum(1, np.round(fraction * sizes)), 0)
     held = rank >= sizes - n_held
     return ordered.loc[~held].reset_index(drop=True), ordered.loc[held].reset_index(drop=True)
@@ -104,10 +159,10 @@ def cold_item_holdout(
 ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
     """Pick ``round(fraction * n_items)`` interacted items at random (seeded); all their
     interactions leave train and form the test set."""
-    items = np.sort(events[ITEM_ID].unique().astype(str))
+    items = np.sort(distinct_in_order(events[ITEM_ID]).astype(str))
     n_cold = round(fraction * len(items))
     cold = np.sort(np.random.default_rng(seed).choice(items, size=n_cold, replace=False))
-    is_cold = events[ITEM_ID].isin(set(cold)).to_numpy()
+    is_cold = positions_in(pd.Index(cold.astype(object)), events[ITEM_ID]) >= 0
     return (
         events.loc[~is_cold].reset_index(drop=True),
         events.loc[is_cold].reset_index(drop=True),
@@ -137,4 +192,8 @@ def make_split(
     for name, part in (("train", train), ("test", test), ("validation", validation)):
         if part.empty:
             raise EmptyTableError(f"the {name} split is empty: too few interactions per user")
+    # the tie-break key has done its work (each part is in order): a column less per row
+    train, fit, validation, test = (
+        part.drop(columns=[SORT_KEY], errors="ignore") for part in (train, fit, validation, test)
+    )
     return Split(train, fit, validation, test, cold)

@@ -7,9 +7,14 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 
-from towers.data.prepare import EvalSet
+from towers.data.eval_sets import EvalSet, EvalSource
 from towers.evaluation.metrics import DEFAULT_KS
-from towers.evaluation.ranking import evaluate_popularity, evaluate_vectors
+from towers.evaluation.ranking import (
+    evaluate_popularity,
+    evaluate_stream,
+    evaluate_vectors,
+    vector_scorer,
+)
 from towers.model.module import TwoTowerModule, embed
 
 # Every process computes the same full-ranking metrics, so there is nothing to sync.
@@ -19,12 +24,17 @@ warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
 def evaluate_module(
     module: TwoTowerModule,
     catalogue_inputs: dict,
-    eval_set: EvalSet,
+    eval_set: EvalSet | EvalSource,
     ks: Sequence[int] = DEFAULT_KS,
     prefix: str = "",
 ) -> dict[str, float]:
-    """Embed the catalogue and the users of ``eval_set`` and score them by full ranking."""
+    """Embed the catalogue and the users of ``eval_set`` and score them by full ranking
+    (the users of an :class:`EvalSource` a piece at a time: :func:`evaluate_stream`)."""
     item_vectors = embed(module.model.item_tower, catalogue_inputs)
+    if isinstance(eval_set, EvalSource):
+        user_tower = module.model.user_tower
+        scorer = vector_scorer(lambda inputs: embed(user_tower, inputs), item_vectors)
+        return evaluate_stream(eval_set, scorer, len(item_vectors), ks, prefix)
     user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
     return evaluate_vectors(user_vectors, item_vectors, eval_set, ks, prefix)
 
@@ -35,7 +45,7 @@ class RankingEvaluation(pl.Callback):
     def __init__(
         self,
         catalogue_inputs: dict,
-        eval_set: EvalSet,
+        eval_set: EvalSet | EvalSource,
         ks: Sequence[int] = DEFAULT_KS,
         every_n_epochs: int = 1,
     ) -> None:

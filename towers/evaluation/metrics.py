@@ -7,7 +7,9 @@ share of users with a hit; ``Coverage@K`` is distinct recommended items / catalo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,6 +27,73 @@ def hit_matrix(
     return np.isin(ranked_codes, target_codes) & (top_items >= 0)
 
 
+@dataclass
+class MetricSums:
+    """Per-user metric sums over some users, to be combined with other users' sums:
+    :func:`ranking_sums` of each piece, :meth:`add` them, :meth:`means` at the end."""
+
+    ks: tuple[int, ...]
+    n_items: int
+    sums: dict[str, float] = field(default_factory=dict)
+    users: int = 0
+    listed: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def add(self, other: MetricSums) -> None:
+        """Add the sums of other users (of the same ``ks`` and catalogue)."""
+        for name, value in other.sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.users += other.users
+        for k, listed in other.listed.items():
+            self.listed[k] = listed if k not in self.listed else self.listed[k] | listed
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        """The metrics of EVALUATION.md over every user added."""
+        metrics: dict[str, float] = {}
+        for k in self.ks:
+            for name in ("recall", "ndcg", "precision", "hitrate"):
+                total = self.sums.get(f"{name}@{k}", 0.0)
+                metrics[f"{prefix}{name}@{k}"] = total / self.users if self.users else math.nan
+            listed = self.listed.get(k)
+            covered = 0 if listed is None else int(listed.sum())
+            metrics[f"{prefix}coverage@{k}"] = float(covered / self.n_items)
+        metrics[f"{prefix}users"] = float(self.users)
+        return metrics
+
+
+def ranking_sums(
+    top_items: np.ndarray,
+    target_users: np.ndarray,
+    target_items: np.ndarray,
+    n_items: int,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> MetricSums:
+    """Per-user metric sums over the users that have targets (see :func:`ranking_metrics`)."""
+    n_users = top_items.shape[0]
+    if top_items.shape[1] < max(ks):
+        raise ValueError(f"need top-{max(ks)} lists, got {top_items.shape[1]} columns")
+    n_targets = np.bincount(target_users, minlength=n_users)
+    scored = n_targets > 0
+    hits = hit_matrix(top_items, target_users, target_items, n_items)[scored]
+    n_targets = n_targets[scored]
+    discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
+    out = MetricSums(tuple(ks), n_items, users=int(scored.sum()))
+    for k in ks:
+        hits_k = hits[:, :k]
+        n_hits = hits_k.sum(axis=1)
+        ideal = np.minimum(k, n_targets)
+        idcg = np.cumsum(discounts[:k])[ideal - 1]
+        # np.sum(x) / n is np.mean(x) to the bit: one piece gives the plain means
+        out.sums[f"recall@{k}"] = float(np.sum(n_hits / ideal))
+        out.sums[f"ndcg@{k}"] = float(np.sum((hits_k * discounts[:k]).sum(axis=1) / idcg))
+        out.sums[f"precision@{k}"] = float(np.sum(n_hits / k))
+        out.sums[f"hitrate@{k}"] = float(np.sum(n_hits > 0))
+        listed = top_items[scored, :k]
+        mask = np.zeros(n_items, dtype=bool)
+        mask[listed[listed >= 0]] = True
+        out.listed[k] = mask
+    return out
+
+
 def ranking_metrics(
     top_items: np.ndarray,
     target_users: np.ndarray,
@@ -38,25 +107,4 @@ def ranking_metrics(
     ``top_items`` is (n_users, >= max(ks)) catalogue rows, best first; row ``u`` belongs to
     user position ``u``; targets are (user position, catalogue row) pairs.
     """
-    n_users = top_items.shape[0]
-    if top_items.shape[1] < max(ks):
-        raise ValueError(f"need top-{max(ks)} lists, got {top_items.shape[1]} columns")
-    n_targets = np.bincount(target_users, minlength=n_users)
-    scored = n_targets > 0
-    hits = hit_matrix(top_items, target_users, target_items, n_items)[scored]
-    n_targets = n_targets[scored]
-    discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
-    metrics: dict[str, float] = {}
-    for k in ks:
-        hits_k = hits[:, :k]
-        n_hits = hits_k.sum(axis=1)
-        ideal = np.minimum(k, n_targets)
-        idcg = np.cumsum(discounts[:k])[ideal - 1]
-        metrics[f"{prefix}recall@{k}"] = float(np.mean(n_hits / ideal))
-        metrics[f"{prefix}ndcg@{k}"] = float(np.mean((hits_k * discounts[:k]).sum(axis=1) / idcg))
-        metrics[f"{prefix}precision@{k}"] = float(np.mean(n_hits / k))
-        metrics[f"{prefix}hitrate@{k}"] = float(np.mean(n_hits > 0))
-        listed = top_items[scored, :k]
-        metrics[f"{prefix}coverage@{k}"] = float(len(np.unique(listed[listed >= 0])) / n_items)
-    metrics[f"{prefix}users"] = float(scored.sum())
-    return metrics
+    return ranking_sums(top_items, target_users, target_items, n_items, ks).means(prefix)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from towers.data.prepare import EvalSet
-from towers.evaluation.metrics import DEFAULT_KS, ranking_metrics
+from towers.data.eval_sets import EvalSet, EvalSource
+from towers.evaluation.metrics import DEFAULT_KS, MetricSums, ranking_sums
 
 ScoreFn = Callable[[int, int], np.ndarray]
 
 MAX_CHUNK_USERS = 1024
+STREAM_USERS = 100_000  # users materialised at once by evaluate_stream
 SCORE_BUDGET_BYTES = 512 * 2**20
 # bytes per (user, item) cell while a chunk is ranked: the scores as given (float32), their
 # float64 copy, its negation for argpartition and argpartition's int64 rows
@@ -75,9 +77,12 @@ def evaluate_vectors(
 
 
 def evaluate_popularity(
-    eval_set: EvalSet, ks: Sequence[int] = DEFAULT_KS, prefix: str = ""
+    eval_set: EvalSet | EvalSource, ks: Sequence[int] = DEFAULT_KS, prefix: str = ""
 ) -> dict[str, float]:
-    """The popularity baseline: every user ranks items by their count in known events."""
+    """The popularity baseline: every user ranks items by their count in known events
+    (an :class:`EvalSource` is streamed, see :func:`evaluate_stream`)."""
+    if isinstance(eval_set, EvalSource):
+        return evaluate_stream(eval_set, popularity_scorer, eval_set.n_items, ks, prefix)
     popularity = eval_set.popularity
 
     def chunk(lo: int, hi: int) -> np.ndarray:
@@ -90,6 +95,13 @@ def evaluate_scores(
     score_chunk: ScoreFn, n_items: int, eval_set: EvalSet, ks: Sequence[int], prefix: str
 ) -> dict[str, float]:
     """Rank with exclusions and compute the metrics of EVALUATION.md."""
+    return score_sums(score_chunk, n_items, eval_set, ks).means(prefix)
+
+
+def score_sums(
+    score_chunk: ScoreFn, n_items: int, eval_set: EvalSet, ks: Sequence[int]
+) -> MetricSums:
+    """Rank with exclusions; the per-user metric sums of EVALUATION.md."""
     top = top_k_excluding(
         score_chunk,
         eval_set.n_users,
@@ -99,4 +111,58 @@ def evaluate_scores(
         chunk_size=chunk_users(n_items),
         unavailable_items=eval_set.unavailable_items,
     )
-    return ranking_metrics(top, eval_set.target_users, eval_set.target_items, n_items, ks, prefix)
+    return ranking_sums(top, eval_set.target_users, eval_set.target_items, n_items, ks)
+
+
+def evaluate_stream(
+    source: EvalSource,
+    scorer: Callable[[EvalSet], ScoreFn],
+    n_items: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    prefix: str = "",
+    users_per_piece: int = STREAM_USERS,
+    max_users: int | None = None,
+) -> dict[str, float]:
+    """The metrics of EVALUATION.md over the users of ``source``, ``users_per_piece`` at
+    a time: each piece is materialised, scored (``scorer(piece)`` gives its scores by
+    user range), ranked and summed, then dropped, so memory does not grow with the
+    number of users. ``max_users``: only the first so many users. With every user in one
+    piece (up to 100k users by default: both MovieLens sets) the metrics are those of
+    :func:`evaluate_scores` on the whole set, to the bit; over several pieces they differ
+    only by floating-point summation order."""
+    if users_per_piece <= 0:
+        raise ValueError(f"users_per_piece must be positive, got {users_per_piece}")
+    n_users = source.n_users if max_users is None else min(max_users, source.n_users)
+    total = MetricSums(tuple(ks), n_items)
+    pieces = range(0, n_users, users_per_piece)
+    for lo in tqdm(pieces, desc="evaluating", unit="piece", disable=len(pieces) < 4, leave=False):
+        piece = source.materialise(lo, min(lo + users_per_piece, n_users))
+        total.add(score_sums(scorer(piece), n_items, piece, ks))
+    return total.means(prefix)
+
+
+def vector_scorer(
+    embed_users: Callable[[dict[str, np.ndarray]], np.ndarray], item_vectors: np.ndarray
+) -> Callable[[EvalSet], ScoreFn]:
+    """A scorer for :func:`evaluate_stream`: dot products of the piece's users, embedded
+    by ``embed_users`` (all of a piece at once), with ``item_vectors``."""
+
+    def scorer(piece: EvalSet) -> ScoreFn:
+        user_vectors = embed_users(piece.user_inputs)
+
+        def chunk(lo: int, hi: int) -> np.ndarray:
+            return user_vectors[lo:hi] @ item_vectors.T
+
+        return chunk
+
+    return scorer
+
+
+def popularity_scorer(piece: EvalSet) -> ScoreFn:
+    """A scorer for :func:`evaluate_stream`: the popularity baseline."""
+    popularity = piece.popularity
+
+    def chunk(lo: int, hi: int) -> np.ndarray:
+        return np.broadcast_to(popularity, (hi - lo, len(popularity)))
+
+    return chunk

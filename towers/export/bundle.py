@@ -14,13 +14,14 @@ from typing import Any
 
 import faiss
 import numpy as np
-import pandas as pd
 
 from retrieval.index import auto_factory
-from towers.data.prepare import PreparedData, catalogue_rows, user_attribute_rows
+from towers.data.eval_sets import catalogue_rows
+from towers.data.prepare import PreparedData
 from towers.data.schema import ITEM_ID, USER_ID
 from towers.export.index import IndexReport, build_index, tune_and_check
 from towers.export.onnx_export import export_tower
+from towers.export.user_state import write_user_state
 from towers.model.module import TwoTowerModule, embed
 from twotower.bundle import Counts, IndexInfo, Manifest, layout, write_bundle
 from twotower.bundle.embeddings import write_embeddings
@@ -64,36 +65,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def user_state(data: PreparedData) -> pd.DataFrame:
-    """Each known user's recent history and seen items (all of train), plus attributes."""
-    train = data.split.train
-    history_length = data.encoders.history_length
-    seen = train.groupby(USER_ID, sort=False)[ITEM_ID].agg(list)
-    state = pd.DataFrame(
-        {
-            USER_ID: seen.index.to_numpy(dtype=object),
-            layout.HISTORY_COLUMN: [
-                items[-history_length:] if history_length else [] for items in seen
-            ],
-            layout.SEEN_COLUMN: seen.to_list(),
-        }
-    )
-    if data.users is not None:
-        extra = data.users.loc[~data.users[USER_ID].isin(set(state[USER_ID]))]
-        no_events = pd.DataFrame(
-            {
-                USER_ID: extra[USER_ID],
-                layout.HISTORY_COLUMN: [[]] * len(extra),
-                layout.SEEN_COLUMN: [[]] * len(extra),
-            }
-        )
-        state = pd.concat([state, no_events], ignore_index=True)
-        attributes = user_attribute_rows(data.users, state[USER_ID].to_numpy(dtype=object))
-        assert attributes is not None
-        state = pd.concat([state, attributes.drop(columns=[USER_ID])], axis=1)
-    return state
-
-
 def _sample(inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(values[:rows]) for name, values in inputs.items()}
 
@@ -105,7 +76,8 @@ def write_bundle_files(
     model = module.model.cpu().eval()
     encoders = data.encoders
     item_vectors = embed(model.item_tower, data.catalogue_inputs)
-    query_inputs = {k: v[: settings.recall_queries] for k, v in data.test.user_inputs.items()}
+    first_users = data.test_source.materialise(0, max(settings.recall_queries, PARITY_ROWS))
+    query_inputs = {k: v[: settings.recall_queries] for k, v in first_users.user_inputs.items()}
     queries = embed(model.user_tower, query_inputs)
     factory = auto_factory(*item_vectors.shape) if settings.index == "auto" else settings.index
     index = build_index(item_vectors, factory)
@@ -129,7 +101,7 @@ def write_bundle_files(
         "user_tower": export_tower(
             model.user_tower,
             encoders.user_input_names,
-            _sample(data.test.user_inputs, PARITY_ROWS),
+            _sample(first_users.user_inputs, PARITY_ROWS),
             directory / layout.USER_TOWER,
         ),
         "item_tower": export_tower(
@@ -146,9 +118,9 @@ def write_bundle_files(
     items[layout.COUNT_COLUMN] = counts
     items[layout.REMOVED_COLUMN] = False
     items.to_parquet(directory / layout.ITEMS, index=False)
-    users = user_state(data)
-    users.to_parquet(directory / layout.USERS, index=False)
+    user_table = write_user_state(data, str(directory / layout.USERS))
     if settings.user_embeddings:
+        users = user_table.to_pandas()
         user_ids = users[USER_ID].to_numpy(dtype=object)
         histories = encoders.encode_histories(list(users[layout.HISTORY_COLUMN]))
         inputs = encoders.user_inputs(list(user_ids), histories, users)
@@ -168,7 +140,7 @@ def write_bundle_files(
         ),
         counts=Counts(
             items=len(items),
-            users=len(users),
+            users=user_table.num_rows,
             known_items=len(encoders.items.ids.values),
             known_users=len(encoders.users.ids.values),
             train_interactions=len(data.split.train),

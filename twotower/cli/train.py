@@ -47,7 +47,7 @@ def task(cfg: Any) -> float:
     print(metrics_table(result.metrics, list(cfg.eval.ks)))
     print(f"bundle: {result.bundle}")
     retriever = Retriever.load(result.bundle)
-    user = result.data.test.user_ids[0]
+    user = result.data.test_source.user_ids[0]
     ids, scores = retriever.recommend(user_id=user, k=5)
     print(
         f"sample recommendation for user {user}: "

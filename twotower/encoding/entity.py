@@ -75,7 +75,8 @@ class EntityEncoder:
         (entities seen in training), so a held-out item's title never decides which words
         are kept.
         """
-        id_values = list(id_values)
+        if not isinstance(id_values, pd.Series):
+            id_values = list(id_values)
         ids = Vocabulary.fit(id_values, id_min_count)
         if table is None:
             table = pd.DataFrame()
@@ -188,6 +189,8 @@ def seen_rows(table: pd.DataFrame, id_column: str, id_values: Sequence[Any]) -> 
     table has no such column)."""
     if id_column not in table.columns:
         return table
+    if isinstance(id_values, pd.Series) and isinstance(id_values.dtype, pd.CategoricalDtype):
+        id_values = id_values.cat.remove_unused_categories().cat.categories
     seen = set(as_str_or_none(id_values).dropna())
     return table[as_str_or_none(table[id_column]).isin(seen).to_numpy()]
 

@@ -18,6 +18,15 @@ PAD_INDEX = 0
 OOV_INDEX = 1
 FIRST_KNOWN_INDEX = 2
 
+
+def _categorical(values: Iterable[Any]) -> pd.Series | None:
+    """``values`` when they are a pandas Categorical Series (integer codes plus distinct
+    values), so that work is done once per distinct value, not once per row."""
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
+        return values
+    return None
+
+
 def as_str_or_none(values: Iterable[Any]) -> pd.Series:
     """Raw ids/categories as strings, with missing values kept as ``None``."""
     series = pd.Series(list(values) if not isinstance(values, pd.Series) else values)
@@ -53,8 +62,15 @@ class Vocabulary:
     @classmethod
     def fit(cls, values: Iterable[Any], min_count: int = 1) -> Vocabulary:
         """Keep values seen at least ``min_count`` times, most frequent first (ties by value)."""
-        series = as_str_or_none(values).dropna()
-        counts = series.value_counts()
+        categorical = _categorical(values)
+        if categorical is not None:
+            codes = categorical.cat.codes.to_numpy()
+            distinct = as_str_or_none(categorical.cat.categories).to_numpy()
+            counts_by_code = np.bincount(codes[codes >= 0], minlength=len(distinct))
+            counts = pd.Series(counts_by_code, index=pd.Index(distinct, dtype=object))
+            counts = counts[counts > 0].groupby(level=0, sort=False).sum()
+        else:
+            counts = as_str_or_none(values).dropna().value_counts()
         counts = counts[counts >= min_count]
         frame = pd.DataFrame({"value": counts.index.astype(str), "count": counts.to_numpy()})
         frame = frame.sort_values(["count", "value"], ascending=[False, True], kind="mergesort")
@@ -72,6 +88,11 @@ class Vocabulary:
             return np.fromiter(
                 (self._lookup.get(_small_key(v), OOV_INDEX) for v in values), np.int64, len(values)
             )
+        categorical = _categorical(values)
+        if categorical is not None:
+            distinct = self.encode(categorical.cat.categories)
+            codes = categorical.cat.codes.to_numpy()
+            return np.where(codes >= 0, distinct[codes], OOV_INDEX).astype(np.int64)
         as_str = as_str_or_none(values)
         positions = self._index.get_indexer(as_str.fillna("\x00missing").to_numpy())
         return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(np.int64)
@@ -101,11 +122,9 @@ def split_tokens(cell: Any, separator: str) -> list[str]:
     return [str(cell)]
 
 
-
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 
 
 def words_of(text: Any) -> list[str]:
     """Lower-cased words of a text cell (none for a missing or non-string cell)."""
     return _WORD.findall(text.lower()) if isinstance(text, str) else []
-

@@ -1,0 +1,123 @@
+"""Evaluation that streams users: pieces of an EvalSource make up the whole set, and
+metrics summed over pieces are the whole set's."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from towers.data.eval_sets import EvalSource
+from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
+from towers.data.schema import ITEM_ID, TIMESTAMP, RawData
+from towers.data.split import item_order_key, make_split, prepare_interactions
+from towers.evaluation.ranking import (
+    evaluate_popularity,
+    evaluate_stream,
+    evaluate_vectors,
+    popularity_scorer,
+    vector_scorer,
+)
+
+
+@pytest.fixture
+def prepared(tiny_data: RawData) -> PreparedData:
+    split = make_split(prepare_interactions(tiny_data.interactions))
+    return prepare_data(tiny_data, split, FeatureSettings(history_length=6))
+
+
+def user_vectors_of(inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """A fixed, input-dependent embedding (no model needed)."""
+    history = inputs["history"].astype(np.float64)
+    rng = np.random.default_rng(0)
+    return np.tanh(history @ rng.normal(size=(history.shape[1], 8)) / 50.0)
+
+
+def item_vectors_of(n_items: int) -> np.ndarray:
+    return np.random.default_rng(1).normal(size=(n_items, 8))
+
+
+def test_pieces_make_up_the_whole_set(prepared: PreparedData) -> None:
+    source = prepared.test_source
+    whole = source.materialise()
+    bounds = [0, 1, 7, 30, source.n_users]
+    pieces = [source.materialise(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    assert np.array_equal(np.concatenate([p.user_ids for p in pieces]), whole.user_ids)
+    for name, values in whole.user_inputs.items():
+        assert np.array_equal(np.concatenate([p.user_inputs[name] for p in pieces]), values)
+    offsets = bounds[:-1]
+    for field in ("exclude", "target"):
+        users = np.concatenate(
+            [getattr(p, f"{field}_users") + lo for p, lo in zip(pieces, offsets, strict=True)]
+        )
+        items = np.concatenate([getattr(p, f"{field}_items") for p in pieces])
+        assert np.array_equal(users, getattr(whole, f"{field}_users"))
+        assert np.array_equal(items, getattr(whole, f"{field}_items"))
+
+
+def test_one_piece_gives_the_whole_sets_metrics_to_the_bit(prepared: PreparedData) -> None:
+    items = item_vectors_of(prepared.n_items)
+    whole = prepared.test
+    expected = evaluate_vectors(user_vectors_of(whole.user_inputs), items, whole, (5, 20))
+    scorer = vector_scorer(user_vectors_of, items)
+    assert evaluate_stream(prepared.test_source, scorer, len(items), (5, 20)) == expected
+    assert evaluate_popularity(prepared.test_source, (5, 20)) == evaluate_popularity(whole, (5, 20))
+
+
+def test_many_pieces_give_the_same_metrics(prepared: PreparedData) -> None:
+    items = item_vectors_of(prepared.n_items)
+    scorer = vector_scorer(user_vectors_of, items)
+    source = prepared.validation_source
+    whole = evaluate_stream(source, scorer, len(items), (5, 20))
+    streamed = evaluate_stream(source, scorer, len(items), (5, 20), users_per_piece=7)
+    assert streamed.keys() == whole.keys()
+    for name, value in whole.items():
+        assert streamed[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+    popular = evaluate_stream(source, popularity_scorer, len(items), (5,), users_per_piece=3)
+    assert popular == pytest.approx(evaluate_popularity(prepared.validation, (5,)))
+
+
+def test_max_users_scores_the_first_users(prepared: PreparedData) -> None:
+    items = item_vectors_of(prepared.n_items)
+    first = prepared.test_source.materialise(0, 10)
+    expected = evaluate_vectors(user_vectors_of(first.user_inputs), items, first, (5,))
+    scorer = vector_scorer(user_vectors_of, items)
+    got = evaluate_stream(prepared.test_source, scorer, len(items), (5,), max_users=10)
+    assert got == expected and got["users"] <= 10
+
+
+def pairs(users: np.ndarray, items: np.ndarray, user_ids: np.ndarray) -> list[tuple[str, int]]:
+    """(user id, catalogue row) pairs, in sorted order."""
+    return sorted(zip(user_ids[users].tolist(), items.tolist(), strict=True))
+
+
+def test_rows_in_any_order_give_the_same_set(tiny_data: RawData, prepared: PreparedData) -> None:
+    split = prepared.split
+    rng = np.random.default_rng(5)
+
+    def shuffled(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.take(rng.permutation(len(frame)))
+
+    ordered = EvalSource(
+        split.train, split.test, prepared.catalogue, tiny_data.users, prepared.encoders
+    ).materialise()
+    # a user's known rows keep their order (time, then the tie-break), users interleave
+    mixed = shuffled(split.train)
+    mixed = mixed.assign(key=item_order_key(mixed[ITEM_ID]))
+    known = mixed.sort_values([TIMESTAMP, "key"], kind="stable").drop(columns="key")
+    got = EvalSource(
+        known, shuffled(split.test), prepared.catalogue, tiny_data.users, prepared.encoders
+    ).materialise()
+    assert sorted(got.user_ids) == sorted(ordered.user_ids)
+    order = pd.Index(got.user_ids).get_indexer(ordered.user_ids)
+    for name, values in ordered.user_inputs.items():
+        assert np.array_equal(got.user_inputs[name][order], values), name
+    for kind in ("exclude", "target"):
+        expected = pairs(
+            *(getattr(ordered, f"{kind}_{f}") for f in ("users", "items")), ordered.user_ids
+        )
+        found = pairs(*(getattr(got, f"{kind}_{f}") for f in ("users", "items")), got.user_ids)
+        assert found == expected, kind
+    assert np.array_equal(got.popularity, ordered.popularity)
