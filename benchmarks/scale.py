@@ -23,6 +23,7 @@ the stages it finished.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -225,9 +226,16 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
         started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         train_seconds = time.perf_counter() - started
-    examples = trainer.global_step * s.batch_size
+        # as twotower train does (it reloads the best checkpoint into a fresh module),
+        # evaluation and export run without the trainer and its optimiser state
+        module.trainer = None  # type: ignore[assignment]
+        datamodule.trainer = None
+        global_step = trainer.global_step
+        del trainer
+        gc.collect()
+    examples = global_step * s.batch_size
     record.update(
-        steps=trainer.global_step,
+        steps=global_step,
         examples_per_second=round(examples / train_seconds),
         epoch_seconds_extrapolated=round(data.n_samples / (examples / train_seconds)),
     )
