@@ -3,6 +3,7 @@ metrics summed over pieces are the whole set's."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -121,3 +122,21 @@ def test_rows_in_any_order_give_the_same_set(tiny_data: RawData, prepared: Prepa
         found = pairs(*(getattr(got, f"{kind}_{f}") for f in ("users", "items")), got.user_ids)
         assert found == expected, kind
     assert np.array_equal(got.popularity, ordered.popularity)
+
+
+def test_lists_longer_than_the_catalogue_are_padded_not_garbage(
+    prepared: PreparedData,
+) -> None:
+    first = prepared.test_source.materialise(0, 5)
+    n_items = 3
+    items = item_vectors_of(n_items)
+    clipped = dataclasses.replace(
+        first,
+        exclude_users=first.exclude_users[:0],
+        exclude_items=first.exclude_items[:0],
+        target_items=first.target_items % n_items,
+        popularity=first.popularity[:n_items],
+    )
+    metrics = evaluate_vectors(user_vectors_of(first.user_inputs), items, clipped, (1, 5))
+    assert 0 <= metrics["recall@5"] <= 1 and metrics["coverage@5"] == 1.0
+    assert evaluate_popularity(clipped, (1, 5))["coverage@5"] == 1.0

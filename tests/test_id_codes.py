@@ -118,3 +118,45 @@ def test_sharded_interactions_are_read_as_codes(tmp_path: Path) -> None:
     expected = prepare_interactions(validate_interactions(raw, "frame"))
     got = prepare_interactions(events)
     pd.testing.assert_frame_equal(got.astype(str), expected.astype(str))
+
+
+def test_tie_break_looks_only_at_the_items_left_after_filtering() -> None:
+    # once item "x" (rated 1) is filtered out, every item id left is an integer: 2 < 10
+    events = pd.DataFrame(
+        {
+            "user_id": ["u"] * 4 + ["v"],
+            "item_id": ["2", "10", "3", "4", "x"],
+            "timestamp": [5.0, 5, 1, 2, 1],
+            "rating": [5, 5, 5, 5, 1],
+        }
+    )
+    kept = prepare_interactions(validate_interactions(events, "events"), min_rating=4)
+    assert list(kept["item_id"].astype(str)) == ["3", "4", "2", "10"]
+
+
+def test_a_categorical_in_another_order_is_encoded_again() -> None:
+    items = pd.Categorical(["b", "a", "c", "d"], categories=["d", "c", "b", "a"])
+    events = pd.DataFrame({"user_id": ["u"] * 4, "item_id": items, "timestamp": [1.0] * 4})
+    kept = prepare_interactions(events)
+    assert list(kept["item_id"].astype(str)) == ["a", "b", "c", "d"]
+    codes, ids = id_codes(pd.Series(items))
+    assert list(ids) == ["a", "b", "c", "d"] and list(ids[codes]) == ["b", "a", "c", "d"]
+
+
+def test_an_all_missing_categorical_encodes_to_out_of_vocabulary() -> None:
+    vocab = Vocabulary(["a"])
+    empty = pd.Series(pd.Categorical([None] * 300))
+    assert set(vocab.encode(empty)) == {vocab.encode(["zzz"])[0]}
+
+
+def test_a_single_parquet_file_reads_as_pandas_wrote_it(tmp_path: Path) -> None:
+    folder = tmp_path / "weight=0"  # a key=value folder above one file is not a column
+    folder.mkdir()
+    frame = pd.DataFrame(
+        {"user_id": ["a", "b", "c"], "item_id": [1, 2, 2], "timestamp": [1.0, 2.0, 3.0]},
+        index=[7, 8, 9],  # pandas keeps the index in the file's metadata
+    )
+    frame.to_parquet(folder / "events.parquet")
+    events = load_tables(folder / "events.parquet").interactions
+    assert list(events.columns) == ["user_id", "item_id", "timestamp"]
+    assert list(events["item_id"].astype(str)) == ["1", "2", "2"]

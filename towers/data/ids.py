@@ -32,8 +32,10 @@ def _as_id_strings(values: pd.Index | np.ndarray) -> np.ndarray:
 def encode_id_column(column: pd.Series, source: str, name: str) -> pd.Series:
     """An id column as a Categorical of sorted string ids; a missing id is an error.
 
-    The ids are those :func:`towers.data.schema.normalise_ids` gives (strings; integral
-    floats without ``.0``); raw values that become the same string share one code.
+    The ids are strings, integral floats without ``.0`` (as
+    :func:`towers.data.schema.normalise_ids` gives for a float column; here also for a
+    Categorical's float categories); raw values that become the same string share one
+    code.
     """
     if is_categorical(column):
         codes = np.asarray(column.cat.codes.to_numpy(), dtype=np.int64)
@@ -56,11 +58,22 @@ def encode_id_column(column: pd.Series, source: str, name: str) -> pd.Series:
 
 def id_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes of an id column and the ids they stand for (an object array), the
-    codes ordered as the ids sort as strings: a Categorical's own (as
-    :func:`encode_id_column` makes them), else those of :func:`encode_id_column`."""
-    if not is_categorical(column):
+    codes ordered as the ids sort as strings: a Categorical's own when its categories
+    are sorted strings (as :func:`encode_id_column` makes them), else those of
+    :func:`encode_id_column`."""
+    if not (is_categorical(column) and _sorted_strings(column.cat.categories)):
         column = encode_id_column(pd.Series(column), "ids", str(getattr(column, "name", "id")))
     return column.cat.codes.to_numpy(), np.asarray(column.cat.categories, dtype=object)
+
+
+def _sorted_strings(categories: pd.Index) -> bool:
+    """Whether ``categories`` are distinct strings in sorted order (what
+    :func:`encode_id_column` makes; any other Categorical is encoded again)."""
+    return (
+        pd.api.types.infer_dtype(categories, skipna=False) in ("string", "empty")
+        and categories.is_monotonic_increasing
+        and categories.is_unique
+    )
 
 
 def positions_in(index: pd.Index, column: pd.Series | np.ndarray) -> np.ndarray:

@@ -54,7 +54,11 @@ def _as_dictionary(batch: Any, id_columns: Sequence[str]) -> Any:
         else column
         for name, column in zip(batch.schema.names, batch.columns, strict=True)
     ]
-    return pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
+    fields = [
+        field.with_type(array.type) for field, array in zip(batch.schema, arrays, strict=True)
+    ]
+    # the schema's metadata (pandas' index and dtypes) is kept for to_pandas
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, batch.schema.metadata))
 
 
 def read_dataset(location: str, id_columns: Sequence[str] = ()) -> pd.DataFrame:
@@ -69,12 +73,14 @@ def read_dataset(location: str, id_columns: Sequence[str] = ()) -> pd.DataFrame:
 
     filesystem, path = arrow_filesystem(location) if is_url(location) else (None, location)
     try:
-        probe = ds.dataset(path, filesystem=filesystem, partitioning="hive")
-        info = (filesystem or pafs.LocalFileSystem()).get_file_info(path)
+        single = (filesystem or pafs.LocalFileSystem()).get_file_info(path).type == (
+            pafs.FileType.File
+        )
+        # a folder's key=value subfolders are columns (hive partitions); a file's are not
+        partitioning = None if single else "hive"
+        probe = ds.dataset(path, filesystem=filesystem, partitioning=partitioning)
         files = [  # a file named itself is read whatever its name; a folder's _ and . are not
-            f
-            for f in probe.files
-            if info.type == pafs.FileType.File or not Path(f).name.startswith(("_", "."))
+            f for f in probe.files if single or not Path(f).name.startswith(("_", "."))
         ]
         if not files:
             raise DataValidationError(f"{location}: no data files in the dataset")
@@ -83,7 +89,9 @@ def read_dataset(location: str, id_columns: Sequence[str] = ()) -> pd.DataFrame:
         if fmt == "csv":
             types = {column: pa.string() for column in ID_COLUMNS}
             file_format = ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(column_types=types))
-        dataset = ds.dataset(files, filesystem=filesystem, format=file_format, partitioning="hive")
+        dataset = ds.dataset(
+            files, filesystem=filesystem, format=file_format, partitioning=partitioning
+        )
         if id_columns:
             batches = [_as_dictionary(b, id_columns) for b in dataset.to_batches()]
             if not batches:

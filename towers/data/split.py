@@ -19,14 +19,16 @@ SECONDS_PER_DAY = 86_400.0
 
 
 def item_order_key(item_ids: pd.Series) -> np.ndarray:
-    """Tie-break key: item ids ordered as integers when every id is an integer, else as
-    strings (the codes of :func:`towers.data.ids.id_codes`); integer codes that sort as
+    """Tie-break key: item ids ordered as integers when every id present is an integer,
+    else as strings (the codes of :func:`towers.data.ids.id_codes`); integer codes that sort as
     the ids do, not the ids."""
     codes, ids = id_codes(item_ids)
-    as_str = pd.Series(ids, dtype=object).astype(str)
+    used = np.bincount(codes, minlength=len(ids)) > 0  # ids of rows filtered out do not count
+    as_str = pd.Series(ids[used], dtype=object).astype(str)
     if as_str.str.fullmatch(r"[+-]?\d+").all():
         # the integers' order as small ranks (equal integers, such as "01" and "1", tie)
-        ranks = np.unique(as_str.astype(np.int64).to_numpy(), return_inverse=True)[1]
+        ranks = np.zeros(len(ids), dtype=np.int64)
+        ranks[used] = np.unique(as_str.astype(np.int64).to_numpy(), return_inverse=True)[1]
         return ranks.astype(codes.dtype)[codes]
     return codes
 

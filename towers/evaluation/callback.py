@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 from towers.data.eval_sets import EvalSet, EvalSource
 from towers.evaluation.metrics import DEFAULT_KS
 from towers.evaluation.ranking import (
+    STREAM_USERS,
     evaluate_popularity,
     evaluate_stream,
     evaluate_vectors,
@@ -50,6 +51,8 @@ class RankingEvaluation(pl.Callback):
         every_n_epochs: int = 1,
     ) -> None:
         self.catalogue_inputs = catalogue_inputs
+        if isinstance(eval_set, EvalSource) and eval_set.n_users <= STREAM_USERS:
+            eval_set = eval_set.materialise()  # one piece: built once, not every epoch
         self.eval_set = eval_set
         self.ks = list(ks)
         self.every_n_epochs = every_n_epochs

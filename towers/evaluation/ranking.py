@@ -45,7 +45,7 @@ def top_k_excluding(
     ``chunk_size``: users ranked at once (:func:`chunk_users` bounds the memory a
     chunk takes for a catalogue's size).
     """
-    out = np.empty((n_users, k), dtype=np.int64)
+    out = np.full((n_users, k), -1, dtype=np.int64)  # -1 pads lists past the catalogue
     for lo in range(0, n_users, chunk_size):
         hi = min(lo + chunk_size, n_users)
         scores = np.array(score_chunk(lo, hi), dtype=np.float64, copy=True)

@@ -21,13 +21,14 @@ from towers.data.schema import ITEM_ID, USER_ID
 from twotower.bundle import layout
 
 
-def _lists(values: pa.Array, lengths: np.ndarray) -> pa.Array:
-    """A list array whose row ``i`` holds the next ``lengths[i]`` of ``values``."""
+def _lists(values: pa.Array, lengths: np.ndarray, large: bool) -> pa.Array:
+    """A list array whose row ``i`` holds the next ``lengths[i]`` of ``values`` (64-bit
+    offsets when ``large``)."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] < np.iinfo(np.int32).max:
-        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), values)
+    if large:
+        return pa.LargeListArray.from_arrays(pa.array(offsets), values)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
 
 
 def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -61,23 +62,24 @@ def user_state_table(data: PreparedData) -> pa.Table:
         order = np.argsort(group, kind="stable")  # each user's rows together, in row order
         item_codes = item_codes[order]
     lengths = np.bincount(group, minlength=len(appearing)).astype(np.int64)
-    item_strings = pa.array(item_names.astype(str), pa.string())
+    item_strings = pa.array(item_names.astype(str), pa.large_string())
     seen_values = pc.take(item_strings, pa.array(item_codes))
     ends = np.cumsum(lengths)
     starts = np.maximum(ends - data.encoders.history_length, ends - lengths)
     history_values = pc.take(seen_values, pa.array(_ranges(starts, ends)))
     known = np.asarray(user_names[appearing], dtype=object)
     user_ids = known
-    history = _lists(history_values, ends - starts)
-    seen = _lists(seen_values, lengths)
+    large = len(item_codes) >= np.iinfo(np.int32).max  # past 32-bit list offsets
+    history = _lists(history_values, ends - starts, large)
+    seen = _lists(seen_values, lengths, large)
     attributes = None
     if data.users is not None:
         table_ids = data.users[USER_ID].to_numpy(dtype=object)
         extra = table_ids[pd.Index(known, dtype=object).get_indexer(table_ids) < 0]
         user_ids = np.concatenate([known, extra])
         empty = np.zeros(len(extra), dtype=np.int64)
-        history = pa.concat_arrays([history, _lists(history_values.slice(0, 0), empty)])
-        seen = pa.concat_arrays([seen, _lists(seen_values.slice(0, 0), empty)])
+        history = pa.concat_arrays([history, _lists(history_values.slice(0, 0), empty, large)])
+        seen = pa.concat_arrays([seen, _lists(seen_values.slice(0, 0), empty, large)])
         attributes = user_attribute_rows(data.users, user_ids)
         assert attributes is not None
         attributes = attributes.drop(columns=[USER_ID])

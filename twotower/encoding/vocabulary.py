@@ -90,9 +90,9 @@ class Vocabulary:
             )
         categorical = _categorical(values)
         if categorical is not None:
-            distinct = self.encode(categorical.cat.categories)
-            codes = categorical.cat.codes.to_numpy()
-            return np.where(codes >= 0, distinct[codes], OOV_INDEX).astype(np.int64)
+            # one index per category, then OOV at the end for the missing code -1
+            distinct = np.append(self.encode(categorical.cat.categories), OOV_INDEX)
+            return distinct[categorical.cat.codes.to_numpy()].astype(np.int64)
         as_str = as_str_or_none(values)
         positions = self._index.get_indexer(as_str.fillna("\x00missing").to_numpy())
         return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(np.int64)
