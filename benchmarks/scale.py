@@ -139,7 +139,8 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
         ShardedSyntheticSettings,
         write_synthetic_shards,
     )
-    from towers.evaluation.ranking import evaluate_stream, vector_scorer
+    from towers.evaluation.callback import tower_scorer
+    from towers.evaluation.ranking import evaluate_stream
     from towers.export.bundle import ExportSettings, export_bundle
     from towers.model.module import embed
     from towers.pipeline import build_datamodule, build_module, feature_settings, split_settings
@@ -245,8 +246,7 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
     with sampler.stage(record):
         module = module.cpu().eval()
         item_vectors = embed(module.model.item_tower, data.catalogue_inputs)
-        user_tower = module.model.user_tower
-        scorer = vector_scorer(lambda inputs: embed(user_tower, inputs), item_vectors)
+        scorer = tower_scorer(module.model.user_tower, item_vectors)
         source = data.test_source
         metrics = evaluate_stream(
             source, scorer, len(item_vectors), [20], "test/", max_users=s.eval_users

@@ -34,8 +34,8 @@ from towers.data.samples import user_activity_weights
 from towers.data.schema import ITEM_ID, RawData
 from towers.data.sources import load_data
 from towers.data.split import make_split, prepare_interactions, recent_window
-from towers.evaluation.callback import RankingEvaluation, evaluate_module
-from towers.evaluation.ranking import evaluate_popularity, evaluate_stream, vector_scorer
+from towers.evaluation.callback import RankingEvaluation, evaluate_module, tower_scorer
+from towers.evaluation.ranking import evaluate_popularity, evaluate_stream
 from towers.export.bundle import ExportSettings, export_bundle
 from towers.logs import quiet_lightning
 from towers.model.module import TwoTowerModule, embed
@@ -252,8 +252,7 @@ def evaluate_all(module: TwoTowerModule, data: PreparedData, ks: list[int]) -> d
     piece at a time: :func:`towers.evaluation.ranking.evaluate_stream`)."""
     metrics: dict[str, float] = {}
     item_vectors = embed(module.model.item_tower, data.catalogue_inputs)  # once for both sets
-    user_tower = module.model.user_tower
-    scorer = vector_scorer(lambda inputs: embed(user_tower, inputs), item_vectors)
+    scorer = tower_scorer(module.model.user_tower, item_vectors)
     for stage, source in (("val", data.validation_source), ("test", data.test_source)):
         metrics.update(evaluate_stream(source, scorer, len(item_vectors), ks, f"{stage}/"))
         metrics.update(evaluate_popularity(source, ks, f"{stage}_popularity/"))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from towers.data.ids import distinct_in_order, id_codes, positions_in
-from towers.data.samples import history_windows
+from towers.data.samples import concatenated_ranges, history_windows, runs
 from towers.data.schema import ITEM_ID, USER_ID
 from twotower.encoding import FeatureEncoders
 from twotower.errors import UnknownIdError
@@ -74,24 +74,6 @@ def encode_users(
     return encoders.user_inputs(list(user_ids), histories, user_attribute_rows(users, user_ids))
 
 
-def _concatenated_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """``np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])``, vectorised."""
-    lengths = ends - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    offsets = np.cumsum(lengths) - lengths
-    return np.repeat(starts - offsets, lengths) + np.arange(total, dtype=np.int64)
-
-
-def _runs(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """First row and one-past-last row of each run of equal ``codes``."""
-    change = np.ones(len(codes), dtype=bool)
-    change[1:] = codes[1:] != codes[:-1]
-    first = np.flatnonzero(change)
-    return first, np.append(first[1:], len(codes))
-
-
 class EvalSource:
     """What builds the evaluation set of any range of the users of ``held_out``, scored
     from their ``known`` events (history and exclusions); ``unavailable_items`` (item
@@ -145,11 +127,11 @@ class EvalSource:
         )
 
         user_codes, user_names = id_codes(known[USER_ID])
-        first, end = _runs(user_codes)
+        first, end = runs(user_codes)
         self._known_order: np.ndarray | None = None
         if len(first) != len(np.unique(user_codes[first])):  # a user's rows not together
             self._known_order = np.argsort(user_codes, kind="stable")
-            first, end = _runs(user_codes[self._known_order])
+            first, end = runs(user_codes[self._known_order])
             run_users = user_codes[self._known_order[first]]
         else:
             run_users = user_codes[first]
@@ -171,7 +153,7 @@ class EvalSource:
         lo = max(0, min(lo, hi))
         starts, ends = self._known_start[lo:hi], self._known_end[lo:hi]
         lengths = ends - starts
-        rows = _concatenated_ranges(starts, ends)
+        rows = concatenated_ranges(starts, ends)
         if self._known_order is not None:
             rows = self._known_order[rows]
         codes = self._known_item_codes[rows]

@@ -25,28 +25,42 @@ def history_windows(
     return np.where(valid, item_codes[np.clip(positions, 0, None)], PAD_INDEX).astype(np.int64)
 
 
-def _group_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For sorted ``keys``: first and one-past-last position of each row's run of equal keys."""
+def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ``keys`` in runs of equal values: each run's first and one-past-last position."""
     change = np.ones(len(keys), dtype=bool)
     change[1:] = keys[1:] != keys[:-1]
-    run_start = np.flatnonzero(change)
-    run_id = np.cumsum(change) - 1
-    run_end = np.append(run_start[1:], len(keys))
-    return run_start[run_id], run_end[run_id]
+    first = np.flatnonzero(change)
+    return first, np.append(first[1:], len(keys))
+
+
+def group_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For sorted ``keys``: first and one-past-last position of each row's run of equal keys."""
+    first, end = runs(keys)
+    run_of_row = np.repeat(np.arange(len(first)), end - first)
+    return first[run_of_row], end[run_of_row]
+
+
+def concatenated_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The positions ``starts[i]..ends[i]-1`` of every row, one after the other
+    (``np.concatenate([np.arange(s, e) ...])`` without a Python loop)."""
+    lengths = ends - starts
+    total = int(lengths.sum())
+    offsets = np.cumsum(lengths) - lengths
+    return np.repeat(starts - offsets, lengths) + np.arange(total, dtype=np.int64)
 
 
 def history_bounds(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """For every row of ``events`` (sorted by user, then time): the position of the user's
     first event and of the first event at the row's timestamp (its history ends there)."""
     users = id_codes(events[USER_ID])[0]
-    user_start, _ = _group_bounds(users)
+    user_start, _ = group_bounds(users)
     times = events[TIMESTAMP].to_numpy()
     # a user's events at one moment are contiguous: a new moment starts where the user
     # or the time changes
     moment = np.empty(len(events), dtype=np.int64)
     moment[0:1] = 0
     moment[1:] = np.cumsum((users[1:] != users[:-1]) | (times[1:] != times[:-1]))
-    tie_start, _ = _group_bounds(moment)
+    tie_start, _ = group_bounds(moment)
     return user_start.astype(np.int64), tie_start.astype(np.int64)
 
 
@@ -79,7 +93,7 @@ def latest_histories(
     Returns the user ids (in order of appearance) and the (n_users, length) histories.
     """
     codes, uniques = pd.factorize(events[USER_ID])
-    start, end = _group_bounds(codes)
+    start, end = group_bounds(codes)
     first = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     return np.asarray(uniques, dtype=object), history_windows(
         item_codes, start[first], end[first], length

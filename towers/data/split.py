@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from towers.data.ids import distinct_in_order, id_codes, positions_in
+from towers.data.samples import group_bounds
 from towers.data.schema import ITEM_ID, RATING, TIMESTAMP, USER_ID
 from twotower.errors import EmptyTableError
 
@@ -121,14 +122,9 @@ def temporal_holdout(
     ``events`` must come from :func:`prepare_interactions` (sorted, with the order key).
     """
     ordered = in_chronological_order(events)
-    users = id_codes(ordered[USER_ID])[0]
-    change = np.ones(len(users), dtype=bool)
-    change[1:] = users[1:] != users[:-1]
-    first = np.flatnonzero(change)  # each user's first row (their rows are contiguous)
-    sizes = np.diff(np.append(first, len(users)))
-    user_of_row = np.cumsum(change) - 1
-    rank = np.arange(len(users)) - first[user_of_row]
-    sizes = sizes[user_of_row]
+    first, end = group_bounds(id_codes(ordered[USER_ID])[0])  # a user's rows are contiguous
+    sizes = end - first
+    rank = np.arange(len(first)) - first
     n_held = np.where(sizes >= min_interactions, np.maximum(1, np.round(fraction * sizes)), 0)
     held = rank >= sizes - n_held
     return ordered.loc[~held].reset_index(drop=True), ordered.loc[held].reset_index(drop=True)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from towers.data.eval_sets import EvalSet, EvalSource
 from towers.evaluation.metrics import DEFAULT_KS
 from towers.evaluation.ranking import (
     STREAM_USERS,
+    Scorer,
     evaluate_popularity,
     evaluate_stream,
     evaluate_vectors,
@@ -20,6 +23,12 @@ from towers.model.module import TwoTowerModule, embed
 
 # Every process computes the same full-ranking metrics, so there is nothing to sync.
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+
+
+def tower_scorer(user_tower: torch.nn.Module, item_vectors: np.ndarray) -> Scorer:
+    """A scorer for :func:`evaluate_stream`: each piece's users embedded by
+    ``user_tower``, scored against ``item_vectors``."""
+    return vector_scorer(lambda inputs: embed(user_tower, inputs), item_vectors)
 
 
 def evaluate_module(
@@ -33,8 +42,7 @@ def evaluate_module(
     (the users of an :class:`EvalSource` a piece at a time: :func:`evaluate_stream`)."""
     item_vectors = embed(module.model.item_tower, catalogue_inputs)
     if isinstance(eval_set, EvalSource):
-        user_tower = module.model.user_tower
-        scorer = vector_scorer(lambda inputs: embed(user_tower, inputs), item_vectors)
+        scorer = tower_scorer(module.model.user_tower, item_vectors)
         return evaluate_stream(eval_set, scorer, len(item_vectors), ks, prefix)
     user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
     return evaluate_vectors(user_vectors, item_vectors, eval_set, ks, prefix)

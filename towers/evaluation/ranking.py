@@ -11,6 +11,7 @@ from towers.data.eval_sets import EvalSet, EvalSource
 from towers.evaluation.metrics import DEFAULT_KS, MetricSums, ranking_sums
 
 ScoreFn = Callable[[int, int], np.ndarray]
+Scorer = Callable[[EvalSet], ScoreFn]  # the scores of a piece of users, for evaluate_stream
 
 MAX_CHUNK_USERS = 1024
 STREAM_USERS = 100_000  # users materialised at once by evaluate_stream
@@ -69,11 +70,18 @@ def evaluate_vectors(
     prefix: str = "",
 ) -> dict[str, float]:
     """Metrics of dot-product scores ``user_vectors @ item_vectors.T`` on ``eval_set``."""
+    return evaluate_scores(
+        dot_scores(user_vectors, item_vectors), len(item_vectors), eval_set, ks, prefix
+    )
+
+
+def dot_scores(user_vectors: np.ndarray, item_vectors: np.ndarray) -> ScoreFn:
+    """Scores of users ``lo..hi-1``: their vectors' dot products with every item's."""
 
     def chunk(lo: int, hi: int) -> np.ndarray:
         return user_vectors[lo:hi] @ item_vectors.T
 
-    return evaluate_scores(chunk, len(item_vectors), eval_set, ks, prefix)
+    return chunk
 
 
 def evaluate_popularity(
@@ -83,12 +91,8 @@ def evaluate_popularity(
     (an :class:`EvalSource` is streamed, see :func:`evaluate_stream`)."""
     if isinstance(eval_set, EvalSource):
         return evaluate_stream(eval_set, popularity_scorer, eval_set.n_items, ks, prefix)
-    popularity = eval_set.popularity
-
-    def chunk(lo: int, hi: int) -> np.ndarray:
-        return np.broadcast_to(popularity, (hi - lo, len(popularity)))
-
-    return evaluate_scores(chunk, len(popularity), eval_set, ks, prefix)
+    n_items = len(eval_set.popularity)
+    return evaluate_scores(popularity_scorer(eval_set), n_items, eval_set, ks, prefix)
 
 
 def evaluate_scores(
@@ -116,7 +120,7 @@ def score_sums(
 
 def evaluate_stream(
     source: EvalSource,
-    scorer: Callable[[EvalSet], ScoreFn],
+    scorer: Scorer,
     n_items: int,
     ks: Sequence[int] = DEFAULT_KS,
     prefix: str = "",
@@ -143,17 +147,12 @@ def evaluate_stream(
 
 def vector_scorer(
     embed_users: Callable[[dict[str, np.ndarray]], np.ndarray], item_vectors: np.ndarray
-) -> Callable[[EvalSet], ScoreFn]:
+) -> Scorer:
     """A scorer for :func:`evaluate_stream`: dot products of the piece's users, embedded
     by ``embed_users`` (all of a piece at once), with ``item_vectors``."""
 
     def scorer(piece: EvalSet) -> ScoreFn:
-        user_vectors = embed_users(piece.user_inputs)
-
-        def chunk(lo: int, hi: int) -> np.ndarray:
-            return user_vectors[lo:hi] @ item_vectors.T
-
-        return chunk
+        return dot_scores(embed_users(piece.user_inputs), item_vectors)
 
     return scorer
 

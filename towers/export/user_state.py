@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from towers.data.eval_sets import user_attribute_rows
 from towers.data.ids import id_codes
 from towers.data.prepare import PreparedData
+from towers.data.samples import concatenated_ranges
 from towers.data.schema import ITEM_ID, USER_ID
 from twotower.bundle import layout
 
@@ -29,14 +30,6 @@ def _lists(values: pa.Array, lengths: np.ndarray, large: bool) -> pa.Array:
     if large:
         return pa.LargeListArray.from_arrays(pa.array(offsets), values)
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
-
-
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """The positions ``starts[i]..ends[i]-1`` of every row, one after the other."""
-    lengths = ends - starts
-    total = int(lengths.sum())
-    offsets = np.cumsum(lengths) - lengths
-    return np.repeat(starts - offsets, lengths) + np.arange(total, dtype=np.int64)
 
 
 def _pandas_metadata(attributes: pd.DataFrame | None) -> dict:
@@ -66,7 +59,7 @@ def user_state_table(data: PreparedData) -> pa.Table:
     seen_values = pc.take(item_strings, pa.array(item_codes))
     ends = np.cumsum(lengths)
     starts = np.maximum(ends - data.encoders.history_length, ends - lengths)
-    history_values = pc.take(seen_values, pa.array(_ranges(starts, ends)))
+    history_values = pc.take(seen_values, pa.array(concatenated_ranges(starts, ends)))
     known = np.asarray(user_names[appearing], dtype=object)
     user_ids = known
     large = len(item_codes) >= np.iinfo(np.int32).max  # past 32-bit list offsets
