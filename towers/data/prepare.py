@@ -214,18 +214,6 @@ def build_eval_sources(
     return validation, test
 
 
-def build_eval_sets(
-    raw: RawData,
-    split: Split,
-    fit: pd.DataFrame,
-    catalogue: pd.DataFrame,
-    encoders: FeatureEncoders,
-) -> tuple[EvalSet, EvalSet]:
-    """The whole validation and test sets of :func:`build_eval_sources`."""
-    validation, test = build_eval_sources(raw, split, fit, catalogue, encoders)
-    return validation.materialise(), test.materialise()
-
-
 def prepare_data(
     raw: RawData, split: Split, settings: FeatureSettings, fit_on: str = "fit"
 ) -> PreparedData:
