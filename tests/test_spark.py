@@ -468,6 +468,25 @@ def test_training_from_a_prepared_directory_equals_training_from_the_tables(
         k: from_tables.metrics[k] for k in metrics
     }
 
+    # streamed from the shards (data.stream): the same samples, batched in another order,
+    # so the same metrics up to that order's noise (seeds differ by about 0.005 here)
+    streamed = train(
+        compose_config(
+            [
+                *common,
+                f"data.prepared={prepared}",
+                "data.stream=true",
+                "data.stream_group_shards=2",
+                f"paths.output_dir={tmp_path / 'streamed_run'}",
+            ]
+        )
+    )
+    assert streamed is not None and streamed.data.sample_stream is not None
+    assert streamed.data.n_samples == from_prepared.data.n_samples
+    assert len(streamed.data.sample_item_rows) == 0  # nothing but the shards holds them
+    for key in ("val/recall@20", "val/ndcg@20", "test/recall@20", "test/ndcg@20"):
+        assert streamed.metrics[key] == pytest.approx(from_prepared.metrics[key], abs=0.02), key
+
     # what a prepared directory cannot serve fails before any work, naming the setting
     for override, message in (
         ("train.refit=true", "--fit-on train"),
@@ -510,3 +529,5 @@ def test_training_from_a_directory_that_is_not_prepared_names_it(tmp_path: Path)
     assert str(directory) in str(failure.value)
     with pytest.raises(PreparedDataError, match="needs data=csv"):
         train(compose_config([*base, f"data.prepared={directory}"]))  # data=synthetic
+    with pytest.raises(PreparedDataError, match=r"set data\.prepared=DIR"):
+        train(compose_config([*overrides, "data.stream=true"]))  # nothing to stream

@@ -32,6 +32,7 @@ from towers.data.prepared_dir import load_prepared, read_prepared_manifest
 from towers.data.readers import load_user_table
 from towers.data.samples import user_activity_weights
 from towers.data.schema import ITEM_ID, RawData
+from towers.data.shard_stream import GROUP_SHARDS, ShardBatches
 from towers.data.sources import load_data
 from towers.data.split import make_split, prepare_interactions, recent_window
 from towers.evaluation.callback import RankingEvaluation, evaluate_module, tower_scorer
@@ -226,7 +227,9 @@ def prepare(
             if isinstance(raw, Future):
                 raw = raw.result()
             users = raw.users if raw is not None else prepared_users(cfg)
-            data = load_prepared(directory, users, str(cfg.data.kind))
+            data = load_prepared(
+                directory, users, str(cfg.data.kind), stream=bool(cfg.data.get("stream"))
+            )
         log.info("split %s", data.info)
         return data
     with timed(timings, "load"):
@@ -267,8 +270,22 @@ def model_config(cfg: DictConfig) -> ModelConfig:
 
 
 def build_datamodule(cfg: DictConfig, data: PreparedData) -> TwoTowerDataModule:
-    """Training batches as ``cfg.train`` and ``cfg.model`` ask."""
+    """Training batches as ``cfg.train`` and ``cfg.model`` ask: from the samples in
+    memory, or streamed from a prepared directory's shards (``data.stream``)."""
     power = float(cfg.train.user_weight_power)
+    if data.sample_stream is not None:
+        batches = ShardBatches(
+            data.sample_stream,
+            data.encoders.user_input_names,
+            data.catalogue_inputs,
+            data.encoders.history_length,
+            model_config(cfg).mixed_negatives,
+            cfg.seed,
+            cfg.train.target_horizon,
+            power,
+            int(cfg.data.get("stream_group_shards", GROUP_SHARDS)),
+        )
+        return TwoTowerDataModule(batches, cfg.train.batch_size, cfg.seed)
     if power:
         weights = data.sample_weights * user_activity_weights(data.sample_histories.starts, power)
         data = dataclasses.replace(data, sample_weights=weights)
@@ -515,6 +532,11 @@ def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> Trai
     directory = prepared_directory(cfg)
     if directory is not None:
         check_prepared(cfg, directory, warn=False)  # an unusable directory fails at once
+    elif cfg.data.get("stream"):
+        raise PreparedDataError(
+            "data.stream=true streams the training samples of a prepared directory: set "
+            "data.prepared=DIR (`twotower spark prepare`'s output), or data.stream=false"
+        )
     out.mkdir(parents=True, exist_ok=True)
     log.info("config:\n%s", resolved_yaml(cfg))
     timings: dict[str, float] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pytorch_lightning as pl
@@ -29,11 +30,13 @@ def to_tensors(arrays: dict[str, np.ndarray]) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class BatchRequest:
-    """Which samples make up batch ``number`` of ``epoch``."""
+    """Which samples make up batch ``number`` of ``epoch`` (``positions`` within
+    ``group``: the whole sample set in memory, or one group of streamed shards)."""
 
     epoch: int
     number: int
     positions: np.ndarray
+    group: int = 0
 
 
 class EpochBatchSampler(Sampler[BatchRequest]):
@@ -106,6 +109,7 @@ class InteractionBatches(Dataset[Batch]):
         history_source: HistorySource | None = None,
         target_horizon: int = 1,
         user_rows: np.ndarray | None = None,
+        negative_pool: np.ndarray | None = None,
     ) -> None:
         if target_horizon < 1:
             raise ValueError(f"target_horizon must be >= 1, got {target_horizon}")
@@ -121,13 +125,19 @@ class InteractionBatches(Dataset[Batch]):
         self.weights = torch.from_numpy(np.asarray(weights, dtype=np.float32))
         self.catalogue = to_tensors(catalogue_inputs)
         self.mixed_negatives = mixed_negatives
-        self.negative_pool = np.unique(item_rows)
+        # the items mixed negatives come from (default: those of ``item_rows``)
+        self.negative_pool = np.unique(item_rows) if negative_pool is None else negative_pool
         self.seed = seed
 
     @classmethod
     def from_prepared(
         cls, data: PreparedData, mixed_negatives: int = 0, seed: int = 0, target_horizon: int = 1
     ) -> InteractionBatches:
+        if data.sample_stream is not None:
+            raise ValueError(
+                "the samples of this data stream from shards: use "
+                "towers.data.shard_stream.ShardBatches (towers.pipeline.build_datamodule)"
+            )
         return cls(
             data.sample_user_inputs,
             data.sample_item_rows,
@@ -142,6 +152,12 @@ class InteractionBatches(Dataset[Batch]):
 
     def __len__(self) -> int:
         return len(self.item_rows)
+
+    def batch_sampler(
+        self, batch_size: int, seed: int, world_size: int = 1, rank: int = 0
+    ) -> EpochBatchSampler:
+        """This process's share of each epoch's batches of these samples."""
+        return EpochBatchSampler(len(self), batch_size, seed, True, world_size, rank)
 
     def item_inputs(self, rows: Tensor) -> dict[str, Tensor]:
         return {name: values[rows] for name, values in self.catalogue.items()}
@@ -168,10 +184,24 @@ class InteractionBatches(Dataset[Batch]):
         return batch
 
 
-class TwoTowerDataModule(pl.LightningDataModule):
-    """Shuffled batches of (user inputs, item inputs) from :class:`InteractionBatches`."""
+class BatchSource(Protocol):
+    """A dataset of whole batches and the sampler of their requests: the samples in
+    memory (:class:`InteractionBatches`) or streamed from shards
+    (:class:`towers.data.shard_stream.ShardBatches`)."""
 
-    def __init__(self, dataset: InteractionBatches, batch_size: int = 512, seed: int = 0) -> None:
+    negative_pool: np.ndarray
+
+    def __getitem__(self, request: BatchRequest) -> Batch: ...
+
+    def batch_sampler(
+        self, batch_size: int, seed: int, world_size: int = 1, rank: int = 0
+    ) -> Sampler[BatchRequest]: ...
+
+
+class TwoTowerDataModule(pl.LightningDataModule):
+    """Shuffled batches of (user inputs, item inputs) from a :class:`BatchSource`."""
+
+    def __init__(self, dataset: BatchSource, batch_size: int = 512, seed: int = 0) -> None:
         super().__init__()
         self.dataset = dataset
         self.batch_size = batch_size
@@ -193,13 +223,17 @@ class TwoTowerDataModule(pl.LightningDataModule):
     def negative_pool_size(self) -> int:
         return len(self.dataset.negative_pool)
 
-    def sampler(self) -> EpochBatchSampler:
+    def sampler(self) -> Sampler[BatchRequest]:
         """This process's share of each epoch's batches."""
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        return EpochBatchSampler(
-            len(self.dataset), self.batch_size, self.seed, True, world_size, rank
-        )
+        return self.dataset.batch_sampler(self.batch_size, self.seed, world_size, rank)
+
+    def teardown(self, stage: str) -> None:
+        """After fitting: let a streamed source drop the shards it holds."""
+        release = getattr(self.dataset, "release", None)
+        if callable(release):
+            release()
 
     def train_dataloader(self) -> DataLoader[Batch]:
-        return DataLoader(self.dataset, sampler=self.sampler(), batch_size=None)
+        return DataLoader(self.dataset, sampler=self.sampler(), batch_size=None)  # type: ignore[arg-type]

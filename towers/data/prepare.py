@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,9 @@ from towers.data.samples import HistorySource, history_bounds
 from towers.data.schema import ITEM_ID, USER_ID, WEIGHT, RawData, infer_feature_columns
 from towers.data.split import Split
 from twotower.encoding import EntityEncoder, FeatureColumns, FeatureEncoders
+
+if TYPE_CHECKING:
+    from towers.data.shard_stream import SampleStream
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,11 @@ class FeatureSettings:
 @dataclass
 class PreparedData:
     """Encoders, catalogue inputs, training samples and evaluation sets of one experiment
-    (each set as the :class:`EvalSource` that builds any range of its users)."""
+    (each set as the :class:`EvalSource` that builds any range of its users).
+
+    With ``sample_stream`` the training samples stay on disk (shards streamed by
+    :class:`towers.data.shard_stream.ShardBatches`) and the ``sample_*`` arrays are
+    empty."""
 
     catalogue: pd.DataFrame
     users: pd.DataFrame | None
@@ -66,6 +74,7 @@ class PreparedData:
     test_source: EvalSource
     sample_user_rows: np.ndarray | None = None
     info: dict[str, object] = field(default_factory=dict)
+    sample_stream: SampleStream | None = None
 
     def user_inputs_of_samples(self, positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """The user inputs (all but the history) of the samples at ``positions`` (all by
@@ -94,6 +103,8 @@ class PreparedData:
 
     @property
     def n_samples(self) -> int:
+        if self.sample_stream is not None:
+            return self.sample_stream.n_samples
         return len(self.sample_item_rows)
 
 
@@ -156,7 +167,12 @@ class TrainingSamples:
 def item_log_p(item_rows: np.ndarray, n_items: int) -> np.ndarray:
     """Each catalogue row's log share of the training samples (``item_rows``: their
     positives; an item never trained on counts once): the sampled-softmax correction."""
-    counts = np.bincount(item_rows, minlength=n_items).astype(np.float64)
+    return item_log_p_of_counts(np.bincount(item_rows, minlength=n_items))
+
+
+def item_log_p_of_counts(counts: np.ndarray) -> np.ndarray:
+    """:func:`item_log_p` from each catalogue row's count of training samples."""
+    counts = counts.astype(np.float64)
     return np.log(np.maximum(counts, 1.0) / counts.sum()).astype(np.float32)
 
 

@@ -5,7 +5,9 @@ catalogue and the training samples from ``DIR`` instead of computing them: the s
 :class:`~towers.data.prepare.PreparedData` that :func:`towers.data.prepare.prepare_data`
 builds from the same tables and settings. The interactions are not read; the user table
 (for the attributes of the evaluation users) is the caller's. Everything is loaded in
-memory, as on the single-machine path (no streaming from the shards).
+memory, as on the single-machine path, unless ``stream=True`` (``data.stream=true``):
+then the training samples stay in their shards and training streams them
+(:mod:`towers.data.shard_stream`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from towers.data.prepare import (
     assemble_prepared,
     build_eval_sources,
     item_log_p,
+    item_log_p_of_counts,
 )
+from towers.data.samples import HistorySource
 from towers.data.schema import ITEM_ID, USER_ID, RawData, normalise_ids, validate_entities
+from towers.data.shard_stream import SampleShards, SampleStats, SampleStream
 from towers.data.split import Split
 from twotower.errors import PreparedDataError, TwoTowerError
 from twotower.spark import shards
@@ -133,21 +138,46 @@ def read_split(
     return split, events
 
 
+def streamed_samples(stream: SampleStream, history_length: int) -> TrainingSamples:
+    """The :class:`TrainingSamples` of samples left on disk: no arrays (each batch
+    reads them from the shards), the sampled-softmax correction from their counts."""
+    empty = np.zeros(0, dtype=np.int64)
+    return TrainingSamples(
+        user_inputs={},
+        item_rows=empty,
+        weights=np.zeros(0, dtype=np.float32),
+        histories=HistorySource(empty, empty, empty, history_length),
+        item_log_p=item_log_p_of_counts(stream.stats.item_counts),
+    )
+
+
 def load_prepared(
-    directory: str | Path, users: pd.DataFrame | None, name: str = "prepared"
+    directory: str | Path,
+    users: pd.DataFrame | None,
+    name: str = "prepared",
+    stream: bool = False,
 ) -> PreparedData:
     """The :class:`PreparedData` of a prepared directory (a path, or a URL copied to a
     local temporary directory first), trained on what the directory was prepared on
     (``trained_on``: the fit part, or all of train), with ``users`` (the validated user
     table, or None) for the evaluation users' attributes; ``name`` names the data in
-    ``info``."""
+    ``info``. ``stream``: leave the training samples in ``samples/`` (read where they
+    are, at the URL for a URL) for :class:`towers.data.shard_stream.ShardBatches`."""
     manifest = read_prepared_manifest(directory)
     if not is_url(str(directory)):
-        return _load(Path(directory), manifest, users, name, str(directory))
+        return _load(Path(directory), manifest, users, name, str(directory), stream)
     staging = local_staging("twotower-prepared-")
     try:
-        download_tree(str(directory), staging)
-        return _load(staging, manifest, users, name, str(directory))
+        if stream:  # all but the samples, which are read where they are
+            fs, root = filesystem(str(directory))
+            for part in PARTS:
+                if part == shards.ENCODERS:
+                    fs.get_file(f"{root.rstrip('/')}/{part}", str(staging / part))
+                elif part != shards.SAMPLES:
+                    download_tree(f"{str(directory).rstrip('/')}/{part}", staging / part)
+        else:
+            download_tree(str(directory), staging)
+        return _load(staging, manifest, users, name, str(directory), stream)
     finally:
         remove(staging)
 
@@ -172,8 +202,27 @@ def check_user_table(encoders: Any, users: pd.DataFrame | None, where: str) -> N
         )
 
 
+def _stream(directory: str, n_items: int, user_inputs: list[str], where: str) -> SampleStream:
+    """The sample shards of ``directory`` (checked to hold what training reads) and their
+    counts, to stream from."""
+    sample_shards = SampleShards.open(
+        f"{directory.rstrip('/')}/{shards.SAMPLES}", shards.sample_columns(user_inputs)
+    )
+    try:
+        return SampleStream(sample_shards, SampleStats.scan(sample_shards, n_items))
+    except PreparedDataError:
+        raise
+    except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
+        raise PreparedDataError(f"{where}: cannot read {shards.SAMPLES}/ ({exc})") from exc
+
+
 def _load(
-    root: Path, manifest: dict[str, Any], users: pd.DataFrame | None, name: str, directory: str
+    root: Path,
+    manifest: dict[str, Any],
+    users: pd.DataFrame | None,
+    name: str,
+    directory: str,
+    stream: bool = False,
 ) -> PreparedData:
     where = _where(directory)
     fit_on = str(manifest["trained_on"])
@@ -184,34 +233,46 @@ def _load(
         item_table = (manifest.get("settings") or {}).get("items") is not None
         catalogue = read_catalogue(root, item_table, where)
         split, events = read_split(root, list(manifest.get("cold_items", [])), where)
-        read = shards.read_samples(root, encoders)
+        read = None if stream else shards.read_samples(root, encoders)
     except PreparedDataError:
         raise
     except (OSError, KeyError, ValueError, pa.ArrowException, TwoTowerError) as exc:
         raise PreparedDataError(f"{where}: cannot read the directory ({exc})") from exc
+    sample_stream = (
+        _stream(directory, len(catalogue), encoders.user_input_names, where)
+        if read is None
+        else None
+    )
     expected = {
         "items": len(catalogue),
-        "samples": len(read),
+        "samples": len(read) if read is not None else sample_stream.n_samples,  # type: ignore[union-attr]
         **{k: v for k, v in split.stats().items() if k in counts},
     }
     wrong = {k: (counts[k], v) for k, v in expected.items() if k in counts and counts[k] != v}
     if wrong:
         found = ", ".join(f"{k} {v} (prepared.json: {c})" for k, (c, v) in wrong.items())
         raise PreparedDataError(f"{where}: the files do not match {shards.MANIFEST}: {found}")
-    if len(read) and (read.item_rows.min() < 0 or read.item_rows.max() >= len(catalogue)):
-        raise PreparedDataError(f"{where}: {shards.SAMPLES}/ names item rows outside the catalogue")
-    samples = TrainingSamples(
-        user_inputs=read.user_inputs,
-        item_rows=read.item_rows,
-        weights=read.weights,
-        histories=read.histories,
-        item_log_p=item_log_p(read.item_rows, len(catalogue)),
-    )
+    if read is None:
+        assert sample_stream is not None
+        samples = streamed_samples(sample_stream, encoders.history_length)
+    else:
+        if len(read) and (read.item_rows.min() < 0 or read.item_rows.max() >= len(catalogue)):
+            raise PreparedDataError(
+                f"{where}: {shards.SAMPLES}/ names item rows outside the catalogue"
+            )
+        samples = TrainingSamples(
+            user_inputs=read.user_inputs,
+            item_rows=read.item_rows,
+            weights=read.weights,
+            histories=read.histories,
+            item_log_p=item_log_p(read.item_rows, len(catalogue)),
+        )
     raw = RawData(events, catalogue, users, name=name)
     fit = split.fit if fit_on == "fit" else split.train
     eval_sources = build_eval_sources(raw, split, fit, catalogue, encoders)
     data = assemble_prepared(raw, split, catalogue, encoders, samples, eval_sources, fit_on)
     data.info["prepared"] = directory
+    data.sample_stream = sample_stream
     log.info(
         "prepared directory %s: %d samples (trained on %s), %d items",
         data.info["prepared"],

@@ -75,6 +75,37 @@ def _matrix(table: pa.Table, name: str, dtype: type) -> np.ndarray:
     return values.reshape(rows, len(values) // rows if rows else 0)
 
 
+def sample_columns(user_input_names: list[str]) -> list[str]:
+    """The ``samples/`` columns that training reads (not the plain ``history``, which
+    is cut again per batch): the user inputs' columns, the item, weight and history
+    bounds."""
+    inputs = [USER_CODE if name == "user_id" else name for name in user_input_names]
+    return [
+        *[name for name in inputs if name != HISTORY],
+        ITEM_ROW,
+        ITEM_CODE,
+        WEIGHT,
+        HISTORY_START,
+        HISTORY_END,
+    ]
+
+
+def user_inputs_of_rows(table: pa.Table, user_input_names: list[str]) -> dict[str, np.ndarray]:
+    """The user-tower inputs but the history of each row of a ``samples/`` table, named
+    as the towers name them (``user_id`` is the ``user_code`` column)."""
+    inputs: dict[str, np.ndarray] = {}
+    for name in user_input_names:
+        if name == HISTORY:  # cut per batch from ``histories``, as prepare_data does
+            continue
+        if name == "user_id":
+            inputs[name] = table.column(USER_CODE).to_numpy().astype(np.int64)
+        elif name == "user_num":
+            inputs[name] = _matrix(table, name, np.float32)
+        else:
+            inputs[name] = _matrix(table, name, np.int64)
+    return inputs
+
+
 def read_samples(directory: str | Path, encoders: FeatureEncoders | None = None) -> Samples:
     """The samples of a prepared directory (a local path, or any URL pyarrow opens), in
     sample order, as :func:`towers.data.prepare.build_training_samples` holds them: the
@@ -84,18 +115,8 @@ def read_samples(directory: str | Path, encoders: FeatureEncoders | None = None)
     the plain ones, ``histories.windows(positions, 1, rng)``)."""
     encoders = encoders or read_encoders(directory)
     table = pq.read_table(f"{str(directory).rstrip('/')}/{SAMPLES}").sort_by(SAMPLE)
-    inputs: dict[str, np.ndarray] = {}
-    for name in encoders.user_input_names:
-        if name == HISTORY:  # cut per batch from ``histories``, as prepare_data does
-            continue
-        if name == "user_id":
-            inputs[name] = table.column(USER_CODE).to_numpy().astype(np.int64)
-        elif name == "user_num":
-            inputs[name] = _matrix(table, name, np.float32)
-        else:
-            inputs[name] = _matrix(table, name, np.int64)
     return Samples(
-        user_inputs=inputs,
+        user_inputs=user_inputs_of_rows(table, encoders.user_input_names),
         item_rows=table.column(ITEM_ROW).to_numpy().astype(np.int64),
         weights=table.column(WEIGHT).to_numpy().astype(np.float32),
         timestamps=table.column(TIMESTAMP).to_numpy().astype(np.float64),
