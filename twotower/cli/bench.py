@@ -1,6 +1,6 @@
 """``twotower bench NAME [args ...]``: run a benchmark of the checkout's ``benchmarks/``
 (not in the wheel): quality, retrieval, serving, training, main_job, reliability, scale,
-large_catalogue or continuous. Run it from the checkout's root; ``twotower bench NAME
+large_catalogue, continuous or streaming. Run it from the checkout's root; ``twotower bench NAME
 --help`` describes each."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ NAMES = (
     "scale",
     "large_catalogue",
     "continuous",
+    "streaming",
 )
 
 
