@@ -1,7 +1,7 @@
 """``twotower bench NAME [args ...]``: run a benchmark of the checkout's ``benchmarks/``
 (not in the wheel): quality, retrieval, serving, training, main_job, reliability, scale,
-large_catalogue, continuous or streaming. Run it from the checkout's root; ``twotower bench NAME
---help`` describes each."""
+large_catalogue, continuous, streaming or onnx_memory. Run it from the checkout's root;
+``twotower bench NAME --help`` describes each."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ NAMES = (
     "large_catalogue",
     "continuous",
     "streaming",
+    "onnx_memory",
 )
 
 

@@ -1,0 +1,102 @@
+"""Peak RSS of exporting a tower with many id rows to ONNX (and its parity check).
+
+twotower bench onnx_memory [--rows 5000000] [--dim 64]
+Writes docs/benchmarks/onnx_memory.json and onnx_memory.md: the tower's weights, the
+process's RSS before the export, and the peak while ``towers.export.onnx_export.
+export_tower`` writes the ONNX file and checks it against torch with onnxruntime. The
+100M-event rung of the scale ladder has 5M user-id rows of 64 floats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.report import write_report
+
+OUT = Path("docs/benchmarks/onnx_memory")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+GB = 1024**3
+
+
+def rss_gb() -> float:
+    """This process's resident set size."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE / GB
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+    from torch import nn
+
+    from towers.export.onnx_export import export_tower
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5_000_000, help="id rows of the tower")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=OUT, help="output stem (.json/.md)")
+    args = parser.parse_args(argv)
+
+    class IdTower(nn.Module):
+        """An id embedding and a projection: the shape of a user tower's bulk."""
+
+        def __init__(self, rows: int, dim: int) -> None:
+            super().__init__()
+            self.ids = nn.Embedding(rows, dim)
+            self.out = nn.Linear(dim, dim)
+
+        def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.out(self.ids(inputs["user_id"]))
+
+    tower = IdTower(args.rows, args.dim).eval()
+    peak = [rss_gb()]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], rss_gb())
+
+    before = rss_gb()
+    peak[0] = before
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        export_tower(
+            tower, ["user_id"], {"user_id": np.arange(16, dtype=np.int64)}, Path(work) / "t.onnx"
+        )
+        size = (Path(work) / "t.onnx").stat().st_size / GB
+    seconds = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    row = {
+        "id rows": args.rows,
+        "dim": args.dim,
+        "weights GB": round(args.rows * args.dim * 4 / GB, 3),
+        "ONNX file GB": round(size, 3),
+        "RSS before GB": round(before, 3),
+        "peak RSS GB": round(peak[0], 3),
+        "peak over before GB": round(peak[0] - before, 3),
+        "seconds": round(seconds, 1),
+    }
+    print(row)
+    write_report(
+        args.out,
+        "ONNX export memory",
+        "`export_tower` (ONNX export, then the onnxruntime parity check) of a tower holding "
+        "an id embedding, in one process (`benchmarks/bench_onnx_memory.py`). Produced by:"
+        f"\n\n```\ntwotower bench onnx_memory --rows {args.rows} --dim {args.dim}\n```",
+        {"rows": args.rows, "dim": args.dim},
+        [row],
+        list(row),
+    )
+
+
+if __name__ == "__main__":
+    main()
