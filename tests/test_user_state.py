@@ -68,10 +68,13 @@ def test_user_table_reads_back_as_the_pandas_one(
         split = dataclasses.replace(split, train=train)
     data = prepare_data(raw, split, FeatureSettings(history_length=history_length))
     pandas_user_state(data).to_parquet(tmp_path / "pandas.parquet", index=False)
-    table = write_user_state(data, str(tmp_path / "arrow.parquet"))
+    # a few users per chunk: the chunks' lists and attributes line up as one table's
+    rows = write_user_state(data, str(tmp_path / "arrow.parquet"), users_per_chunk=7)
     expected = pd.read_parquet(tmp_path / "pandas.parquet")
     got = pd.read_parquet(tmp_path / "arrow.parquet")
-    assert table.num_rows == len(expected) and "nobody" in set(got[USER_ID])
+    assert rows == len(expected) and "nobody" in set(got[USER_ID])
+    write_user_state(data, str(tmp_path / "whole.parquet"), users_per_chunk=10**6)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "whole.parquet"), got)
     assert list(got.columns) == list(expected.columns)
     assert got.dtypes.to_dict() == expected.dtypes.to_dict()
     for column in (layout.HISTORY_COLUMN, layout.SEEN_COLUMN):

@@ -14,6 +14,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pandas as pd
 
 from retrieval.index import auto_factory
 from towers.data.eval_sets import catalogue_rows
@@ -118,9 +119,9 @@ def write_bundle_files(
     items[layout.COUNT_COLUMN] = counts
     items[layout.REMOVED_COLUMN] = False
     items.to_parquet(directory / layout.ITEMS, index=False)
-    user_table = write_user_state(data, str(directory / layout.USERS))
+    n_users = write_user_state(data, str(directory / layout.USERS))
     if settings.user_embeddings:
-        users = user_table.to_pandas()
+        users = pd.read_parquet(directory / layout.USERS)
         user_ids = users[USER_ID].to_numpy(dtype=object)
         histories = encoders.encode_histories(list(users[layout.HISTORY_COLUMN]))
         inputs = encoders.user_inputs(list(user_ids), histories, users)
@@ -140,7 +141,7 @@ def write_bundle_files(
         ),
         counts=Counts(
             items=len(items),
-            users=user_table.num_rows,
+            users=n_users,
             known_items=len(encoders.items.ids.values),
             known_users=len(encoders.users.ids.values),
             train_interactions=len(data.split.train),

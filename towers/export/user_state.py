@@ -4,10 +4,13 @@ train), plus their attributes, built in Arrow from the id codes.
 Train can hold tens of millions of events; as Python lists of strings the two list
 columns alone took more memory than training (the 100M-event rung of the scale ladder
 stopped there). Here they are Arrow list arrays cut from one string array of the train
-items, in the layout (and with the pandas metadata) the pandas writer gave them.
+items, in the layout (and with the pandas metadata) the pandas writer gave them, and
+written a million users at a time, so only one chunk's item strings exist at once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -43,10 +46,16 @@ def _pandas_metadata(attributes: pd.DataFrame | None) -> dict:
     return pa.Table.from_pandas(frame, preserve_index=False).schema.metadata or {}
 
 
-def user_state_table(data: PreparedData) -> pa.Table:
-    """Each user of train (in order of first appearance) with their last
-    ``history_length`` items and all their items in time order; then the users of the
-    user table without events (empty lists); then the user table's attribute columns."""
+USERS_PER_CHUNK = 1_000_000
+
+
+def user_state_chunks(
+    data: PreparedData, users_per_chunk: int = USERS_PER_CHUNK
+) -> Iterator[pa.Table]:
+    """The rows of :func:`user_state_table`, ``users_per_chunk`` users at a time (the
+    item strings of one chunk's lists exist at once, not those of all of train)."""
+    if users_per_chunk < 1:
+        raise ValueError(f"users_per_chunk must be >= 1, got {users_per_chunk}")
     train = data.split.train
     user_codes, user_names = id_codes(train[USER_ID])
     item_codes, item_names = id_codes(train[ITEM_ID])
@@ -56,43 +65,84 @@ def user_state_table(data: PreparedData) -> pa.Table:
         item_codes = item_codes[order]
     lengths = np.bincount(group, minlength=len(appearing)).astype(np.int64)
     item_strings = pa.array(item_names.astype(str), pa.large_string())
-    seen_values = pc.take(item_strings, pa.array(item_codes))
     ends = np.cumsum(lengths)
-    starts = np.maximum(ends - data.encoders.history_length, ends - lengths)
-    history_values = pc.take(seen_values, pa.array(concatenated_ranges(starts, ends)))
     known = np.asarray(user_names[appearing], dtype=object)
-    user_ids = known
     large = len(item_codes) >= np.iinfo(np.int32).max  # past 32-bit list offsets
-    history = _lists(history_values, ends - starts, large)
-    seen = _lists(seen_values, lengths, large)
-    attributes = None
+    extra = np.zeros(0, dtype=object)
+    attributes: pd.DataFrame | None = None
+    attribute_table: pa.Table | None = None
     if data.users is not None:
         table_ids = data.users[USER_ID].to_numpy(dtype=object)
         extra = table_ids[pd.Index(known, dtype=object).get_indexer(table_ids) < 0]
-        user_ids = np.concatenate([known, extra])
-        empty = np.zeros(len(extra), dtype=np.int64)
-        history = pa.concat_arrays([history, _lists(history_values.slice(0, 0), empty, large)])
-        seen = pa.concat_arrays([seen, _lists(seen_values.slice(0, 0), empty, large)])
-        attributes = user_attribute_rows(data.users, user_ids)
-        assert attributes is not None
-        attributes = attributes.drop(columns=[USER_ID])
-    columns: dict[str, pa.Array] = {
-        USER_ID: pa.array(user_ids.astype(str), pa.string()),
-        layout.HISTORY_COLUMN: history,
-        layout.SEEN_COLUMN: seen,
-    }
-    table = pa.table(columns)
-    if attributes is not None:
-        extra_columns = pa.Table.from_pandas(attributes, preserve_index=False)
-        for name, column in zip(extra_columns.column_names, extra_columns.columns, strict=True):
-            table = table.append_column(name, column)
-    return table.replace_schema_metadata(_pandas_metadata(attributes))
+        rows = user_attribute_rows(data.users, np.concatenate([known, extra]))
+        assert rows is not None
+        attributes = rows.drop(columns=[USER_ID])
+        attribute_table = pa.Table.from_pandas(attributes, preserve_index=False)
+    metadata = _pandas_metadata(attributes)
+    length = data.encoders.history_length
+
+    def chunk(lo: int, hi: int, with_events: bool) -> pa.Table:
+        """Users ``lo..hi-1`` (of the known users, then of the extra ones)."""
+        if with_events:
+            first = int(ends[lo] - lengths[lo]) if hi > lo else 0
+            last = int(ends[hi - 1]) if hi > lo else 0
+            seen_values = pc.take(item_strings, pa.array(item_codes[first:last]))
+            mine = lengths[lo:hi]
+            local_ends = ends[lo:hi] - first
+            starts = np.maximum(local_ends - length, local_ends - mine)
+            history_values = pc.take(seen_values, pa.array(concatenated_ranges(starts, local_ends)))
+            ids = known[lo:hi]
+            history = _lists(history_values, local_ends - starts, large)
+            seen = _lists(seen_values, mine, large)
+            offset = 0
+        else:  # users of the user table without events: empty lists
+            empty_values = item_strings.slice(0, 0)
+            empty = np.zeros(hi - lo, dtype=np.int64)
+            ids = extra[lo:hi]
+            history = _lists(empty_values, empty, large)
+            seen = _lists(empty_values, empty, large)
+            offset = len(known)
+        table = pa.table(
+            {
+                USER_ID: pa.array(ids.astype(str), pa.string()),
+                layout.HISTORY_COLUMN: history,
+                layout.SEEN_COLUMN: seen,
+            }
+        )
+        if attribute_table is not None:
+            part = attribute_table.slice(offset + lo, hi - lo)
+            for name, column in zip(part.column_names, part.columns, strict=True):
+                table = table.append_column(name, column)
+        return table.replace_schema_metadata(metadata)
+
+    yield chunk(0, min(users_per_chunk, len(known)), True)  # the first, even when empty
+    for lo in range(users_per_chunk, len(known), users_per_chunk):
+        yield chunk(lo, min(lo + users_per_chunk, len(known)), True)
+    for lo in range(0, len(extra), users_per_chunk):
+        yield chunk(lo, min(lo + users_per_chunk, len(extra)), False)
 
 
-def write_user_state(data: PreparedData, path: str) -> pa.Table:
-    """Write :func:`user_state_table` to the Parquet file ``path``; return the table."""
+def user_state_table(data: PreparedData) -> pa.Table:
+    """Each user of train (in order of first appearance) with their last
+    ``history_length`` items and all their items in time order; then the users of the
+    user table without events (empty lists); then the user table's attribute columns."""
+    return pa.concat_tables(user_state_chunks(data)).combine_chunks()
+
+
+def write_user_state(data: PreparedData, path: str, users_per_chunk: int = USERS_PER_CHUNK) -> int:
+    """Write :func:`user_state_table` to the Parquet file ``path``, ``users_per_chunk``
+    users at a time; return the number of users written."""
     import pyarrow.parquet as pq
 
-    table = user_state_table(data)
-    pq.write_table(table, path)
-    return table
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for table in user_state_chunks(data, users_per_chunk):
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
