@@ -10,25 +10,15 @@ export_tower`` writes the ONNX file and checks it against torch with onnxruntime
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks.report import write_report
+from benchmarks.scale import GB, PeakRss, rss_bytes
 
 OUT = Path("docs/benchmarks/onnx_memory")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-GB = 1024**3
-
-
-def rss_gb() -> float:
-    """This process's resident set size."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / GB
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,34 +45,24 @@ def main(argv: list[str] | None = None) -> None:
             return self.out(self.ids(inputs["user_id"]))
 
     tower = IdTower(args.rows, args.dim).eval()
-    peak = [rss_gb()]
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(0.02):
-            peak[0] = max(peak[0], rss_gb())
-
-    before = rss_gb()
-    peak[0] = before
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as work:
+    before = rss_bytes() / GB
+    sampler = PeakRss()
+    measured: dict[str, float] = {}
+    with sampler.stage(measured), tempfile.TemporaryDirectory() as work:
         export_tower(
             tower, ["user_id"], {"user_id": np.arange(16, dtype=np.int64)}, Path(work) / "t.onnx"
         )
         size = (Path(work) / "t.onnx").stat().st_size / GB
-    seconds = time.perf_counter() - start
-    stop.set()
-    thread.join()
+    sampler.close()
+    peak, seconds = measured["peak_rss_gb"], measured["seconds"]
     row = {
         "id rows": args.rows,
         "dim": args.dim,
         "weights GB": round(args.rows * args.dim * 4 / GB, 3),
         "ONNX file GB": round(size, 3),
         "RSS before GB": round(before, 3),
-        "peak RSS GB": round(peak[0], 3),
-        "peak over before GB": round(peak[0] - before, 3),
+        "peak RSS GB": round(peak, 3),
+        "peak over before GB": round(peak - before, 3),
         "seconds": round(seconds, 1),
     }
     print(row)

@@ -72,13 +72,19 @@ class EpochBatchSampler(Sampler[BatchRequest]):
     def __len__(self) -> int:
         return -(-self.per_process // self.batch_size)
 
+    def permutation(self, n: int, *key: int) -> np.ndarray:
+        """``0..n-1`` in an order seeded by (seed, epoch, *key); as they are without
+        shuffling."""
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng((self.seed, self.epoch, *key)).permutation(n)
+
+    def share(self, order: np.ndarray) -> np.ndarray:
+        """This process's equal, disjoint part of ``order`` (``len // world_size``)."""
+        return order[self.rank :: self.world_size][: len(order) // self.world_size]
+
     def __iter__(self) -> Iterator[BatchRequest]:
-        order = (
-            np.random.default_rng((self.seed, self.epoch)).permutation(self.n_samples)
-            if self.shuffle
-            else np.arange(self.n_samples)
-        )
-        share = order[self.rank :: self.world_size][: self.per_process]
+        share = self.share(self.permutation(self.n_samples))
         for number, lo in enumerate(range(0, len(share), self.batch_size)):
             yield BatchRequest(self.epoch, number, share[lo : lo + self.batch_size])
 

@@ -238,28 +238,12 @@ def _load(
         raise
     except (OSError, KeyError, ValueError, pa.ArrowException, TwoTowerError) as exc:
         raise PreparedDataError(f"{where}: cannot read the directory ({exc})") from exc
-    sample_stream = (
-        _stream(directory, len(catalogue), encoders.user_input_names, where)
-        if read is None
-        else None
-    )
-    expected = {
-        "items": len(catalogue),
-        "samples": len(read) if read is not None else sample_stream.n_samples,  # type: ignore[union-attr]
-        **{k: v for k, v in split.stats().items() if k in counts},
-    }
-    wrong = {k: (counts[k], v) for k, v in expected.items() if k in counts and counts[k] != v}
-    if wrong:
-        found = ", ".join(f"{k} {v} (prepared.json: {c})" for k, (c, v) in wrong.items())
-        raise PreparedDataError(f"{where}: the files do not match {shards.MANIFEST}: {found}")
-    if read is None:
-        assert sample_stream is not None
+    sample_stream: SampleStream | None = None
+    if read is None:  # streamed: the shards' own checks name the file
+        sample_stream = _stream(directory, len(catalogue), encoders.user_input_names, where)
         samples = streamed_samples(sample_stream, encoders.history_length)
+        n_samples = sample_stream.n_samples
     else:
-        if len(read) and (read.item_rows.min() < 0 or read.item_rows.max() >= len(catalogue)):
-            raise PreparedDataError(
-                f"{where}: {shards.SAMPLES}/ names item rows outside the catalogue"
-            )
         samples = TrainingSamples(
             user_inputs=read.user_inputs,
             item_rows=read.item_rows,
@@ -267,6 +251,19 @@ def _load(
             histories=read.histories,
             item_log_p=item_log_p(read.item_rows, len(catalogue)),
         )
+        n_samples = len(read)
+    expected = {
+        "items": len(catalogue),
+        "samples": n_samples,
+        **{k: v for k, v in split.stats().items() if k in counts},
+    }
+    wrong = {k: (counts[k], v) for k, v in expected.items() if k in counts and counts[k] != v}
+    if wrong:
+        found = ", ".join(f"{k} {v} (prepared.json: {c})" for k, (c, v) in wrong.items())
+        raise PreparedDataError(f"{where}: the files do not match {shards.MANIFEST}: {found}")
+    rows = read.item_rows if read is not None else np.zeros(0, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(catalogue)):  # streamed: at scan
+        raise PreparedDataError(f"{where}: {shards.SAMPLES}/ names item rows outside the catalogue")
     raw = RawData(events, catalogue, users, name=name)
     fit = split.fit if fit_on == "fit" else split.train
     eval_sources = build_eval_sources(raw, split, fit, catalogue, encoders)

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from towers.data.datamodule import Batch, BatchRequest, InteractionBatches
+from towers.data.datamodule import Batch, BatchRequest, EpochBatchSampler, InteractionBatches
 from towers.data.samples import HistorySource
 from twotower.errors import PreparedDataError
 from twotower.spark import shards
@@ -214,7 +214,7 @@ class SampleStream:
         return self.shards.n_samples
 
 
-class ShardEpochSampler(Sampler[BatchRequest]):
+class ShardEpochSampler(EpochBatchSampler):
     """Batches of each group's rows: groups in a (seed, epoch)-seeded order, rows in a
     (seed, epoch, group)-seeded permutation, each process an equal, disjoint share."""
 
@@ -227,42 +227,17 @@ class ShardEpochSampler(Sampler[BatchRequest]):
         world_size: int = 1,
         rank: int = 0,
     ) -> None:
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        super().__init__(sum(group_rows), batch_size, seed, shuffle, world_size, rank)
         self.group_rows = group_rows
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.world_size = world_size
-        self.rank = rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
-
-    def share(self, rows: int) -> int:
-        return rows // self.world_size
 
     def __len__(self) -> int:
-        return sum(-(-self.share(rows) // self.batch_size) for rows in self.group_rows)
+        share = (rows // self.world_size for rows in self.group_rows)
+        return sum(-(-rows // self.batch_size) for rows in share)
 
     def __iter__(self) -> Iterator[BatchRequest]:
-        n_groups = len(self.group_rows)
-        order = (
-            np.random.default_rng((self.seed, self.epoch)).permutation(n_groups)
-            if self.shuffle
-            else np.arange(n_groups)
-        )
         number = 0
-        for group in order:
-            rows = self.group_rows[group]
-            positions = (
-                np.random.default_rng((self.seed, self.epoch, int(group))).permutation(rows)
-                if self.shuffle
-                else np.arange(rows)
-            )
-            share = positions[self.rank :: self.world_size][: self.share(rows)]
+        for group in self.permutation(len(self.group_rows)):
+            share = self.share(self.permutation(self.group_rows[group], int(group)))
             for lo in range(0, len(share), self.batch_size):
                 yield BatchRequest(self.epoch, number, share[lo : lo + self.batch_size], int(group))
                 number += 1
