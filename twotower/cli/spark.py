@@ -76,18 +76,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="twotower's log level")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``twotower spark`` argument parser (no Spark import)."""
-    parser = argparse.ArgumentParser(
-        prog="twotower spark",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="job", metavar="{prepare,score}", required=True)
-
-    prepare = commands.add_parser(
-        "prepare", help="split, encoders and training shards", description=PREPARE_HELP
-    )
+def add_prepare_arguments(prepare: argparse.ArgumentParser) -> None:
+    """The options of both prepare jobs (``twotower prepare`` and ``twotower spark
+    prepare``): the inputs, the output, the split, the features and the shard size."""
     prepare.add_argument("--interactions", required=True, help="interactions table (path/URL)")
     prepare.add_argument("--items", default=None, help="item table (default: none)")
     prepare.add_argument("--users", default=None, help="user table (default: none)")
@@ -142,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--samples-per-shard", type=int, default=1_000_000, help="rows per samples/ file"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``twotower spark`` argument parser (no Spark import)."""
+    parser = argparse.ArgumentParser(
+        prog="twotower spark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="job", metavar="{prepare,score}", required=True)
+
+    prepare = commands.add_parser(
+        "prepare", help="split, encoders and training shards", description=PREPARE_HELP
+    )
+    add_prepare_arguments(prepare)
     _common(prepare)
 
     score = commands.add_parser(
@@ -187,10 +193,10 @@ def _columns(args: argparse.Namespace, side: str) -> Any:
 
 
 def prepare_settings(args: argparse.Namespace) -> Any:
-    """The parsed ``prepare`` options as :class:`~twotower.spark.prepare.PrepareSettings`
-    (imports pyspark)."""
+    """The parsed ``prepare`` options as :class:`~twotower.spark.settings.PrepareSettings`
+    (no Spark import)."""
     from towers.data.prepare import FeatureSettings
-    from twotower.spark.prepare import PrepareSettings
+    from twotower.spark.settings import PrepareSettings
 
     features = FeatureSettings(
         history_length=args.history_length,
@@ -211,7 +217,7 @@ def prepare_settings(args: argparse.Namespace) -> Any:
         output=args.output,
         items=args.items,
         users=args.users,
-        format=args.format,
+        format=getattr(args, "format", None),
         columns=_key_values(args.column, "--column"),
         unknown_items=args.unknown_items,
         min_rating=args.min_rating,

@@ -21,7 +21,7 @@ import logging
 import math
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,20 +32,18 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
-from towers.data.prepare import FeatureSettings
 from towers.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 from twotower.encoding import PAD_INDEX, FeatureEncoders
-from twotower.errors import MissingFileError
 from twotower.spark import shards
 from twotower.spark.encoders import VALUE, fit_entity, infer_feature_columns
 from twotower.spark.frames import ROW, persist, release, with_positions
+from twotower.spark.settings import PrepareSettings, settings_dict
 from twotower.spark.split import FIT, PART, VALIDATION, event_order, make_split
 from twotower.spark.split import prepare_interactions as prepare_events
 from twotower.spark.storage import check_output, join, prepare_output, write_text
 from twotower.spark.tables import (
     check_known_items,
     is_local,
-    local_path,
     read_table,
     rename_columns,
     validate_entities,
@@ -53,50 +51,6 @@ from twotower.spark.tables import (
 )
 
 log = logging.getLogger(__name__)
-
-SAMPLES_PER_SHARD = 1_000_000
-
-
-@dataclass
-class PrepareSettings:
-    """What ``twotower spark prepare`` takes: inputs, the split, the features, the output.
-
-    The split and feature settings are those of ``conf/train.yaml`` (``split.*``,
-    ``features.*``) with the same defaults."""
-
-    interactions: str
-    output: str
-    items: str | None = None
-    users: str | None = None
-    format: str | None = None
-    columns: dict[str, str] = field(default_factory=dict)
-    unknown_items: str = "error"
-    min_rating: float | None = None
-    test_fraction: float = 0.2
-    validation_fraction: float = 0.1
-    min_interactions: int = 5
-    cold_items: bool = False
-    cold_fraction: float = 0.1
-    seed: int = 42
-    fit_on: str = "fit"
-    features: FeatureSettings = field(default_factory=FeatureSettings)
-    samples_per_shard: int = SAMPLES_PER_SHARD
-    overwrite: bool = False
-
-    def check(self) -> None:
-        """A ``ValueError`` naming a setting out of range, or a missing local input."""
-        if self.fit_on not in ("fit", "train"):
-            raise ValueError(f"fit_on must be 'fit' or 'train', got {self.fit_on!r}")
-        for name in ("test_fraction", "validation_fraction", "cold_fraction"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must be within (0, 1), got {getattr(self, name)}")
-        if self.min_interactions < 1 or self.samples_per_shard < 1:
-            raise ValueError("min_interactions and samples_per_shard must be positive")
-        if self.features.history_length < 0:
-            raise ValueError("history_length must be >= 0")
-        for table in (self.interactions, self.items, self.users):
-            if table is not None and is_local(table) and not local_path(table).exists():
-                raise MissingFileError(f"{table}: no such file or directory")
 
 
 @dataclass
@@ -351,30 +305,18 @@ def _prepare(spark: SparkSession, settings: PrepareSettings) -> PrepareResult:
         encoders.save(join(out, shards.ENCODERS))  # the bundle's own writer
     else:
         write_text(spark, join(out, shards.ENCODERS), json.dumps(encoders.to_dict()))
-    manifest = {
-        "format": shards.PREPARED_FORMAT,
-        "counts": {
-            **split.stats(),
-            "samples": n_samples,
-            "items": n_items,
-            "known_items": len(item_encoder.ids.values),
-            "known_users": len(user_encoder.ids.values),
-            "shards": n_shards,
-        },
-        "trained_on": settings.fit_on,
-        "inputs": {"user": encoders.user_input_names, "item": encoders.item_input_names},
-        "item_columns": asdict(item_columns),
-        "user_columns": asdict(user_columns),
-        "cold_items": [str(i) for i in split.cold_items],
-        "settings": _settings_dict(settings),
-        "spark": spark.version,
-    }
+    manifest = shards.prepared_manifest(
+        split_stats=split.stats(),
+        n_samples=n_samples,
+        n_items=n_items,
+        n_shards=n_shards,
+        encoders=encoders,
+        item_columns=item_columns,
+        user_columns=user_columns,
+        cold_items=split.cold_items,
+        settings=settings_dict(settings),
+        writer={"spark": spark.version},
+    )
     write_text(spark, join(out, shards.MANIFEST), json.dumps(manifest, indent=2))
     log.info("prepared %d samples in %d shard(s) under %s", n_samples, n_shards, out)
     return PrepareResult(out, manifest)
-
-
-def _settings_dict(settings: PrepareSettings) -> dict[str, Any]:
-    values = asdict(settings)
-    values.pop("overwrite")
-    return json.loads(json.dumps(values, default=str))

@@ -9,8 +9,9 @@ arrays :func:`towers.data.prepare.prepare_data` builds on one machine
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from towers.data.samples import HistorySource
 from twotower.bundle import layout
-from twotower.encoding import FeatureEncoders
+from twotower.encoding import FeatureColumns, FeatureEncoders
 
 PREPARED_FORMAT = 1
 MANIFEST = "prepared.json"
@@ -61,6 +62,41 @@ class Samples:
 def read_manifest(directory: str | Path) -> dict:
     """The ``prepared.json`` of a prepared directory."""
     return json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))
+
+
+def prepared_manifest(
+    *,
+    split_stats: dict[str, int],
+    n_samples: int,
+    n_items: int,
+    n_shards: int,
+    encoders: FeatureEncoders,
+    item_columns: FeatureColumns,
+    user_columns: FeatureColumns,
+    cold_items: Any,
+    settings: dict[str, Any],
+    writer: dict[str, str],
+) -> dict[str, Any]:
+    """The ``prepared.json`` of a prepared directory, whichever job wrote it (``writer``
+    names it: Spark's version, or the local writer's)."""
+    return {
+        "format": PREPARED_FORMAT,
+        "counts": {
+            **split_stats,
+            "samples": n_samples,
+            "items": n_items,
+            "known_items": len(encoders.items.ids.values),
+            "known_users": len(encoders.users.ids.values),
+            "shards": n_shards,
+        },
+        "trained_on": settings["fit_on"],
+        "inputs": {"user": encoders.user_input_names, "item": encoders.item_input_names},
+        "item_columns": asdict(item_columns),
+        "user_columns": asdict(user_columns),
+        "cold_items": [str(i) for i in cold_items],
+        "settings": settings,
+        **writer,
+    }
 
 
 def read_encoders(directory: str | Path) -> FeatureEncoders:

@@ -50,6 +50,7 @@ from twotower.spark.frames import (
     with_file_order,
     with_positions,
 )
+from twotower.spark.settings import is_local, local_path
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,6 @@ FORMATS = ("parquet", "csv", "tsv")
 INTEGRAL_TYPES = (T.ByteType, T.ShortType, T.IntegerType, T.LongType)
 FRACTIONAL_TYPES = (T.FloatType, T.DoubleType)
 TIME_TYPES = (T.TimestampType, T.TimestampNTZType, T.DateType)
-
-
-def is_local(path: str) -> bool:
-    """Whether ``path`` is on the driver's file system (no URL scheme, or ``file:``)."""
-    scheme = urlparse(path).scheme
-    return scheme in ("", "file") or (len(scheme) == 1 and path[1:3] in (":\\", ":/"))
-
-
-def local_path(path: str) -> Path:
-    """The file-system path of a local ``path`` (``file:`` URLs included)."""
-    return Path(urlparse(path).path) if path.startswith("file:") else Path(path)
 
 
 def table_format(path: str, fmt: str | None = None) -> str:
