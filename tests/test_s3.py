@@ -201,3 +201,33 @@ def test_training_streams_sample_shards_from_s3(s3_endpoint: str, tmp_path: Path
         same = theirs[BatchRequest(0, request.number, global_positions(ours, request))]
         assert torch.equal(mine["item_rows"], same["item_rows"])
         assert torch.equal(mine["user"]["history"], same["user"]["history"])
+
+
+def test_prepare_reads_and_writes_s3(s3_endpoint: str, tmp_path: Path) -> None:
+    """``twotower prepare`` from s3:// tables to an s3:// prepared directory (uploaded,
+    ``prepared.json`` last), which a run then loads and streams from where it is; an
+    occupied s3:// output is refused."""
+    from towers.data.prepared_dir import load_prepared
+    from towers.data.readers import load_tables, load_user_table
+    from twotower.cli import main
+
+    prefix = f"s3://{BUCKET}/prepare-tables"
+    upload_tables(prefix)
+    out = f"s3://{BUCKET}/prepared/v1"
+    tables = [
+        f"--interactions={prefix}/interactions",
+        f"--items={prefix}/items.parquet",
+        f"--users={prefix}/users.parquet",
+        f"--output={out}",
+        "--samples-per-shard=300",
+    ]
+    assert main(["prepare", *tables]) == 0
+    fs = s3fs.S3FileSystem()
+    assert fs.exists(f"{out}/prepared.json") and len(fs.ls(f"{out}/samples")) > 1
+    users = load_user_table(f"{prefix}/users.parquet")
+    data = load_prepared(out, users, stream=True)
+    raw = load_tables(f"{prefix}/interactions", f"{prefix}/items.parquet")
+    assert data.sample_stream is not None
+    assert data.n_samples == data.split.stats()["fit"] and data.n_items == len(raw.items)
+    assert main(["prepare", *tables]) == 1  # occupied: refused, left as it was
+    assert fs.exists(f"{out}/prepared.json")

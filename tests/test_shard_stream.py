@@ -7,13 +7,13 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from towers.data.datamodule import BatchRequest, InteractionBatches, TwoTowerDataModule
 from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
+from towers.data.prepared_writer import write_samples
 from towers.data.samples import user_activity_weights
 from towers.data.schema import RawData
 from towers.data.shard_stream import (
@@ -30,33 +30,10 @@ from twotower.spark import shards
 ROWS_PER_SHARD = 97  # several shards, users cut across them
 
 
-def list_column(values: np.ndarray) -> pa.Array:
-    """A (rows, width) matrix as an Arrow list column, as Spark writes ``array<>``."""
-    rows, width = values.shape
-    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)))
-
-
 def write_sample_shards(data: PreparedData, directory: Path, rows: int = ROWS_PER_SHARD) -> Path:
-    """``data``'s samples in the ``samples/`` format (docs/spark.md), ``rows`` per file."""
-    histories = data.sample_histories
-    columns: dict[str, pa.Array | np.ndarray] = {
-        shards.SAMPLE: np.arange(data.n_samples, dtype=np.int64),
-        shards.ITEM_ROW: data.sample_item_rows.astype(np.int64),
-        shards.ITEM_CODE: histories.item_codes.astype(np.int64),
-        shards.WEIGHT: data.sample_weights,
-        shards.HISTORY_START: histories.starts.astype(np.int64),
-        shards.HISTORY_END: histories.ends.astype(np.int64),
-    }
-    for name, values in data.user_inputs_of_samples().items():
-        if name == "user_id":
-            columns[shards.USER_CODE] = values
-        else:
-            columns[name] = list_column(values)
-    table = pa.table(columns)
-    directory.mkdir(parents=True)
-    for number, lo in enumerate(range(0, len(table), rows)):
-        pq.write_table(table.slice(lo, rows), directory / f"part-{number:05d}.parquet")
+    """``data``'s samples in the ``samples/`` format (docs/spark.md), ``rows`` per file,
+    as ``twotower prepare`` writes them."""
+    write_samples(directory, data.split.fit, data, rows)
     return directory
 
 
@@ -83,8 +60,7 @@ def streamed(data: PreparedData, stream: SampleStream, **settings) -> ShardBatch
 
 
 def global_positions(batches: ShardBatches, request: BatchRequest) -> np.ndarray:
-    first = batches.stream.shards.files[batches.groups[request.group][0]].first
-    return first + np.asarray(request.positions)
+    return batches.group_samples(request.group)[np.asarray(request.positions)]
 
 
 def test_the_shards_are_read_back_as_written(data: PreparedData, stream: SampleStream) -> None:

@@ -114,7 +114,8 @@ def timed(timings: dict[str, float] | None, stage: str) -> Iterator[None]:
 
 
 def prepared_directory(cfg: DictConfig) -> str | None:
-    """``data.prepared``: the ``twotower spark prepare`` output to train from, or None."""
+    """``data.prepared``: the ``twotower prepare`` (or ``spark prepare``) output to train
+    from, or None."""
     value = cfg.data.get("prepared")
     return str(value) if value else None
 
@@ -131,7 +132,7 @@ def check_prepared(
     if cfg.train.get("window_days") is not None:
         raise PreparedDataError(
             f"{where}: train.window_days cannot apply to a prepared directory (its split "
-            "is fixed): prepare the window's interactions with `twotower spark prepare`, "
+            "is fixed): prepare the window's interactions with `twotower prepare`, "
             "or unset train.window_days"
         )
     if cfg.data.get("kind") != "csv":
@@ -144,7 +145,8 @@ def check_prepared(
         raise PreparedDataError(
             f"{where}: train.refit=true trains again on all of train, but this directory "
             "was prepared on the fit part only (trained_on: fit): prepare it with "
-            "`twotower spark prepare --fit-on train`, or set train.refit=false"
+            "`twotower prepare --fit-on train` (or `twotower spark prepare`), or set "
+            "train.refit=false"
         )
     if not warn:
         return manifest
@@ -535,7 +537,7 @@ def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> Trai
     elif cfg.data.get("stream"):
         raise PreparedDataError(
             "data.stream=true streams the training samples of a prepared directory: set "
-            "data.prepared=DIR (`twotower spark prepare`'s output), or data.stream=false"
+            "data.prepared=DIR (`twotower prepare`'s output), or data.stream=false"
         )
     out.mkdir(parents=True, exist_ok=True)
     log.info("config:\n%s", resolved_yaml(cfg))

@@ -42,8 +42,9 @@ class EmptyTableError(DataValidationError):
 
 
 class PreparedDataError(TwoTowerError, ValueError):
-    """A prepared directory (``twotower spark prepare``'s output) is missing, incomplete,
-    of another format, or cannot serve the run's settings."""
+    """A prepared directory (the output of ``twotower prepare`` or ``twotower spark
+    prepare``) is missing, incomplete, of another format, or cannot serve the run's
+    settings."""
 
 
 class BundleError(TwoTowerError):

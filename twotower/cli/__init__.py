@@ -1,4 +1,4 @@
-"""The ``twotower`` command: ``twotower train | export | serve | bench ...``.
+"""The ``twotower`` command: ``twotower train | export | serve | bench | prepare | spark ...``.
 
 Each subcommand lives in its own module and is imported only when it runs, so
 ``--help`` answers without importing torch.
@@ -14,6 +14,10 @@ COMMANDS = {
     "export": ("twotower.cli.export", "export a bundle from a training run's checkpoint"),
     "serve": ("twotower.cli.serve", "serve a bundle over HTTP (key=value settings)"),
     "bench": ("twotower.cli.bench", "run a benchmark from the checkout (quality, retrieval, ...)"),
+    "prepare": (
+        "twotower.cli.prepare",
+        "split, encoders and training shards on this machine (no Spark)",
+    ),
     "spark": ("twotower.cli.spark", "Spark jobs: prepare (split, encoders, shards), score (batch)"),
 }
 
