@@ -1,15 +1,17 @@
 """Training batches streamed from a prepared directory's sample shards, in bounded memory.
 
-``twotower spark prepare`` writes the training samples as Parquet shards in sample order
-(``samples/``, see ``docs/spark.md``). :class:`ShardBatches` trains from them without
-holding them all: the shards are taken in groups of ``group_shards`` consecutive files;
-each epoch visits the groups in an order seeded by (seed, epoch) and each group's rows in
+``twotower prepare`` and ``twotower spark prepare`` write the training samples as Parquet
+shards in sample order (``samples/``, see ``docs/spark.md``). :class:`ShardBatches` trains
+from them without holding them all: the shards are taken in groups of ``group_shards``
+files spread over the sample order (with ``n`` groups, group ``g`` holds files ``g, g + n,
+g + 2n, ...``: users from all over the user order, not one narrow range of them); each
+epoch visits the groups in an order seeded by (seed, epoch) and each group's rows in
 a permutation seeded by (seed, epoch, group), so an epoch's batches depend on nothing but
 the seed and the epoch. Under DDP every process reads every group and takes an equal,
 disjoint share of its rows (``rows // world_size`` each: at most ``world_size - 1`` rows of
 a group sit out an epoch, a different few each epoch), so all processes run the same
 number of batches. Only one group is in memory at a time, with the few item codes before
-it that its users' histories reach back to.
+each of its files that its users' histories reach back to.
 
 A batch is what :class:`towers.data.datamodule.InteractionBatches` makes of the same
 samples in memory: the same user and item inputs, weights, histories (cut ``0..horizon-1``
@@ -244,8 +246,8 @@ class ShardEpochSampler(EpochBatchSampler):
 
 
 class ShardBatches(Dataset[Batch]):
-    """Batches streamed from :class:`SampleShards`, one group of ``group_shards``
-    consecutive files in memory at a time (see the module's docstring)."""
+    """Batches streamed from :class:`SampleShards`, one group of ``group_shards`` files
+    in memory at a time (see the module's docstring)."""
 
     def __init__(
         self,
@@ -272,11 +274,12 @@ class ShardBatches(Dataset[Batch]):
         self.target_horizon = target_horizon
         self.user_weight_power = user_weight_power
         self.negative_pool = np.flatnonzero(stream.stats.item_counts)
-        files = stream.shards.files
-        self.groups = [
-            list(range(lo, min(lo + group_shards, len(files))))
-            for lo in range(0, len(files), group_shards)
-        ]
+        # the files of a group are spread over the sample order (files g, g + n, g + 2n,
+        # ... of n groups): the samples are in user order, so consecutive files would put
+        # a narrow range of users (perhaps one cohort) in every batch of a group
+        n_files = len(stream.shards.files)
+        n_groups = -(-n_files // group_shards)
+        self.groups = [list(range(g, n_files, n_groups)) for g in range(n_groups)]
         self._loaded: tuple[int, InteractionBatches] | None = None
 
     def __len__(self) -> int:
@@ -304,28 +307,46 @@ class ShardBatches(Dataset[Batch]):
             self._loaded = (number, self._read_group(number))
         return self._loaded[1]
 
+    def group_samples(self, number: int) -> np.ndarray:
+        """The samples of group ``number``, in the order of its rows (a request's
+        ``positions`` index this)."""
+        files = self.stream.shards.files
+        return np.concatenate(
+            [np.arange(files[i].first, files[i].first + files[i].rows) for i in self.groups[number]]
+        )
+
     def _read_group(self, number: int) -> InteractionBatches:
         sample_shards = self.stream.shards
         columns = [shards.SAMPLE, *shards.sample_columns(self.user_input_names)]
-        table = pa.concat_tables(
-            sample_shards.read(index, columns) for index in self.groups[number]
-        )
-        first = sample_shards.files[self.groups[number][0]].first
-        starts = table.column(shards.HISTORY_START).to_numpy().astype(np.int64)
-        ends = table.column(shards.HISTORY_END).to_numpy().astype(np.int64)
-        # the earliest sample any history here reaches back to, perhaps in earlier shards
         reach = self.history_length + self.target_horizon - 1
-        lo = int(np.maximum(starts, ends - reach).min()) if len(table) else first
-        lo = min(lo, first)
-        item_codes = np.concatenate(
-            [
-                sample_shards.item_codes(lo, first),
-                table.column(shards.ITEM_CODE).to_numpy().astype(np.int64),
-            ]
-        )
+        tables, codes, starts, ends = [], [], [], []
+        offset = 0  # each file's item codes follow the codes its histories reach back to
+        for index in self.groups[number]:
+            table = sample_shards.read(index, columns)
+            first = sample_shards.files[index].first
+            file_starts = table.column(shards.HISTORY_START).to_numpy().astype(np.int64)
+            file_ends = table.column(shards.HISTORY_END).to_numpy().astype(np.int64)
+            # the earliest sample a history here reaches back to, perhaps in earlier files
+            lo = int(np.maximum(file_starts, file_ends - reach).min()) if len(table) else first
+            lo = min(lo, first)
+            segment = np.concatenate(
+                [
+                    sample_shards.item_codes(lo, first),
+                    table.column(shards.ITEM_CODE).to_numpy().astype(np.int64),
+                ]
+            )
+            tables.append(table)
+            codes.append(segment)
+            starts.append(file_starts - lo + offset)
+            ends.append(file_ends - lo + offset)
+            offset += len(segment)
+        table = pa.concat_tables(tables)
+        history_starts = table.column(shards.HISTORY_START).to_numpy().astype(np.int64)
         weights = table.column(shards.WEIGHT).to_numpy().astype(np.float32)
-        weights = weights * self.stream.stats.activity_weights(starts, self.user_weight_power)
-        log.debug("streaming group %d: samples %d..%d", number, first, first + len(table) - 1)
+        weights = weights * self.stream.stats.activity_weights(
+            history_starts, self.user_weight_power
+        )
+        log.debug("streaming group %d: files %s", number, self.groups[number])
         return InteractionBatches(
             shards.user_inputs_of_rows(table, self.user_input_names),
             table.column(shards.ITEM_ROW).to_numpy().astype(np.int64),
@@ -333,7 +354,12 @@ class ShardBatches(Dataset[Batch]):
             weights,
             self.mixed_negatives,
             self.seed,
-            HistorySource(item_codes, starts - lo, ends - lo, self.history_length),
+            HistorySource(
+                np.concatenate(codes),
+                np.concatenate(starts),
+                np.concatenate(ends),
+                self.history_length,
+            ),
             self.target_horizon,
             negative_pool=self.negative_pool,
         )
