@@ -1,4 +1,5 @@
-"""Training data from a prepared directory (``twotower spark prepare``'s output).
+"""Training data from a prepared directory (``twotower prepare``'s or ``twotower spark
+prepare``'s output).
 
 ``data.prepared=DIR`` makes ``twotower train`` take the split, the encoders, the
 catalogue and the training samples from ``DIR`` instead of computing them: the same
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from towers.data.ids import encode_id_column
 from towers.data.prepare import (
     PreparedData,
     TrainingSamples,
@@ -29,8 +31,9 @@ from towers.data.prepare import (
     item_log_p,
     item_log_p_of_counts,
 )
+from towers.data.readers import read_dataset
 from towers.data.samples import HistorySource
-from towers.data.schema import ITEM_ID, USER_ID, RawData, normalise_ids, validate_entities
+from towers.data.schema import ITEM_ID, USER_ID, RawData, validate_entities
 from towers.data.shard_stream import SampleShards, SampleStats, SampleStream
 from towers.data.split import Split
 from twotower.errors import PreparedDataError, TwoTowerError
@@ -69,7 +72,8 @@ def read_prepared_manifest(directory: str | Path) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise PreparedDataError(
             f"{_where(directory)}: not a prepared directory (no {shards.MANIFEST}; "
-            "write one with `twotower spark prepare --output DIR`, which writes it last)"
+            "write one with `twotower prepare --output DIR` or `twotower spark prepare`, "
+            "which write it last)"
         ) from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PreparedDataError(
@@ -112,27 +116,41 @@ def read_split(
 ) -> tuple[Split, pd.DataFrame]:
     """The :class:`Split` of ``split/`` as :func:`towers.data.split.make_split` returns it
     (each part in the events' order: user, time, item order, file order; train is fit
-    plus validation in that order), and every prepared event."""
-    table = pd.read_parquet(directory / shards.SPLIT)
-    table = table.sort_values(shards.EVENT, kind="mergesort").reset_index(drop=True)
-    if not np.array_equal(table[shards.EVENT].to_numpy(), np.arange(len(table))):
-        raise PreparedDataError(f"{where}: {shards.SPLIT}/ event is not 0..n-1")
-    part = table[shards.PART].to_numpy()
-    unknown = set(pd.unique(part)) - {"fit", "validation", "test"}
-    if unknown:
-        raise PreparedDataError(f"{where}: {shards.SPLIT}/ has unknown parts {sorted(unknown)}")
-    events = table.drop(columns=[shards.EVENT, shards.PART])
+    plus validation in that order), and every prepared event. The ids are read batch by
+    batch as integer codes (Categoricals of the sorted string ids, as the single-machine
+    reader holds them), never as a string per row."""
+    source = f"{where}/{shards.SPLIT}"
+    table = read_dataset(str(directory / shards.SPLIT), (USER_ID, ITEM_ID, shards.PART))
+    event = table[shards.EVENT].to_numpy()
+    if not np.array_equal(event, np.arange(len(table))):
+        table = table.take(np.argsort(event, kind="stable")).reset_index(drop=True)
+        if not np.array_equal(table[shards.EVENT].to_numpy(), np.arange(len(table))):
+            raise PreparedDataError(f"{where}: {shards.SPLIT}/ event is not 0..n-1")
+    del event
+    part = pd.Categorical(table.pop(shards.PART))
+    part_names = np.asarray(part.categories, dtype=object)
+    unknown = set(part_names[np.unique(part.codes)]) - {"fit", "validation", "test"}
+    if unknown or (part.codes < 0).any():
+        found = sorted(str(name) for name in unknown) or ["a missing part"]
+        raise PreparedDataError(f"{where}: {shards.SPLIT}/ has unknown parts {found}")
+    codes = part.codes
+    code_of = {str(name): code for code, name in enumerate(part_names)}
+    del part
+    events = table.drop(columns=[shards.EVENT])
     for column in (USER_ID, ITEM_ID):  # ids as the single-machine tables hold them
-        events[column] = normalise_ids(events[column], f"{where}/{shards.SPLIT}", column)
+        events[column] = encode_id_column(events[column], source, column)
+
+    def is_part(name: str) -> np.ndarray:
+        return codes == code_of.get(name, -2)
 
     def rows(keep: np.ndarray) -> pd.DataFrame:
         return events.loc[keep].reset_index(drop=True)
 
     split = Split(
-        train=rows(part != "test"),
-        fit=rows(part == "fit"),
-        validation=rows(part == "validation"),
-        test=rows(part == "test"),
+        train=rows(~is_part("test")),
+        fit=rows(is_part("fit")),
+        validation=rows(is_part("validation")),
+        test=rows(is_part("test")),
         cold_items=np.asarray(cold_items, dtype=object),
     )
     return split, events
