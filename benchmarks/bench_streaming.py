@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard)
     parser.add_argument("--group-shards", type=int, default=defaults.group_shards)
+    parser.add_argument(
+        "--prepare",
+        choices=("local", "spark"),
+        default=defaults.prepare_with,
+        help="write the prepared directory with `twotower prepare` or `twotower spark prepare`",
+    )
     parser.add_argument("--work-dir", default=defaults.work_dir)
     parser.add_argument(
         "--keep-data", action="store_true", help="reuse the work dir's prepared data"
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         group_shards=args.group_shards,
         work_dir=args.work_dir,
         keep_data=args.keep_data,
+        prepare_with=args.prepare,
     )
     result = run(s)
     rows = [
@@ -69,10 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     command = "twotower bench streaming " + " ".join(argv if argv is not None else sys.argv[1:])
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items()) or "reused"
+    job = "twotower spark prepare" if s.prepare_with == "spark" else "twotower prepare"
     write_report(
         args.out,
         "Training streamed from shards vs in memory",
-        "`twotower train data.prepared=DIR` on one `twotower spark prepare` output, with the "
+        f"`twotower train data.prepared=DIR` on one `{job}` output, with the "
         "samples in memory and streamed from `samples/` (`data.stream=true`), each run in "
         "a fresh process (`benchmarks/streaming.py`). Produced by:\n\n"
         f"```\n{command}\n```\n\nData: {seconds}.",

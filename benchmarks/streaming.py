@@ -1,7 +1,8 @@
 """Training streamed from shards against training on the same samples in memory.
 
 One synthetic dataset (:func:`towers.data.synthetic_shards.write_synthetic_shards`) is
-prepared once with ``twotower spark prepare`` (Spark local mode); then ``twotower
+prepared once, with ``twotower prepare`` (or ``twotower spark prepare`` in Spark's local
+mode: ``prepare_with="spark"``); then ``twotower
 train data.prepared=DIR`` runs on it for a fixed number of epochs with the samples in
 memory and with ``data.stream=true``, for each of a few seeds, every run in a fresh
 process so that its peak RSS is its own. The spread between seeds of the in-memory runs
@@ -40,6 +41,7 @@ class StreamingSettings:
     batch_size: int = 1024
     work_dir: str = "/tmp/twotower-streaming"
     keep_data: bool = False  # reuse the work directory's prepared data, when complete
+    prepare_with: str = "local"  # twotower prepare, or "spark": twotower spark prepare
 
 
 def prepare(s: StreamingSettings) -> tuple[Path, Path, dict[str, float]]:
@@ -52,6 +54,8 @@ def prepare(s: StreamingSettings) -> tuple[Path, Path, dict[str, float]]:
         write_synthetic_shards,
     )
 
+    if s.prepare_with not in ("local", "spark"):
+        raise ValueError(f"prepare_with must be local or spark, got {s.prepare_with!r}")
     work = Path(s.work_dir)
     data_dir, prepared = work / "data", work / "prepared"
     seconds: dict[str, float] = {}
@@ -72,7 +76,7 @@ def prepare(s: StreamingSettings) -> tuple[Path, Path, dict[str, float]]:
             sys.executable,
             "-c",
             "import sys; from twotower.cli import main; sys.exit(main(sys.argv[1:]))",
-            "spark",
+            *(["spark"] if s.prepare_with == "spark" else []),
             "prepare",
             "--interactions",
             str(data_dir / INTERACTIONS_DIR),
@@ -88,7 +92,7 @@ def prepare(s: StreamingSettings) -> tuple[Path, Path, dict[str, float]]:
         ],
         check=True,
     )
-    seconds["spark_prepare"] = time.perf_counter() - start
+    seconds[f"{s.prepare_with}_prepare"] = time.perf_counter() - start
     return data_dir / USERS_FILE, prepared, seconds
 
 
