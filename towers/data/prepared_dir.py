@@ -111,14 +111,13 @@ def read_catalogue(directory: Path, item_table: bool = True, where: str = "") ->
     return table
 
 
-def read_split(
-    directory: Path, cold_items: list[str], where: str = ""
-) -> tuple[Split, pd.DataFrame]:
+def read_split(directory: Path, cold_items: list[str], where: str = "") -> Split:
     """The :class:`Split` of ``split/`` as :func:`towers.data.split.make_split` returns it
     (each part in the events' order: user, time, item order, file order; train is fit
-    plus validation in that order), and every prepared event. The ids are read batch by
-    batch as integer codes (Categoricals of the sorted string ids, as the single-machine
-    reader holds them), never as a string per row."""
+    plus validation in that order). The ids are read batch by batch as integer codes
+    (Categoricals of the sorted string ids, as the single-machine reader holds them),
+    never as a string per row, and the table of every event is let go once the parts
+    are cut from it."""
     source = f"{where}/{shards.SPLIT}"
     table = read_dataset(str(directory / shards.SPLIT), (USER_ID, ITEM_ID, shards.PART))
     event = table[shards.EVENT].to_numpy()
@@ -146,14 +145,13 @@ def read_split(
     def rows(keep: np.ndarray) -> pd.DataFrame:
         return events.loc[keep].reset_index(drop=True)
 
-    split = Split(
+    return Split(
         train=rows(~is_part("test")),
         fit=rows(is_part("fit")),
         validation=rows(is_part("validation")),
         test=rows(is_part("test")),
         cold_items=np.asarray(cold_items, dtype=object),
     )
-    return split, events
 
 
 def streamed_samples(stream: SampleStream, history_length: int) -> TrainingSamples:
@@ -250,7 +248,7 @@ def _load(
         check_user_table(encoders, users, where)
         item_table = (manifest.get("settings") or {}).get("items") is not None
         catalogue = read_catalogue(root, item_table, where)
-        split, events = read_split(root, list(manifest.get("cold_items", [])), where)
+        split = read_split(root, list(manifest.get("cold_items", [])), where)
         read = None if stream else shards.read_samples(root, encoders)
     except PreparedDataError:
         raise
@@ -282,7 +280,8 @@ def _load(
     rows = read.item_rows if read is not None else np.zeros(0, dtype=np.int64)
     if len(rows) and (rows.min() < 0 or rows.max() >= len(catalogue)):  # streamed: at scan
         raise PreparedDataError(f"{where}: {shards.SAMPLES}/ names item rows outside the catalogue")
-    raw = RawData(events, catalogue, users, name=name)
+    # what follows reads the user table and the split's parts, never every event again
+    raw = RawData(split.test.iloc[:0], catalogue, users, name=name)
     fit = split.fit if fit_on == "fit" else split.train
     eval_sources = build_eval_sources(raw, split, fit, catalogue, encoders)
     data = assemble_prepared(raw, split, catalogue, encoders, samples, eval_sources, fit_on)
