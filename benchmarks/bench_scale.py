@@ -1,9 +1,11 @@
 """The scale ladder: where one machine stops (see benchmarks/scale.py).
 
 twotower bench scale [--events 1M,10M,100M] [--train-steps 100] [--rss-limit-gb 20]
+    [--path memory|prepared]
 Writes docs/benchmarks/scale.json (a list of rows: events, stage, seconds, peak_rss_gb,
-...), scale.md (the table and where each rung stopped) and scale.png. Rows of rungs not
-run this time are kept from the previous file, so rungs can be run one at a time.
+...), scale.md (the table and where each rung stopped) and scale.png; scale_prepared.*
+for --path prepared. Rows of rungs not run this time are kept from the previous file, so
+rungs can be run one at a time.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import machine, markdown_table
-from benchmarks.scale import LADDER, Rung, ScaleSettings, run_rung, run_stages, summary
+from benchmarks.scale import LADDER, Rung, ScaleSettings, run_path, run_stages, summary
 
 OUT = Path("docs/benchmarks/scale")
+OUTS = {"memory": OUT, "prepared": Path("docs/benchmarks/scale_prepared")}
 COLUMNS = ["events", "stage", "status", "seconds", "events_per_second", "peak_rss_gb", "detail"]
 DETAILS = {
     "samples": "training samples",
@@ -30,6 +33,7 @@ DETAILS = {
     "recall_at_20": "test recall@20",
     "all_users_seconds_extrapolated": "s for all test users (extrapolated)",
     "index": "index",
+    "shards": "sample shards",
 }
 
 
@@ -49,6 +53,8 @@ STAGES = [
     "encoders",
     "samples",
     "eval_sets",
+    "write",
+    "load",
     "train",
     "evaluate",
     "export",
@@ -105,20 +111,41 @@ def write(rows: list[dict[str, Any]], s: ScaleSettings, out: Path) -> None:
     stops = "\n".join(
         f"- {int(events):,} events: {info['seconds']:,} s in all, peak RSS "
         f"{info['peak_rss_gb']} GB"
+        + (
+            " ("
+            + ", ".join(f"{job} job {gb} GB" for job, gb in info["peak_rss_gb_by_job"].items())
+            + ")"
+            if s.path != "memory"
+            else ""
+        )
         + (f"; **{info['reason']} in `{info['stopped_at']}`**" if info["stopped_at"] else "")
         for events, info in runs.items()
     )
-    settings = {k: v for k, v in asdict(s).items() if k not in ("rungs", "extra", "work_dir")}
-    body = (
-        "# Scale ladder\n\n"
+    columns = COLUMNS if s.path == "memory" else ["events", "job", *COLUMNS[1:]]
+    how = (
         "The main job's stages, one by one, on synthetic data of growing size "
-        "(`benchmarks/scale.py`), each rung in a fresh process. Produced by (rungs can be "
-        "run one at a time; the other rungs' rows are kept):\n\n"
+        "(`benchmarks/scale.py`), each rung in a fresh process."
+        if s.path == "memory"
+        else "The main job's stages on synthetic data of growing size (`benchmarks/scale.py`), "
+        "each rung as two jobs in two fresh processes: `prepare` (the data stages, then "
+        "`write`: the prepared directory, as `twotower prepare` writes it) and `train` "
+        "(`load`: that directory, its samples left in their shards, as `data.prepared=DIR "
+        "data.stream=true` loads it; then training with the samples streamed, evaluation, "
+        "export)."
+    )
+    settings = {
+        k: v for k, v in asdict(s).items() if k not in ("rungs", "extra", "work_dir", "job")
+    }
+    title = "Scale ladder" if s.path == "memory" else "Scale ladder: prepare, then train"
+    body = (
+        f"# {title}\n\n"
+        f"{how} Produced by (rungs can be run one at a time; the other rungs' rows are "
+        "kept):\n\n"
         f"```\n{commands}\n```\n\n"
         f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}. "
         f"Machine: {machine()['processor']}, {machine()['torch_threads']} torch threads.\n\n"
         f"{stops}\n\n![seconds and peak RSS per stage](scale.png)\n\n"
-        f"{markdown_table([{**row, 'detail': detail(row)} for row in rows], COLUMNS)}\n"
+        f"{markdown_table([{**row, 'detail': detail(row)} for row in rows], columns)}\n"
     )
     out.with_suffix(".md").write_text(body)
     plot(rows, out.with_suffix(".png"))
@@ -132,7 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-users", type=int, default=ScaleSettings.eval_users)
     parser.add_argument("--rss-limit-gb", type=float, default=ScaleSettings.rss_limit_gb)
     parser.add_argument("--work-dir", default=ScaleSettings.work_dir)
-    parser.add_argument("--out", type=Path, default=OUT, help="output stem (.json/.md/.png)")
+    parser.add_argument(
+        "--path",
+        choices=("memory", "prepared"),
+        default="memory",
+        help="memory: the main job in one process; prepared: twotower prepare, then "
+        "training from its directory with the samples streamed, in two processes",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output stem (.json/.md/.png)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -148,19 +182,20 @@ def main(argv: list[str] | None = None) -> None:
         eval_users=args.eval_users,
         rss_limit_gb=args.rss_limit_gb,
         work_dir=args.work_dir,
+        path=args.path,
     )
+    out = args.out or OUTS[s.path]
     Path(s.work_dir).mkdir(parents=True, exist_ok=True)
-    previous = args.out.with_suffix(".json")
+    previous = out.with_suffix(".json")
     rows = json.loads(previous.read_text()) if previous.is_file() else []
     for rung in s.rungs:
-        progress = Path(s.work_dir) / f"progress-{rung.events}.jsonl"
-        new = run_rung(rung, s, progress)
+        new = run_path(rung, s)
         command = "twotower bench scale " + " ".join(argv if argv is not None else sys.argv[1:])
         for row in new:
             row["command"] = command
         rows = [r for r in rows if r["events"] != rung.events] + new
         rows.sort(key=lambda r: (r["events"], STAGES.index(r["stage"])))
-        write(rows, s, args.out)
+        write(rows, s, out)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ stages of ``twotower train`` one by one on data written by
 - ``evaluate``: full-ranking test metrics for up to ``eval_users`` users (extrapolated);
 - ``export``: the bundle with ``index=auto`` (ONNX towers, FAISS index, recall check).
 
+With ``path="prepared"`` the rung runs as two jobs, each in its own process: ``prepare``
+(``generate`` to ``eval_sets``, then ``write``: the prepared directory, as ``twotower
+prepare`` writes it) and ``train`` (``load``: that directory with its samples left in
+their shards, as ``data.prepared=DIR data.stream=true`` loads it; then ``train``,
+``evaluate`` and ``export``, the samples streamed).
+
 A sampler thread in the child records each stage's peak RSS. The parent watches the
 child's RSS and stops it above ``rss_limit_gb``: that stage is where one machine stops.
 Every finished stage is appended to a JSON-lines file at once, so a killed rung keeps
@@ -35,7 +41,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +80,11 @@ class ScaleSettings:
     seed: int = 0
     work_dir: str = "/tmp/twotower-scale"
     extra: dict[str, Any] = field(default_factory=dict)
+    # "memory": the main job in one process, as `twotower train` runs it; "prepared": two
+    # jobs, each in its own process, as `twotower prepare` then `twotower train
+    # data.prepared=DIR data.stream=true` run them
+    path: str = "memory"
+    job: str = "all"  # what one child runs: all, prepare or train (set by run_path)
 
 
 def rss_bytes(pid: int | None = None) -> int:
@@ -120,10 +131,66 @@ def model_config(batch_size: int, seed: int) -> Any:
         return compose(config_name="train", overrides=overrides)
 
 
-def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
-    """The child's work: every stage in turn, one JSON line each into ``progress``."""
-    import pytorch_lightning as pl
+class Progress:
+    """Stage records of one child: each started and finished stage appended to a JSON-lines
+    file at once (a killed child keeps what it finished), each stage's peak RSS sampled."""
 
+    def __init__(self, rung: Rung, path: Path, job: str) -> None:
+        self.rung = rung
+        self.path = path
+        self.job = job
+        self.sampler = PeakRss()
+
+    def stage(self, name: str) -> dict[str, Any]:
+        """The record of stage ``name``, marked started."""
+        record: dict[str, Any] = {"events": self.rung.events, "job": self.job, "stage": name}
+        self._append({**record, "status": "started", "started_at": time.time()})
+        return record
+
+    def done(self, record: dict[str, Any]) -> None:
+        """Mark ``record`` (timed by ``self.sampler.stage``) finished."""
+        record["events_per_second"] = round(self.rung.events / max(record["seconds"], 1e-9))
+        record["status"] = "done"
+        self._append(record)
+        log.info("%s", record)
+
+    def _append(self, line: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def run_stages(rung: Rung, s: ScaleSettings, progress_file: Path) -> None:
+    """The child's work: the stages of ``s.job`` in turn, one JSON line each into
+    ``progress_file``. ``all``: the main job in one process; ``prepare``: the data stages,
+    then ``write`` (the prepared directory, as ``twotower prepare`` writes it); ``train``:
+    ``load`` (that directory, its samples streamed), then training, evaluation, export."""
+    progress = Progress(rung, progress_file, s.job)
+    cfg = model_config(s.batch_size, s.seed)
+    if s.job == "train":
+        data = load_stage(rung, s, progress)
+    else:
+        raw, data = data_stages(rung, s, progress, cfg)
+        if s.job == "prepare":
+            write_stage(rung, s, progress, raw, data, cfg)
+            progress.sampler.close()
+            return
+        del raw
+    model_stages(rung, s, progress, cfg, data)
+    progress.sampler.close()
+
+
+def prepared_dir(rung: Rung, s: ScaleSettings) -> Path:
+    """Where the ``prepare`` job writes the rung's prepared directory."""
+    return Path(s.work_dir) / f"prepared-{rung.events}"
+
+
+def data_dir(rung: Rung, s: ScaleSettings) -> Path:
+    """Where the rung's synthetic tables are written."""
+    return Path(s.work_dir) / f"events-{rung.events}"
+
+
+def data_stages(rung: Rung, s: ScaleSettings, progress: Progress, cfg: Any) -> tuple[Any, Any]:
+    """``generate`` to ``eval_sets``: the raw tables and the prepared data."""
     from towers.data.prepare import (
         assemble_prepared,
         build_eval_sources,
@@ -139,30 +206,12 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
         ShardedSyntheticSettings,
         write_synthetic_shards,
     )
-    from towers.evaluation.callback import tower_scorer
-    from towers.evaluation.ranking import evaluate_stream
-    from towers.export.bundle import ExportSettings, export_bundle
-    from towers.model.module import embed
-    from towers.pipeline import build_datamodule, build_module, feature_settings, split_settings
+    from towers.pipeline import feature_settings, split_settings
 
-    sampler = PeakRss()
-    data_dir = Path(s.work_dir) / f"events-{rung.events}"
-
-    def stage(name: str) -> Any:
-        record: dict[str, Any] = {"events": rung.events, "stage": name}
-        with progress.open("a") as f:
-            f.write(json.dumps({**record, "status": "started", "started_at": time.time()}) + "\n")
-        return record
-
-    def done(record: dict[str, Any]) -> None:
-        record["events_per_second"] = round(rung.events / max(record["seconds"], 1e-9))
-        record["status"] = "done"
-        with progress.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info("%s", record)
-
-    record = stage("generate")
-    shutil.rmtree(data_dir, ignore_errors=True)  # always generated afresh, and timed
+    sampler = progress.sampler
+    tables = data_dir(rung, s)
+    record = progress.stage("generate")
+    shutil.rmtree(tables, ignore_errors=True)  # always generated afresh, and timed
     with sampler.stage(record):
         settings = ShardedSyntheticSettings(
             n_users=rung.users,
@@ -171,17 +220,16 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
             users_per_shard=s.users_per_shard,
             seed=s.seed,
         )
-        write_synthetic_shards(data_dir, settings)
-    record["generated_events"] = json.loads((data_dir / "synthetic.json").read_text())["events"]
-    done(record)
+        write_synthetic_shards(tables, settings)
+    record["generated_events"] = json.loads((tables / "synthetic.json").read_text())["events"]
+    progress.done(record)
 
-    cfg = model_config(s.batch_size, s.seed)
-    record = stage("read")
+    record = progress.stage("read")
     with sampler.stage(record):
-        raw = load_tables(data_dir / INTERACTIONS_DIR, data_dir / ITEMS_FILE, data_dir / USERS_FILE)
-    done(record)
+        raw = load_tables(tables / INTERACTIONS_DIR, tables / ITEMS_FILE, tables / USERS_FILE)
+    progress.done(record)
 
-    record = stage("split")
+    record = progress.stage("split")
     with sampler.stage(record):
         events = prepare_interactions(raw.interactions)
         raw.interactions = events  # the raw rows are no longer needed
@@ -189,27 +237,82 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
         split = make_split(raw.interactions, **split_settings(cfg))
         raw.interactions = None  # type: ignore[assignment]
     record.update(split.stats())
-    done(record)
+    progress.done(record)
 
-    record = stage("encoders")
+    record = progress.stage("encoders")
     with sampler.stage(record):
         catalogue = raw.items.reset_index(drop=True)
         encoders = fit_encoders(raw, split.fit, feature_settings(cfg.features))
-    done(record)
+    progress.done(record)
 
-    record = stage("samples")
+    record = progress.stage("samples")
     with sampler.stage(record):
         samples = build_training_samples(raw, split.fit, catalogue, encoders)
     record["samples"] = len(samples.item_rows)
-    done(record)
+    progress.done(record)
 
-    record = stage("eval_sets")
+    record = progress.stage("eval_sets")
     with sampler.stage(record):
         sources = build_eval_sources(raw, split, split.fit, catalogue, encoders)
         data = assemble_prepared(raw, split, catalogue, encoders, samples, sources, "fit")
-    done(record)
+    progress.done(record)
+    return raw, data
 
-    record = stage("train")
+
+def write_stage(
+    rung: Rung, s: ScaleSettings, progress: Progress, raw: Any, data: Any, cfg: Any
+) -> None:
+    """``write``: the prepared directory of ``data``, as ``twotower prepare`` writes it."""
+    from towers.data.prepared_writer import write_prepared
+    from towers.data.synthetic_shards import INTERACTIONS_DIR
+    from towers.pipeline import feature_settings
+    from twotower.spark.settings import PrepareSettings
+
+    record = progress.stage("write")
+    with progress.sampler.stage(record):
+        result = write_prepared(
+            raw,
+            data,
+            PrepareSettings(
+                interactions=str(data_dir(rung, s) / INTERACTIONS_DIR),
+                output=str(prepared_dir(rung, s)),
+                features=feature_settings(cfg.features),
+                overwrite=True,
+            ),
+        )
+    record.update(shards=result.manifest["counts"]["shards"])
+    progress.done(record)
+
+
+def load_stage(rung: Rung, s: ScaleSettings, progress: Progress) -> Any:
+    """``load``: the prepared directory with its samples left in their shards, and the
+    user table (for the evaluation users' attributes), as ``data.prepared=DIR
+    data.stream=true`` loads them."""
+    from towers.data.prepared_dir import load_prepared
+    from towers.data.readers import load_user_table
+    from towers.data.synthetic_shards import USERS_FILE
+
+    record = progress.stage("load")
+    with progress.sampler.stage(record):
+        users = load_user_table(data_dir(rung, s) / USERS_FILE)
+        data = load_prepared(prepared_dir(rung, s), users, "csv", stream=True)
+    record["samples"] = data.n_samples
+    progress.done(record)
+    return data
+
+
+def model_stages(rung: Rung, s: ScaleSettings, progress: Progress, cfg: Any, data: Any) -> None:
+    """``train``, ``evaluate`` and ``export`` of ``data``."""
+    import pytorch_lightning as pl
+
+    from towers.evaluation.callback import tower_scorer
+    from towers.evaluation.ranking import evaluate_stream
+    from towers.export.bundle import ExportSettings, export_bundle
+    from towers.model.module import embed
+    from towers.pipeline import build_datamodule, build_module
+
+    sampler = progress.sampler
+    record = progress.stage("train")
     with sampler.stage(record):
         pl.seed_everything(s.seed)
         datamodule = build_datamodule(cfg, data)
@@ -240,9 +343,9 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
         examples_per_second=round(examples / train_seconds),
         epoch_seconds_extrapolated=round(data.n_samples / (examples / train_seconds)),
     )
-    done(record)
+    progress.done(record)
 
-    record = stage("evaluate")
+    record = progress.stage("evaluate")
     with sampler.stage(record):
         module = module.cpu().eval()
         item_vectors = embed(module.model.item_tower, data.catalogue_inputs)
@@ -259,9 +362,9 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
         ndcg_at_20=round(metrics["test/ndcg@20"], 4),
         all_users_seconds_extrapolated=round(record["seconds"] * source.n_users / max(scored, 1)),
     )
-    done(record)
+    progress.done(record)
 
-    record = stage("export")
+    record = progress.stage("export")
     with sampler.stage(record):
         bundle = export_bundle(
             module,
@@ -271,8 +374,7 @@ def run_stages(rung: Rung, s: ScaleSettings, progress: Path) -> None:
         )
     manifest = json.loads((bundle / "manifest.json").read_text())
     record.update(index=manifest.get("index", {}).get("factory"))
-    done(record)
-    sampler.close()
+    progress.done(record)
 
 
 def run_rung(rung: Rung, s: ScaleSettings, progress: Path) -> list[dict[str, Any]]:
@@ -310,6 +412,7 @@ def run_rung(rung: Rung, s: ScaleSettings, progress: Path) -> list[dict[str, Any
         rows.append(
             {
                 "events": rung.events,
+                "job": s.job,
                 "stage": unfinished[-1]["stage"],
                 "status": reason,
                 # how long the stage ran before it was stopped (or failed)
@@ -317,6 +420,23 @@ def run_rung(rung: Rung, s: ScaleSettings, progress: Path) -> list[dict[str, Any
                 "peak_rss_gb": round(peak / GB, 3),
             }
         )
+    return rows
+
+
+def run_path(rung: Rung, s: ScaleSettings) -> list[dict[str, Any]]:
+    """One rung along ``s.path``: one child for ``memory``; for ``prepared`` the prepare
+    job's child, then (if it finished) the training job's; their rows."""
+    work = Path(s.work_dir)
+    if s.path == "memory":
+        return run_rung(rung, replace(s, job="all"), work / f"progress-{rung.events}.jsonl")
+    if s.path != "prepared":
+        raise ValueError(f"path must be memory or prepared, got {s.path!r}")
+    rows = []
+    for job in ("prepare", "train"):
+        progress = work / f"progress-{rung.events}-{job}.jsonl"
+        rows += run_rung(rung, replace(s, job=job), progress)
+        if any(row["status"] != "done" for row in rows):
+            break
     return rows
 
 
@@ -331,5 +451,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "peak_rss_gb": max(row["peak_rss_gb"] for row in mine),
             "stopped_at": failed[0]["stage"] if failed else None,
             "reason": failed[0]["status"] if failed else None,
+            "peak_rss_gb_by_job": {
+                job: max(row["peak_rss_gb"] for row in mine if row.get("job", "all") == job)
+                for job in dict.fromkeys(row.get("job", "all") for row in mine)
+            },
         }
     return out
