@@ -134,7 +134,9 @@ def write(rows: list[dict[str, Any]], s: ScaleSettings, out: Path) -> None:
         "export)."
     )
     settings = {
-        k: v for k, v in asdict(s).items() if k not in ("rungs", "extra", "work_dir", "job")
+        k: v
+        for k, v in asdict(s).items()
+        if k not in ("rungs", "work_dir", "job") and (v or k != "overrides")
     }
     title = "Scale ladder" if s.path == "memory" else "Scale ladder: prepare, then train"
     body = (
@@ -144,7 +146,7 @@ def write(rows: list[dict[str, Any]], s: ScaleSettings, out: Path) -> None:
         f"```\n{commands}\n```\n\n"
         f"Settings: {', '.join(f'{k}={v}' for k, v in settings.items())}. "
         f"Machine: {machine()['processor']}, {machine()['torch_threads']} torch threads.\n\n"
-        f"{stops}\n\n![seconds and peak RSS per stage](scale.png)\n\n"
+        f"{stops}\n\n![seconds and peak RSS per stage]({out.with_suffix('.png').name})\n\n"
         f"{markdown_table([{**row, 'detail': detail(row)} for row in rows], columns)}\n"
     )
     out.with_suffix(".md").write_text(body)
@@ -166,6 +168,19 @@ def main(argv: list[str] | None = None) -> None:
         help="memory: the main job in one process; prepared: twotower prepare, then "
         "training from its directory with the samples streamed, in two processes",
     )
+    parser.add_argument(
+        "--jobs",
+        default="prepare,train",
+        help="with --path prepared: train alone reuses the directory of an earlier prepare",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override of the main job's config, repeatable "
+        "(e.g. model.optimizer.sparse_rule=rowwise_adagrad)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output stem (.json/.md/.png)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -183,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         rss_limit_gb=args.rss_limit_gb,
         work_dir=args.work_dir,
         path=args.path,
+        overrides=tuple(args.override),
+        jobs=tuple(job.strip() for job in args.jobs.split(",") if job.strip()),
     )
     out = args.out or OUTS[s.path]
     Path(s.work_dir).mkdir(parents=True, exist_ok=True)
@@ -193,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         command = "twotower bench scale " + " ".join(argv if argv is not None else sys.argv[1:])
         for row in new:
             row["command"] = command
-        rows = [r for r in rows if r["events"] != rung.events] + new
-        rows.sort(key=lambda r: (r["events"], STAGES.index(r["stage"])))
+        ran = {"all"} if s.path == "memory" else set(s.jobs)  # other jobs' rows are kept
+        rows = [r for r in rows if r["events"] != rung.events or r.get("job", "all") not in ran]
+        rows += new
+        rows.sort(key=lambda r: (r["events"], STAGES.index(r["stage"])))  # prepare first
         write(rows, s, out)
 
 

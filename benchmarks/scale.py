@@ -41,7 +41,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +79,14 @@ class ScaleSettings:
     users_per_shard: int = 250_000
     seed: int = 0
     work_dir: str = "/tmp/twotower-scale"
-    extra: dict[str, Any] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()  # Hydra overrides of the main job's config (model.*)
     # "memory": the main job in one process, as `twotower train` runs it; "prepared": two
     # jobs, each in its own process, as `twotower prepare` then `twotower train
     # data.prepared=DIR data.stream=true` run them
     path: str = "memory"
     job: str = "all"  # what one child runs: all, prepare or train (set by run_path)
+    jobs: tuple[str, ...] = ("prepare", "train")  # path "prepared": train alone reuses the
+    # directory an earlier prepare job wrote
 
 
 def rss_bytes(pid: int | None = None) -> int:
@@ -120,13 +122,14 @@ class PeakRss:
         self._stop.set()
 
 
-def model_config(batch_size: int, seed: int) -> Any:
-    """The default main job's config (its model and features), batch size set."""
+def model_config(batch_size: int, seed: int, extra: tuple[str, ...] = ()) -> Any:
+    """The default main job's config (its model and features), batch size set, with
+    the Hydra overrides ``extra``."""
     from hydra import compose, initialize_config_dir
 
     from twotower.config import config_dir
 
-    overrides = [f"train.batch_size={batch_size}", f"seed={seed}", "logger=none"]
+    overrides = [f"train.batch_size={batch_size}", f"seed={seed}", "logger=none", *extra]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
@@ -165,13 +168,14 @@ def run_stages(rung: Rung, s: ScaleSettings, progress_file: Path) -> None:
     then ``write`` (the prepared directory, as ``twotower prepare`` writes it); ``train``:
     ``load`` (that directory, its samples streamed), then training, evaluation, export."""
     progress = Progress(rung, progress_file, s.job)
-    cfg = model_config(s.batch_size, s.seed)
+    cfg = model_config(s.batch_size, s.seed, tuple(s.overrides))
     if s.job == "train":
         data = load_stage(rung, s, progress)
     else:
         raw, data = data_stages(rung, s, progress, cfg)
         if s.job == "prepare":
-            write_stage(rung, s, progress, raw, data, cfg)
+            del raw
+            write_stage(rung, s, progress, data, cfg)
             progress.sampler.close()
             return
         del raw
@@ -259,25 +263,26 @@ def data_stages(rung: Rung, s: ScaleSettings, progress: Progress, cfg: Any) -> t
     return raw, data
 
 
-def write_stage(
-    rung: Rung, s: ScaleSettings, progress: Progress, raw: Any, data: Any, cfg: Any
-) -> None:
+def write_stage(rung: Rung, s: ScaleSettings, progress: Progress, data: Any, cfg: Any) -> None:
     """``write``: the prepared directory of ``data``, as ``twotower prepare`` writes it."""
     from towers.data.prepared_writer import write_prepared
-    from towers.data.synthetic_shards import INTERACTIONS_DIR
-    from towers.pipeline import feature_settings
+    from towers.data.synthetic_shards import INTERACTIONS_DIR, ITEMS_FILE, USERS_FILE
+    from towers.pipeline import feature_settings, split_settings
     from twotower.spark.settings import PrepareSettings
 
+    tables = data_dir(rung, s)
     record = progress.stage("write")
     with progress.sampler.stage(record):
         result = write_prepared(
-            raw,
             data,
-            PrepareSettings(
-                interactions=str(data_dir(rung, s) / INTERACTIONS_DIR),
+            PrepareSettings(  # what the data stages read and did: prepared.json says so
+                interactions=str(tables / INTERACTIONS_DIR),
+                items=str(tables / ITEMS_FILE),
+                users=str(tables / USERS_FILE),
                 output=str(prepared_dir(rung, s)),
                 features=feature_settings(cfg.features),
                 overwrite=True,
+                **split_settings(cfg),
             ),
         )
     record.update(shards=result.manifest["counts"]["shards"])
@@ -431,10 +436,19 @@ def run_path(rung: Rung, s: ScaleSettings) -> list[dict[str, Any]]:
         return run_rung(rung, replace(s, job="all"), work / f"progress-{rung.events}.jsonl")
     if s.path != "prepared":
         raise ValueError(f"path must be memory or prepared, got {s.path!r}")
+    unknown = set(s.jobs) - {"prepare", "train"}
+    if unknown or not s.jobs:
+        raise ValueError(f"jobs must be prepare and/or train, got {list(s.jobs)}")
     rows = []
     for job in ("prepare", "train"):
+        if job not in s.jobs:
+            continue
         progress = work / f"progress-{rung.events}-{job}.jsonl"
-        rows += run_rung(rung, replace(s, job=job), progress)
+        new = run_rung(rung, replace(s, job=job), progress)
+        rows += new
+        if not new:  # it died before its first stage: never train on a stale directory
+            log.error("the %s job of the %d-event rung wrote no stage", job, rung.events)
+            break
         if any(row["status"] != "done" for row in rows):
             break
     return rows

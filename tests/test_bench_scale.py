@@ -50,6 +50,9 @@ def test_a_tiny_rung_runs_every_stage(tmp_path: Path, path: str, jobs: set[str])
     assert by_stage["train"]["steps"] == 3
     if path == "prepared":  # the training job streamed the samples the prepare job wrote
         assert by_stage["load"]["samples"] == by_stage["samples"]["samples"]
-        assert (tmp_path / "work" / "prepared-20000" / "prepared.json").is_file()
+        manifest = json.loads((tmp_path / "work" / "prepared-20000" / "prepared.json").read_text())
+        # what the training job reads back: the item table with its attributes, the split
+        assert manifest["settings"]["items"] and manifest["settings"]["users"]
+        assert manifest["inputs"]["item"] != ["item_id"]
     report = out.with_suffix(".md").read_text()
     assert "20,000 events" in report and out.with_suffix(".png").is_file()

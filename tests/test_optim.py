@@ -66,3 +66,44 @@ def test_groups_stay_shared_after_loading_a_state() -> None:
     optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
     optimizer.param_groups[1]["lr"] = 0.01
     assert optimizer.inner[1].param_groups[0]["lr"] == 0.01
+
+
+def test_rowwise_adagrad_keeps_one_accumulator_per_row_and_moves_touched_rows_only() -> None:
+    from towers.model.optim import RowwiseAdagrad
+
+    model, groups = model_and_groups()
+    optimizer = SparseDenseAdam(groups, lr=0.1, sparse_rule="rowwise_adagrad", sparse_lr=0.5)
+    assert isinstance(optimizer.inner[1], RowwiseAdagrad)
+    before = model["emb"].weight.detach().clone()
+    optimizer.zero_grad()
+    model["lin"](model["emb"](torch.tensor([1, 3, 3]))).sum().backward()
+    grad = model["emb"].weight.grad.coalesce().to_dense()
+    optimizer.step()
+    after = model["emb"].weight.detach()
+    changed = (after != before).any(dim=1)
+    assert changed.tolist() == [i in (1, 3) for i in range(10)]
+    state = optimizer.inner[1].state[model["emb"].weight]["sum"]
+    assert state.shape == (10,)  # one float per row, not two per weight
+    expected_sum = grad.pow(2).mean(dim=1)
+    torch.testing.assert_close(state, expected_sum)
+    for row in (1, 3):  # -lr * g / (sqrt(s) + eps)
+        step = -0.5 * grad[row] / (expected_sum[row].sqrt() + 1e-8)
+        torch.testing.assert_close(after[row], before[row] + step)
+
+
+def test_rowwise_adagrad_round_trips_its_state_and_refuses_a_bad_rule() -> None:
+    model, groups = model_and_groups()
+    optimizer = SparseDenseAdam(groups, lr=0.1, sparse_rule="rowwise_adagrad")
+    step(model, optimizer)
+    twin, twin_groups = model_and_groups()
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = SparseDenseAdam(twin_groups, lr=0.1, sparse_rule="rowwise_adagrad")
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    step(model, optimizer)
+    step(twin, twin_optimizer)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    import pytest
+
+    with pytest.raises(ValueError, match="sparse_rule"):
+        SparseDenseAdam(model_and_groups()[1], sparse_rule="sgd")

@@ -21,7 +21,6 @@ import math
 import os
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,21 @@ from tqdm.auto import tqdm
 from towers.data.ids import id_codes
 from towers.data.prepare import PreparedData, prepare_data
 from towers.data.readers import load_tables
-from towers.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT, RawData
+from towers.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 from towers.data.split import item_order_key, make_split, prepare_interactions
 from twotower import __version__
 from twotower.errors import DataValidationError
 from twotower.spark import shards
-from twotower.spark.settings import PrepareSettings, settings_dict
-from twotower.storage import exists, filesystem, is_url, local_staging, remove, upload_tree
+from twotower.spark.settings import PrepareResult, PrepareSettings, settings_dict
+from twotower.storage import (
+    check_upload_target,
+    exists,
+    filesystem,
+    is_url,
+    local_staging,
+    remove,
+    upload_tree,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +55,7 @@ PARTS = ("fit", "validation", "test")
 WRITER = "twotower prepare"
 
 
-@dataclass
-class LocalPrepareResult:
-    """Where the job wrote, and what ``prepared.json`` says."""
-
-    output: str
-    manifest: dict[str, Any]
-
-
-def run_local_prepare(settings: PrepareSettings) -> LocalPrepareResult:
+def run_local_prepare(settings: PrepareSettings) -> PrepareResult:
     """Prepare the data of ``settings`` on this machine and write the prepared directory
     ``settings.output`` (a path or an fsspec URL), which must be absent or empty unless
     ``settings.overwrite``. Bad input raises a :class:`~twotower.errors.TwoTowerError`
@@ -68,6 +67,8 @@ def run_local_prepare(settings: PrepareSettings) -> LocalPrepareResult:
             f"files); got {settings.format!r}"
         )
     check_output(settings.output, settings.overwrite)
+    if is_url(settings.output):  # a bucket's root, a missing package or store: fail now
+        check_upload_target(settings.output, Path.cwd())
     raw = load_tables(
         settings.interactions,
         settings.items,
@@ -76,18 +77,20 @@ def run_local_prepare(settings: PrepareSettings) -> LocalPrepareResult:
         columns={k: v for k, v in settings.columns.items() if v},
     )
     events = prepare_interactions(raw.interactions, settings.min_rating)
+    raw.interactions = events.iloc[:0]  # the raw rows are not needed past this point
     split = make_split(
         events,
-        settings.test_fraction,
-        settings.validation_fraction,
-        settings.min_interactions,
-        settings.cold_items,
-        settings.cold_fraction,
-        settings.seed,
+        test_fraction=settings.test_fraction,
+        validation_fraction=settings.validation_fraction,
+        min_interactions=settings.min_interactions,
+        cold_items=settings.cold_items,
+        cold_fraction=settings.cold_fraction,
+        seed=settings.seed,
     )
     del events
     data = prepare_data(raw, split, settings.features, settings.fit_on)
-    return write_prepared(raw, data, settings)
+    del raw, split
+    return write_prepared(data, settings)
 
 
 def check_output(output: str, overwrite: bool) -> None:
@@ -107,15 +110,21 @@ def check_output(output: str, overwrite: bool) -> None:
         )
 
 
-def write_prepared(
-    raw: RawData, data: PreparedData, settings: PrepareSettings
-) -> LocalPrepareResult:
-    """Write the prepared directory of ``data`` (prepared from ``raw`` with ``settings``)
-    at ``settings.output``, staged and then moved (or uploaded, manifest last) into place."""
+def write_prepared(data: PreparedData, settings: PrepareSettings) -> PrepareResult:
+    """Write the prepared directory of ``data`` (prepared with ``settings``, which
+    ``prepared.json`` records and a reader trusts: ``settings.items`` says whether the
+    catalogue is an item table) at ``settings.output``, staged and then moved (or
+    uploaded, manifest last) into place."""
+    attributes = [c for c in data.catalogue.columns if c != ITEM_ID]
+    if settings.items is None and attributes:
+        raise ValueError(
+            f"settings.items is None but the catalogue has item attributes {attributes}: "
+            "name the item table the data was prepared from"
+        )
     output = settings.output
     staging = _staging(output)
     try:
-        manifest = _write(staging, raw, data, settings)
+        manifest = _write(staging, data, settings)
         check_output(output, settings.overwrite)  # nothing appeared there meanwhile
         if is_url(output):
             upload_tree(staging, output, last=shards.MANIFEST)
@@ -129,7 +138,7 @@ def write_prepared(
         manifest["counts"]["shards"],
         output,
     )
-    return LocalPrepareResult(output, manifest)
+    return PrepareResult(output, manifest)
 
 
 def _staging(output: str) -> Path:
@@ -157,7 +166,7 @@ def _move_into_place(staging: Path, target: Path) -> None:
             aside.unlink()
 
 
-def _write(root: Path, raw: RawData, data: PreparedData, settings: PrepareSettings) -> dict:
+def _write(root: Path, data: PreparedData, settings: PrepareSettings) -> dict[str, Any]:
     fit = data.split.fit if settings.fit_on == "fit" else data.split.train
     n_samples = len(fit)
     n_shards = max(1, math.ceil(n_samples / settings.samples_per_shard))
@@ -188,6 +197,10 @@ def _shard_name(index: int) -> str:
 def _lists(matrix: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
     """The rows of a 2-d array as a list column (Spark's ``array<...>``)."""
     rows, width = matrix.shape
+    if rows * width >= 2**31:  # a list column's offsets are int32, as Spark writes them
+        raise ValueError(
+            f"{rows} rows x {width} values is too many for one shard: lower --samples-per-shard"
+        )
     offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width, type=pa.int32())
     values = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type)
     return pa.ListArray.from_arrays(offsets, values)
@@ -204,9 +217,11 @@ def write_samples(directory: Path, fit: pd.DataFrame, data: PreparedData, per_sh
     writes them (``history``: the plain leakage-free window)."""
     directory.mkdir(parents=True)
     histories = data.sample_histories
-    user_rows = data.sample_user_rows
+    user_rows = data.sample_user_rows  # None: the user inputs are held per sample
     codes, ids = id_codes(fit[USER_ID])
     user_vocabulary = data.encoders.users.ids.encode(pd.Series(ids, dtype=object))
+    # each sample's user among the sample users sorted by id (codes sort as the ids do)
+    user_index = user_rows if user_rows is not None else np.unique(codes, return_inverse=True)[1]
     times = fit[TIMESTAMP].to_numpy(np.float64)
     attributes = [n for n in data.encoders.users.input_names if n in shards.USER_ATTRIBUTE_INPUTS]
     rng = np.random.default_rng(0)  # unused at horizon 1
@@ -216,7 +231,7 @@ def write_samples(directory: Path, fit: pd.DataFrame, data: PreparedData, per_sh
         rows = positions if user_rows is None else user_rows[start:end]
         columns: dict[str, pa.Array] = {
             shards.SAMPLE: pa.array(positions),
-            shards.USER_INDEX: pa.array(np.asarray(rows, dtype=np.int64)),
+            shards.USER_INDEX: pa.array(np.asarray(user_index[start:end], dtype=np.int64)),
             shards.USER_CODE: pa.array(user_vocabulary[codes[start:end]]),
             shards.ITEM_ROW: pa.array(data.sample_item_rows[start:end].astype(np.int64)),
             shards.ITEM_CODE: pa.array(histories.item_codes[start:end].astype(np.int64)),
@@ -239,7 +254,13 @@ def write_catalogue(directory: Path, catalogue: pd.DataFrame) -> None:
     table = catalogue.reset_index(drop=True)
     table.insert(0, shards.ITEM_ROW, np.arange(len(table), dtype=np.int64))
     table[ITEM_ID] = table[ITEM_ID].astype(str).astype(object)  # ids as the strings they are
-    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    try:
+        arrow = pa.Table.from_pandas(table, preserve_index=False)
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:  # e.g. a column mixing types
+        raise DataValidationError(
+            f"the item table: a column cannot be written to Parquet ({exc}); give each "
+            "column one type"
+        ) from exc
     # text as Spark writes it (pandas' string dtype becomes Arrow's large_string)
     schema = pa.schema(
         [f.with_type(pa.string()) if f.type == pa.large_string() else f for f in arrow.schema]

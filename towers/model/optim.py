@@ -3,7 +3,10 @@
 ``torch.optim.Adam`` rejects sparse gradients and ``SparseAdam`` rejects dense ones;
 :class:`SparseDenseAdam` runs each on its own parameter groups behind one Optimizer,
 so Lightning, LR schedulers and checkpoints see a single optimiser. Groups flagged
-``sparse=True`` (the module flags its sparse embedding tables) go to ``SparseAdam``.
+``sparse=True`` (the module flags its sparse embedding tables) go to ``SparseAdam``, or,
+with ``sparse_rule="rowwise_adagrad"``, to :class:`RowwiseAdagrad`: one accumulator per
+embedding row instead of Adam's two moments per weight, the rule TorchRec and FBGEMM use
+for tables too large for per-weight optimiser state.
 """
 
 from __future__ import annotations
@@ -14,9 +17,58 @@ from typing import Any
 import torch
 from torch.optim import Adam, Optimizer, SparseAdam
 
+SPARSE_RULES = ("adam", "rowwise_adagrad")
+
+
+class RowwiseAdagrad(Optimizer):
+    """Adagrad with one accumulator per row of each (sparse-gradient) embedding table:
+    each step adds the mean of a touched row's squared gradient to its accumulator ``s``
+    and moves the row by ``-lr * g / (sqrt(s) + eps)``; untouched rows do not move. Its
+    state is 4 bytes per row, where Adam's is two floats per weight (``2 x dim`` per
+    row). Takes sparse or dense gradients of 2-d parameters."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.01, eps: float = 1e-8) -> None:
+        if lr <= 0 or eps <= 0:
+            raise ValueError(f"lr and eps must be positive, got lr={lr}, eps={eps}")
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if param.dim() != 2:
+                    raise ValueError(f"RowwiseAdagrad takes 2-d tables, got {tuple(param.shape)}")
+                grad = param.grad
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows, values = grad.indices()[0], grad.values()
+                else:
+                    rows = torch.arange(param.shape[0], device=param.device)
+                    values = grad
+                state = self.state[param]
+                if "sum" not in state:
+                    state["sum"] = torch.zeros(
+                        param.shape[0], dtype=param.dtype, device=param.device
+                    )
+                total = state["sum"]
+                total.index_add_(0, rows, values.pow(2).mean(dim=1))
+                scale = total[rows].sqrt_().add_(group["eps"])
+                param.index_add_(0, rows, values / scale.unsqueeze(1), alpha=-group["lr"])
+        return loss
+
 
 class SparseDenseAdam(Optimizer):
-    """Lazy Adam (``SparseAdam``) on sparse groups, Adam on the rest, sharing the groups."""
+    """Lazy Adam (``SparseAdam``) on sparse groups, Adam on the rest, sharing the groups.
+
+    ``sparse_rule="rowwise_adagrad"`` runs :class:`RowwiseAdagrad` on the sparse groups
+    instead, at ``sparse_lr`` (default ``lr``): its state for an embedding table of
+    dimension ``d`` is ``1 / (2 d)`` of Adam's (see docs/scaling.md)."""
 
     def __init__(
         self,
@@ -25,14 +77,24 @@ class SparseDenseAdam(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         fused: bool | None = None,
+        sparse_rule: str = "adam",
+        sparse_lr: float | None = None,
     ) -> None:
+        if sparse_rule not in SPARSE_RULES:
+            raise ValueError(f"sparse_rule must be one of {SPARSE_RULES}, got {sparse_rule!r}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "sparse": False})
         dense = [g for g in self.param_groups if not g["sparse"]]
         sparse = [g for g in self.param_groups if g["sparse"]]
         # The inner optimisers hold the very same group dicts, so schedulers that change
         # ``lr`` here change it there.
         self._dense = Adam(dense, lr=lr, betas=betas, eps=eps, fused=fused) if dense else None
-        self._sparse = SparseAdam(sparse, lr=lr, betas=betas, eps=eps) if sparse else None
+        self._sparse: Optimizer | None = None
+        if sparse and sparse_rule == "adam":
+            self._sparse = SparseAdam(sparse, lr=lr, betas=betas, eps=eps)
+        elif sparse:
+            for group in sparse:
+                group["lr"] = lr if sparse_lr is None else sparse_lr
+            self._sparse = RowwiseAdagrad(sparse, lr=lr if sparse_lr is None else sparse_lr)
         positions = {"dense": 0, "sparse": 0}
         self._layout: list[tuple[str, int]] = []
         for group in self.param_groups:

@@ -22,7 +22,6 @@ import math
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,7 +36,7 @@ from twotower.encoding import PAD_INDEX, FeatureEncoders
 from twotower.spark import shards
 from twotower.spark.encoders import VALUE, fit_entity, infer_feature_columns
 from twotower.spark.frames import ROW, persist, release, with_positions
-from twotower.spark.settings import PrepareSettings, settings_dict
+from twotower.spark.settings import PrepareResult, PrepareSettings, settings_dict
 from twotower.spark.split import FIT, PART, VALIDATION, event_order, make_split
 from twotower.spark.split import prepare_interactions as prepare_events
 from twotower.spark.storage import check_output, join, prepare_output, write_text
@@ -51,14 +50,6 @@ from twotower.spark.tables import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PrepareResult:
-    """Where the job wrote, and what ``prepared.json`` says."""
-
-    output: str
-    manifest: dict[str, Any]
 
 
 @dataclass

@@ -70,6 +70,14 @@ class PrepareSettings:
                 raise MissingFileError(f"{table}: no such file or directory")
 
 
+@dataclass
+class PrepareResult:
+    """Where a prepare job wrote, and what ``prepared.json`` says."""
+
+    output: str
+    manifest: dict[str, Any]
+
+
 def settings_dict(settings: PrepareSettings) -> dict[str, Any]:
     """``settings`` as ``prepared.json`` records them (JSON types, without ``overwrite``)."""
     values = asdict(settings)
