@@ -165,3 +165,97 @@ def test_bad_input_fails_naming_it_and_writes_nothing(tmp_path: Path) -> None:
 
     assert run_cli("--help")[0] == 0
     assert run_cli("--interactions", "x", "--output", "y", "--format", "csv")[0] == 2
+
+
+def prepare_tables(tmp_path: Path, out: Path, **settings) -> None:
+    tables = synthetic_tables(tmp_path / "tables")
+    run_local_prepare(
+        PrepareSettings(
+            interactions=str(tables.interactions),
+            items=str(tables.items),
+            users=str(tables.users),
+            output=str(out),
+            samples_per_shard=2000,
+            **settings,
+        )
+    )
+
+
+def test_a_failure_while_writing_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from towers.data import prepared_writer
+
+    def broken(*args, **kwargs) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prepared_writer, "write_split", broken)
+    out = tmp_path / "prepared"
+    with pytest.raises(OSError, match="disk full"):
+        prepare_tables(tmp_path, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tables"]  # no output, no staging
+    code, _, err = run_cli(
+        "--interactions",
+        str(tmp_path / "tables" / "events.parquet"),
+        "--output",
+        str(out),
+    )
+    assert code == 1 and "disk full" in err and not out.exists()
+    assert run_cli("--interactions", "x", "--output", "y", "--log-level", "loud")[0] == 2
+
+
+def test_split_files_out_of_order_or_with_an_unknown_part(tmp_path: Path) -> None:
+    """``split/`` is put back in event order whatever its files' order; a part other
+    than fit, validation and test is refused naming the directory."""
+    import pyarrow.parquet as pq
+
+    from towers.data.prepared_dir import load_prepared
+    from towers.data.readers import load_user_table
+    from twotower.errors import PreparedDataError
+
+    out = tmp_path / "prepared"
+    prepare_tables(tmp_path, out)
+    users = load_user_table(tmp_path / "tables" / "users.parquet")
+    expected = load_prepared(out, users).split
+    files = sorted((out / shards.SPLIT).glob("*.parquet"))
+    assert len(files) > 1
+    for number, path in enumerate(files):  # the last events' file is now read first
+        path.rename(path.with_name(f"z{len(files) - number:02d}.parquet"))
+    found = load_prepared(out, users).split
+    for part in ("train", "fit", "validation", "test"):
+        pd.testing.assert_frame_equal(getattr(found, part), getattr(expected, part))
+    first = sorted((out / shards.SPLIT).glob("*.parquet"))[0]
+    table = pq.read_table(first).to_pandas()
+    table.loc[0, shards.PART] = "holdout"
+    table.to_parquet(first, index=False)
+    with pytest.raises(PreparedDataError, match=r"split/ has unknown parts \['holdout'\]") as bad:
+        load_prepared(out, users)
+    assert f"data.prepared={out}" in str(bad.value)
+
+
+def test_an_item_column_parquet_cannot_hold_is_named(tmp_path: Path) -> None:
+    from towers.data.prepared_writer import write_catalogue
+    from twotower.errors import DataValidationError
+
+    catalogue = pd.DataFrame({"item_id": ["a", "b"], "studio": ["x", 1]})  # mixed types
+    with pytest.raises(DataValidationError, match="the item table"):
+        write_catalogue(tmp_path / "catalogue", catalogue)
+
+
+def test_help_answers_without_torch_pandas_or_spark() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from twotower.cli import main; code = main(sys.argv[1:]); "
+        "heavy = [m for m in ('pyspark', 'torch', 'pandas') if m in sys.modules]; "
+        "assert not heavy, heavy; sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, "prepare", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--samples-per-shard" in result.stdout and "--master" not in result.stdout

@@ -75,13 +75,22 @@ def test_the_shards_are_read_back_as_written(data: PreparedData, stream: SampleS
     )
 
 
-@pytest.mark.parametrize("horizon", [1, 4])
+def stream_of(data: PreparedData, directory: Path, rows: int) -> SampleStream:
+    sample_shards = SampleShards.open(str(write_sample_shards(data, directory, rows)))
+    return SampleStream(sample_shards, SampleStats.scan(sample_shards, data.n_items))
+
+
+@pytest.mark.parametrize(
+    ("horizon", "rows"),
+    [(1, ROWS_PER_SHARD), (4, ROWS_PER_SHARD), (4, 4)],  # 4 rows: histories span 3 files
+)
 def test_streamed_batches_equal_the_in_memory_batches_of_the_same_samples(
-    data: PreparedData, stream: SampleStream, horizon: int
+    data: PreparedData, tmp_path: Path, horizon: int, rows: int
 ) -> None:
     """Every tensor of every streamed batch (user inputs, histories cut back across shard
     edges, items, weights, mixed negatives) equals the in-memory batch of the same
     samples, epoch and batch number."""
+    stream = stream_of(data, tmp_path / "samples", rows)
     ours = streamed(data, stream, mixed_negatives=8, seed=4, target_horizon=horizon, group_shards=2)
     theirs = InteractionBatches.from_prepared(
         data, mixed_negatives=8, seed=4, target_horizon=horizon
@@ -102,6 +111,22 @@ def test_streamed_batches_equal_the_in_memory_batches_of_the_same_samples(
             assert torch.equal(mine["item"][name], values), name  # type: ignore[index]
         compared += 1
     assert compared == len(sampler)
+
+
+def test_a_group_takes_files_spread_over_the_sample_order(
+    data: PreparedData, tmp_path: Path
+) -> None:
+    """Group g of n holds files g, g + n, ...: users from the whole user order."""
+    stream = stream_of(data, tmp_path / "samples", -(-data.n_samples // 5))  # 5 files
+    assert len(stream.shards.files) == 5
+    assert streamed(data, stream, group_shards=2).groups == [[0, 3], [1, 4], [2]]
+    assert streamed(data, stream, group_shards=5).groups == [[0, 1, 2, 3, 4]]
+    batches = streamed(data, stream, group_shards=2)
+    files = stream.shards.files
+    np.testing.assert_array_equal(
+        batches.group_samples(0),
+        np.r_[files[0].first : files[0].first + files[0].rows, files[3].first : files[4].first],
+    )
 
 
 def test_an_epoch_covers_every_sample_once_seeded_by_seed_and_epoch(

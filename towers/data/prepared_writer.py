@@ -9,8 +9,10 @@ split are written a shard at a time from those arrays (each ``samples/`` shard's
 history windows and user inputs are built for its rows only). A run trains from it with
 ``data.prepared=DIR`` and streams its samples with ``data.stream=true``.
 
-Nothing half-written is left: the files go to a staging directory beside the output
-(or a local temporary one for a URL), which becomes the output only when complete.
+Nothing half-written is left at a path: the files go to a staging directory beside the
+output, which becomes the output only when complete. For a URL they are staged in a
+local temporary directory and uploaded with ``prepared.json`` last (an upload that fails
+midway leaves files without it, which no reader takes for a prepared directory).
 """
 
 from __future__ import annotations

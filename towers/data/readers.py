@@ -102,7 +102,7 @@ def read_dataset(location: str, id_columns: Sequence[str] = ()) -> pd.DataFrame:
             table = dataset.to_table()
     except FileNotFoundError as exc:
         raise MissingFileError(f"{location}: no such file or directory") from exc
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:  # e.g. list ids
         raise DataValidationError(f"{location}: cannot be read as a dataset: {exc}") from exc
     return table.to_pandas(self_destruct=True)
 

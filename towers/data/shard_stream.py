@@ -73,7 +73,7 @@ class SampleShards:
     """The part files of a ``samples/`` directory (a path or a URL) in sample order.
 
     Opening reads only the Parquet footers and each file's first ``sample``; the files
-    must hold consecutive samples 0, 1, ... (as ``twotower spark prepare`` writes them).
+    must hold consecutive samples 0, 1, ... (as both prepare jobs write them).
     """
 
     def __init__(self, location: str, files: list[ShardFile], fs: Any) -> None:
@@ -107,8 +107,8 @@ class SampleShards:
             if shard.first != expected:
                 raise PreparedDataError(
                     f"{shard.path}: starts at sample {shard.first}, expected {expected}: the "
-                    "shards of samples/ must hold consecutive samples (as `twotower spark "
-                    "prepare` writes them)"
+                    "shards of samples/ must hold consecutive samples (as `twotower prepare` "
+                    "and `twotower spark prepare` write them)"
                 )
             expected += shard.rows
         if not found:

@@ -42,15 +42,18 @@ def run(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    level = logging.getLevelName(args.log_level.upper())
+    if not isinstance(level, int):
+        print(f"twotower prepare: --log-level {args.log_level!r} is not a level", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from towers.data.prepared_writer import run_local_prepare
     from twotower.errors import TwoTowerError
 
     try:
         result = run_local_prepare(prepare_settings(args))
-    except (TwoTowerError, ValueError, OSError, argparse.ArgumentTypeError) as exc:
+    except (TwoTowerError, ValueError, OSError, ImportError, argparse.ArgumentTypeError) as exc:
+        # ImportError: a URL whose file system package is missing (s3fs for s3://)
         print(f"twotower prepare: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"output": result.output, **result.manifest["counts"]}))

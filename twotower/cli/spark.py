@@ -17,7 +17,10 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from twotower.spark.settings import PrepareSettings
 
 PREPARE_HELP = """Prepare the training data of one experiment in Spark: read the interactions
 (and the optional item and user tables), apply the EVALUATION.md split exactly as
@@ -192,7 +195,7 @@ def _columns(args: argparse.Namespace, side: str) -> Any:
     return FeatureColumns(**{field: list(value or []) for field, value in given.items()})
 
 
-def prepare_settings(args: argparse.Namespace) -> Any:
+def prepare_settings(args: argparse.Namespace) -> PrepareSettings:
     """The parsed ``prepare`` options as :class:`~twotower.spark.settings.PrepareSettings`
     (no Spark import)."""
     from towers.data.prepare import FeatureSettings
@@ -264,9 +267,11 @@ def run(argv: list[str]) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0)
     name = f"twotower spark {args.job}"
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    level = logging.getLevelName(args.log_level.upper())
+    if not isinstance(level, int):
+        print(f"{name}: --log-level {args.log_level!r} is not a level", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
     from twotower.errors import TwoTowerError
     from twotower.spark.session import SparkUnavailableError, spark_missing, spark_session
