@@ -11,15 +11,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from towers.data.prepare import FeatureSettings
 from towers.data.prepared_writer import run_local_prepare
-from towers.pipeline import train
 from twotower.cli import main
 from twotower.spark import shards
 from twotower.spark.settings import PrepareSettings
 
 from .conftest import TINY_OVERRIDES, compose_config
-from .prepared_fixtures import VARIANTS, assert_prepared_equals, single_machine, synthetic_tables
+from .prepared_fixtures import (
+    VARIANTS,
+    assert_prepared_equals,
+    assert_trains_as_the_tables,
+    prepare_arguments,
+    single_machine,
+    synthetic_tables,
+    variant_settings,
+)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -28,19 +34,7 @@ def test_prepare_equals_the_single_machine_path(tmp_path: Path, name: str) -> No
     tables = variant["tables"](tmp_path / "tables")
     data = single_machine(tables, variant)
     out = tmp_path / "prepared"
-    result = run_local_prepare(
-        PrepareSettings(
-            interactions=str(tables.interactions),
-            items=None if tables.items is None else str(tables.items),
-            users=None if tables.users is None else str(tables.users),
-            output=str(out),
-            min_rating=variant["min_rating"],
-            fit_on=variant["fit_on"],
-            features=FeatureSettings(**variant["features"]),
-            samples_per_shard=2000,  # several shards
-            **variant["split"],
-        )
-    )
+    result = run_local_prepare(variant_settings(tables, variant, out))
     assert_prepared_equals(out, result.manifest, data, name)
     assert json.loads((out / shards.MANIFEST).read_text()) == result.manifest
     assert result.manifest["writer"] == "twotower prepare"
@@ -64,107 +58,13 @@ def test_training_from_a_local_prepared_directory_equals_training_from_the_table
     """``twotower prepare`` then ``data.prepared=DIR`` trains exactly as the tables
     themselves do; streamed (``data.stream=true``), the same samples in another order."""
     tables = synthetic_tables(tmp_path / "tables")
-    assert tables.items is not None and tables.users is not None
     prepared = tmp_path / "prepared"
     history = compose_config(TINY_OVERRIDES).features.history_length
-    code, out, err = run_cli(
-        "--interactions",
-        str(tables.interactions),
-        "--items",
-        str(tables.items),
-        "--users",
-        str(tables.users),
-        "--output",
-        str(prepared),
-        "--history-length",
-        str(history),
-        "--samples-per-shard",
-        "2000",
-    )
+    code, out, err = run_cli(*prepare_arguments(tables, prepared, history))
     assert code == 0, err
     summary = json.loads(out)
     assert summary["output"] == str(prepared) and summary["shards"] > 1
-    common = [*TINY_OVERRIDES, "logger=none", "data=csv", f"data.users={tables.users}"]
-    from_tables = train(
-        compose_config(
-            [
-                *common,
-                f"data.interactions={tables.interactions}",
-                f"data.items={tables.items}",
-                f"paths.output_dir={tmp_path / 'from_tables'}",
-            ]
-        )
-    )
-    from_prepared = train(
-        compose_config(
-            [*common, f"data.prepared={prepared}", f"paths.output_dir={tmp_path / 'prepared_run'}"]
-        )
-    )
-    assert from_tables is not None and from_prepared is not None
-    assert from_prepared.data.info == {**from_tables.data.info, "prepared": str(prepared)}
-    metrics = [k for k in from_tables.metrics if k.startswith(("val/", "test/"))]
-    assert metrics
-    assert {k: from_prepared.metrics[k] for k in metrics} == {
-        k: from_tables.metrics[k] for k in metrics
-    }
-    # the same samples in another order (two groups of shards per epoch: test_shard_stream
-    # checks every batch tensor by tensor), so comparable metrics: at this tiny size (about
-    # 5k samples, 6 epochs) the order alone moved recall and NDCG@20 by up to 0.045 in
-    # two seeds (at 1M events by under 0.001: docs/benchmarks/streaming.md)
-    streamed = train(
-        compose_config(
-            [
-                *common,
-                f"data.prepared={prepared}",
-                "data.stream=true",
-                "data.stream_group_shards=2",
-                f"paths.output_dir={tmp_path / 'streamed_run'}",
-            ]
-        )
-    )
-    assert streamed is not None and streamed.data.sample_stream is not None
-    assert streamed.data.n_samples == from_prepared.data.n_samples
-    for key in ("val/recall@20", "val/ndcg@20", "test/recall@20", "test/ndcg@20"):
-        assert streamed.metrics[key] == pytest.approx(from_prepared.metrics[key], abs=0.06), key
-
-
-def test_bad_input_fails_naming_it_and_writes_nothing(tmp_path: Path) -> None:
-    tables = synthetic_tables(tmp_path / "tables")
-    events = pd.read_parquet(tables.interactions)
-    broken = tmp_path / "tables" / "broken.parquet"
-    events.drop(columns=["timestamp", "item_id"]).to_parquet(broken, index=False)
-    out = tmp_path / "prepared"
-
-    code, _, err = run_cli("--interactions", str(broken), "--output", str(out))
-    assert code == 1
-    assert str(broken) in err and "item_id" in err
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tables"]  # no staging left
-
-    code, _, err = run_cli("--interactions", str(tmp_path / "nowhere.csv"), "--output", str(out))
-    assert code == 1 and "nowhere.csv" in err and not out.exists()
-
-    code, _, err = run_cli(
-        "--interactions", str(tables.interactions), "--output", str(out), "--test-fraction", "1.5"
-    )
-    assert code == 1 and "test_fraction" in err and not out.exists()
-
-    # an occupied output is refused before any work, and left as it was
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    code, _, err = run_cli("--interactions", str(tables.interactions), "--output", str(out))
-    assert code == 1 and str(out) in err and "--overwrite" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    # --overwrite replaces it with a complete directory, the old file gone
-    code, _, err = run_cli(
-        "--interactions", str(tables.interactions), "--output", str(out), "--overwrite"
-    )
-    assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / shards.MANIFEST).exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "tables"]
-
-    assert run_cli("--help")[0] == 0
-    assert run_cli("--interactions", "x", "--output", "y", "--format", "csv")[0] == 2
+    assert_trains_as_the_tables(tables, prepared, TINY_OVERRIDES, tmp_path)
 
 
 def prepare_tables(tmp_path: Path, out: Path, **settings) -> None:

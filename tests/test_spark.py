@@ -24,7 +24,15 @@ from twotower.errors import PreparedDataError
 from twotower.spark.session import spark_missing
 
 from .conftest import TINY_OVERRIDES, compose_config
-from .prepared_fixtures import VARIANTS, assert_prepared_equals, single_machine, synthetic_tables
+from .prepared_fixtures import (
+    VARIANTS,
+    assert_prepared_equals,
+    assert_trains_as_the_tables,
+    prepare_arguments,
+    single_machine,
+    synthetic_tables,
+    variant_settings,
+)
 
 MISSING = spark_missing()
 needs_spark = pytest.mark.skipif(MISSING is not None, reason=f"Spark cannot run: {MISSING}")
@@ -44,26 +52,13 @@ def spark():
 @pytest.mark.slow
 @needs_spark
 def test_prepare_equals_the_single_machine_path(spark, tmp_path: Path, name: str) -> None:
-    from twotower.spark.prepare import PrepareSettings, run_prepare
+    from twotower.spark.prepare import run_prepare
 
     variant = VARIANTS[name]
     tables = variant["tables"](tmp_path / "tables")
     data = single_machine(tables, variant)
     out = tmp_path / "prepared"
-    result = run_prepare(
-        spark,
-        PrepareSettings(
-            interactions=str(tables.interactions),
-            items=None if tables.items is None else str(tables.items),
-            users=None if tables.users is None else str(tables.users),
-            output=str(out),
-            min_rating=variant["min_rating"],
-            fit_on=variant["fit_on"],
-            features=FeatureSettings(**variant["features"]),
-            samples_per_shard=2000,  # several shards
-            **variant["split"],
-        ),
-    )
+    result = run_prepare(spark, variant_settings(tables, variant, out))
 
     assert_prepared_equals(out, result.manifest, data, name)
 
@@ -324,71 +319,12 @@ def test_training_from_a_prepared_directory_equals_training_from_the_tables(
     from towers.pipeline import train
 
     tables = synthetic_tables(tmp_path / "tables")
-    assert tables.items is not None and tables.users is not None
     prepared = tmp_path / "prepared"
     history = compose_config(TINY_OVERRIDES).features.history_length
-    code, err = run_cli(
-        "prepare",
-        "--interactions",
-        str(tables.interactions),
-        "--items",
-        str(tables.items),
-        "--users",
-        str(tables.users),
-        "--output",
-        str(prepared),
-        "--history-length",
-        str(history),
-        "--samples-per-shard",
-        "2000",  # several shards
-    )
+    code, err = run_cli("prepare", *prepare_arguments(tables, prepared, history))
     assert code == 0, err
+    from_tables = assert_trains_as_the_tables(tables, prepared, TINY_OVERRIDES, tmp_path)
     common = [*TINY_OVERRIDES, "logger=none", "data=csv", f"data.users={tables.users}"]
-    from_tables = train(
-        compose_config(
-            [
-                *common,
-                f"data.interactions={tables.interactions}",
-                f"data.items={tables.items}",
-                f"paths.output_dir={tmp_path / 'from_tables'}",
-            ]
-        )
-    )
-    from_prepared = train(
-        compose_config(
-            [*common, f"data.prepared={prepared}", f"paths.output_dir={tmp_path / 'prepared_run'}"]
-        )
-    )
-    assert from_tables is not None and from_prepared is not None
-    assert from_prepared.data.info == {**from_tables.data.info, "prepared": str(prepared)}
-    assert from_prepared.data.users is not None  # the evaluation users' attributes
-    assert "user_num" in from_prepared.data.test.user_inputs
-    metrics = [k for k in from_tables.metrics if k.startswith(("val/", "test/"))]
-    assert metrics
-    assert {k: from_prepared.metrics[k] for k in metrics} == {
-        k: from_tables.metrics[k] for k in metrics
-    }
-
-    # the same samples in another order (two groups of shards per epoch: test_shard_stream
-    # checks every batch tensor by tensor), so comparable metrics: at this tiny size (about
-    # 5k samples, 6 epochs) the order alone moved recall and NDCG@20 by up to 0.045 in
-    # two seeds (at 1M events by under 0.001: docs/benchmarks/streaming.md)
-    streamed = train(
-        compose_config(
-            [
-                *common,
-                f"data.prepared={prepared}",
-                "data.stream=true",
-                "data.stream_group_shards=2",
-                f"paths.output_dir={tmp_path / 'streamed_run'}",
-            ]
-        )
-    )
-    assert streamed is not None and streamed.data.sample_stream is not None
-    assert streamed.data.n_samples == from_prepared.data.n_samples
-    assert len(streamed.data.sample_item_rows) == 0  # nothing but the shards holds them
-    for key in ("val/recall@20", "val/ndcg@20", "test/recall@20", "test/ndcg@20"):
-        assert streamed.metrics[key] == pytest.approx(from_prepared.metrics[key], abs=0.06), key
 
     # what a prepared directory cannot serve fails before any work, naming the setting
     for override, message in (

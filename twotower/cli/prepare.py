@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from twotower.cli.spark import add_prepare_arguments, prepare_settings
+from twotower.cli.spark import add_prepare_arguments, configure_logging, prepare_settings
 
 HELP = """Prepare the training data of one experiment on this machine: read the interactions
 (and the optional item and user tables; a file or a directory of shards, local or at an
@@ -42,11 +41,8 @@ def run(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0)
-    level = logging.getLevelName(args.log_level.upper())
-    if not isinstance(level, int):
-        print(f"twotower prepare: --log-level {args.log_level!r} is not a level", file=sys.stderr)
+    if not configure_logging("twotower prepare", args.log_level):
         return 2
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from towers.data.prepared_writer import run_local_prepare
     from twotower.errors import TwoTowerError
 

@@ -258,6 +258,17 @@ def score_settings(args: argparse.Namespace) -> Any:
     )
 
 
+def configure_logging(prog: str, level_name: str) -> bool:
+    """Log at ``level_name`` (``--log-level``); False, after saying so on stderr, when it
+    names no level."""
+    level = logging.getLevelName(level_name.upper())
+    if not isinstance(level, int):
+        print(f"{prog}: --log-level {level_name!r} is not a level", file=sys.stderr)
+        return False
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return True
+
+
 def run(argv: list[str]) -> int:
     """Parse ``argv``, run the job, print a JSON summary; the exit status (1 on bad input,
     with the reason on stderr; 2 on bad options)."""
@@ -267,11 +278,8 @@ def run(argv: list[str]) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return int(exc.code or 0)
     name = f"twotower spark {args.job}"
-    level = logging.getLevelName(args.log_level.upper())
-    if not isinstance(level, int):
-        print(f"{name}: --log-level {args.log_level!r} is not a level", file=sys.stderr)
+    if not configure_logging(name, args.log_level):
         return 2
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
     from twotower.errors import TwoTowerError
     from twotower.spark.session import SparkUnavailableError, spark_missing, spark_session
