@@ -21,7 +21,7 @@ def is_categorical(column: pd.Series | pd.Index | np.ndarray) -> bool:
     return isinstance(getattr(column, "dtype", None), pd.CategoricalDtype)
 
 
-def _as_id_strings(values: pd.Index | np.ndarray) -> np.ndarray:
+def as_id_strings(values: pd.Index | np.ndarray) -> np.ndarray:
     """Distinct raw ids as strings (integral floats lose their ``.0``), an object array."""
     array = np.asarray(values)
     if array.dtype.kind == "f" and np.all(np.mod(array, 1) == 0):
@@ -49,7 +49,7 @@ def encode_id_column(column: pd.Series, source: str, name: str) -> pd.Series:
             f"{source}: column '{name}' has a missing value at row {row} "
             f"({int(missing.sum())} missing in all)"
         )
-    categories, inverse = np.unique(_as_id_strings(uniques), return_inverse=True)
+    categories, inverse = np.unique(as_id_strings(uniques), return_inverse=True)
     small = np.int32 if len(categories) < 2**31 else np.int64
     new_codes = inverse.astype(small)[codes]
     index = pd.Index(categories, dtype=object)

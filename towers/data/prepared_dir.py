@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from towers.data.ids import encode_id_column
 from towers.data.prepare import (
     PreparedData,
     TrainingSamples,
@@ -31,11 +30,11 @@ from towers.data.prepare import (
     item_log_p,
     item_log_p_of_counts,
 )
-from towers.data.readers import read_dataset
 from towers.data.samples import HistorySource
-from towers.data.schema import ITEM_ID, USER_ID, RawData, validate_entities
+from towers.data.schema import ITEM_ID, RawData, validate_entities
 from towers.data.shard_stream import SampleShards, SampleStats, SampleStream
 from towers.data.split import Split
+from towers.data.split_shards import SplitReader
 from twotower.errors import PreparedDataError, TwoTowerError
 from twotower.spark import shards
 from twotower.storage import download_tree, exists, filesystem, is_url, local_staging, remove
@@ -111,47 +110,16 @@ def read_catalogue(directory: Path, item_table: bool = True, where: str = "") ->
     return table
 
 
-def read_split(directory: Path, cold_items: list[str], where: str = "") -> Split:
+def read_split(
+    directory: Path, catalogue: pd.DataFrame, cold_items: list[str], where: str = ""
+) -> Split:
     """The :class:`Split` of ``split/`` as :func:`towers.data.split.make_split` returns it
     (each part in the events' order: user, time, item order, file order; train is fit
-    plus validation in that order). The ids are read batch by batch as integer codes
-    (Categoricals of the sorted string ids, as the single-machine reader holds them),
-    never as a string per row, and the table of every event is let go once the parts
-    are cut from it."""
-    source = f"{where}/{shards.SPLIT}"
-    table = read_dataset(str(directory / shards.SPLIT), (USER_ID, ITEM_ID, shards.PART))
-    event = table[shards.EVENT].to_numpy()
-    if not np.array_equal(event, np.arange(len(table))):
-        table = table.take(np.argsort(event, kind="stable")).reset_index(drop=True)
-        if not np.array_equal(table[shards.EVENT].to_numpy(), np.arange(len(table))):
-            raise PreparedDataError(f"{where}: {shards.SPLIT}/ event is not 0..n-1")
-    del event
-    part = pd.Categorical(table.pop(shards.PART))
-    part_names = np.asarray(part.categories, dtype=object)
-    unknown = set(part_names[np.unique(part.codes)]) - {"fit", "validation", "test"}
-    if unknown or (part.codes < 0).any():
-        found = sorted(str(name) for name in unknown) or ["a missing part"]
-        raise PreparedDataError(f"{where}: {shards.SPLIT}/ has unknown parts {found}")
-    codes = part.codes
-    code_of = {str(name): code for code, name in enumerate(part_names)}
-    del part
-    events = table.drop(columns=[shards.EVENT])
-    for column in (USER_ID, ITEM_ID):  # ids as the single-machine tables hold them
-        events[column] = encode_id_column(events[column], source, column)
-
-    def is_part(name: str) -> np.ndarray:
-        return codes == code_of.get(name, -2)
-
-    def rows(keep: np.ndarray) -> pd.DataFrame:
-        return events.loc[keep].reset_index(drop=True)
-
-    return Split(
-        train=rows(~is_part("test")),
-        fit=rows(is_part("fit")),
-        validation=rows(is_part("validation")),
-        test=rows(is_part("test")),
-        cold_items=np.asarray(cold_items, dtype=object),
-    )
+    plus validation in that order), without the timestamps: read a file at a time as
+    integer codes by :class:`towers.data.split_shards.SplitReader`, never as a table of
+    every event nor as a string per row."""
+    reader = SplitReader(directory / shards.SPLIT, catalogue[ITEM_ID].to_numpy(), where)
+    return reader.read(cold_items)
 
 
 def streamed_samples(stream: SampleStream, history_length: int) -> TrainingSamples:
@@ -248,7 +216,7 @@ def _load(
         check_user_table(encoders, users, where)
         item_table = (manifest.get("settings") or {}).get("items") is not None
         catalogue = read_catalogue(root, item_table, where)
-        split = read_split(root, list(manifest.get("cold_items", [])), where)
+        split = read_split(root, catalogue, list(manifest.get("cold_items", [])), where)
         read = None if stream else shards.read_samples(root, encoders)
     except PreparedDataError:
         raise
