@@ -140,3 +140,35 @@ def test_lists_longer_than_the_catalogue_are_padded_not_garbage(
     metrics = evaluate_vectors(user_vectors_of(first.user_inputs), items, clipped, (1, 5))
     assert 0 <= metrics["recall@5"] <= 1 and metrics["coverage@5"] == 1.0
     assert evaluate_popularity(clipped, (1, 5))["coverage@5"] == 1.0
+
+
+def test_pieces_read_user_attributes_as_the_whole_table_gives_them(
+    tiny_data: RawData,
+) -> None:
+    """A piece looks its users up among their own rows of the user table: the same inputs
+    as looking them up in the whole table, users absent from it included (unknown)."""
+    from towers.data.eval_sets import encode_users
+
+    assert tiny_data.users is not None and len(tiny_data.users.columns) > 1
+    split = make_split(prepare_interactions(tiny_data.interactions))
+    data = prepare_data(tiny_data, split, FeatureSettings(history_length=6))
+    source = data.test_source
+    absent = set(source.user_ids[[2, 9, 10]])  # three scored users lose their attributes
+    source.users = tiny_data.users.loc[~tiny_data.users["user_id"].isin(absent)]
+    source.users = source.users.sample(frac=1.0, random_state=0)  # in another order
+    fresh = type(source)(split.train, split.test, data.catalogue, source.users, data.encoders)
+    for lo, hi in ((0, 5), (5, 12), (12, fresh.n_users)):
+        piece = fresh.materialise(lo, hi)
+        whole_table = encode_users(
+            data.encoders, fresh.users, piece.user_ids, piece.user_inputs["history"]
+        )
+        assert piece.user_inputs.keys() == whole_table.keys()
+        for name, values in whole_table.items():
+            np.testing.assert_array_equal(piece.user_inputs[name], values, err_msg=name)
+    # the absent users really lost their attributes: the full table gives them others
+    piece = fresh.materialise(0, fresh.n_users)
+    full = encode_users(
+        data.encoders, tiny_data.users, piece.user_ids, piece.user_inputs["history"]
+    )
+    differs = (piece.user_inputs["user_cat"] != full["user_cat"]).any(axis=1)
+    assert set(piece.user_ids[differs]) == absent

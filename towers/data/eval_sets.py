@@ -141,6 +141,12 @@ class EvalSource:
         self._known_end = np.zeros(self.n_users, dtype=np.int64)
         self._known_start[run_positions[scored]] = first[scored]
         self._known_end[run_positions[scored]] = end[scored]
+        # each scored user's row of the user table (-1: none), so that a piece's attributes
+        # are looked up among its own users' rows, not by indexing the whole table again
+        self._user_table_rows: np.ndarray | None = None
+        if users is not None:
+            table_ids = pd.Index(users[USER_ID], dtype=object)
+            self._user_table_rows = positions_in(table_ids, self.user_ids)
 
     @property
     def n_users(self) -> int:
@@ -166,10 +172,14 @@ class EvalSource:
             self.encoders.history_length,
         )
         user_ids = self.user_ids[lo:hi]
+        users = self.users
+        if users is not None and self._user_table_rows is not None:
+            table_rows = self._user_table_rows[lo:hi]
+            users = users.iloc[table_rows[table_rows >= 0]]
         a, b = self._held_bounds[lo], self._held_bounds[hi]
         return EvalSet(
             user_ids=user_ids,
-            user_inputs=encode_users(self.encoders, self.users, user_ids, histories),
+            user_inputs=encode_users(self.encoders, users, user_ids, histories),
             exclude_users=np.repeat(np.arange(hi - lo, dtype=np.int64), lengths),
             exclude_items=self._item_catalogue_rows[codes],
             target_users=self._held_positions[a:b] - lo,
