@@ -347,6 +347,7 @@ class Retriever:
             for name in (
                 layout.USER_TOWER,
                 layout.ITEM_TOWER,
+                *layout.TOWER_WEIGHTS,
                 layout.USERS,
                 layout.ENCODERS,
                 layout.USER_EMBEDDINGS,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from retrieval import RequestError, Retriever
 from towers.export.bundle import ExportSettings, export_bundle
@@ -257,3 +258,54 @@ def test_stored_user_inputs_equal_encoding_them_anew(trained: TrainResult) -> No
     positions = retriever.users.positions(users)
     inputs = retriever.users.tower_inputs(users, positions, given, [None] * len(users))
     np.testing.assert_array_equal(inputs["history"], expected)
+
+
+def test_large_tower_weights_live_beside_the_graph_and_serve_the_same(
+    trained: TrainResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tower weight over the threshold is written to ``<tower>.onnx.data`` (ONNX external
+    data, mapped by onnxruntime): checksummed in the manifest, served with the answers of
+    the single-file towers, carried by ``Retriever.save`` and read back by a warm start; a
+    changed weights file is refused at load."""
+    from towers.export import onnx_export
+    from towers.model.warm_start import load_previous
+    from twotower.bundle import layout
+    from twotower.errors import BundleError
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 16 * 1024)
+    bundle = export_bundle(trained.module, trained.data, tmp_path / "external")
+    listed = json.loads((bundle / "manifest.json").read_text())["files"]
+    for tower in (layout.USER_TOWER, layout.ITEM_TOWER):
+        weights = bundle / (tower + layout.WEIGHTS_SUFFIX)
+        assert weights.name in listed and weights.name in layout.OPTIONAL_FILES
+        assert weights.stat().st_size > 16 * 1024
+        # the graph file is now small: the weights live beside it
+        assert (bundle / tower).stat().st_size < (trained.bundle / tower).stat().st_size / 4
+        assert not (trained.bundle / weights.name).exists()
+
+    single, external = Retriever.load(trained.bundle), Retriever.load(bundle)
+    users = list(trained.data.test.user_ids[:25])
+    for user in users:
+        ids, scores = single.recommend(user_id=user, k=10)
+        got_ids, got_scores = external.recommend(user_id=user, k=10)
+        assert list(got_ids) == list(ids)
+        np.testing.assert_allclose(got_scores, scores, rtol=0, atol=1e-6)
+    items = trained.data.catalogue.head(50)
+    np.testing.assert_allclose(external.embed_items(items), single.embed_items(items), atol=1e-6)
+
+    saved = Retriever.load(external.save(tmp_path / "saved"))
+    assert list(saved.recommend(user_id=users[0], k=10)[0]) == list(
+        single.recommend(user_id=users[0], k=10)[0]
+    )
+
+    before, after = load_previous(trained.bundle), load_previous(bundle)
+    assert before.state.keys() <= after.state.keys()
+    for key, value in before.state.items():
+        torch.testing.assert_close(after.state[key], value, rtol=0, atol=0, msg=key)
+
+    weights = bundle / (layout.USER_TOWER + layout.WEIGHTS_SUFFIX)
+    with weights.open("r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x01\x02\x03\x04")
+    with pytest.raises(BundleError, match=r"user_tower\.onnx\.data: checksum mismatch"):
+        Retriever.load(bundle)

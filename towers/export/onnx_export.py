@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,66 @@ import onnxruntime as ort
 import torch
 
 from towers.model.towers import PositionalTower
+from twotower.bundle import layout
 from twotower.errors import TwoTowerError
 
 log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-5
+EXTERNAL_DATA_BYTES = 64 * 2**20
+"""An initializer at least this large (an id-embedding table of a large vocabulary: 5M
+users x 64 floats is 1.3 GB) is kept in ``<tower>.onnx.data`` beside the graph."""
+ALIGNMENT = 2**16  # each external tensor starts on a 64 KiB boundary: onnxruntime maps it
+
+
+def external_data_file(path: Path) -> Path:
+    """Where the large initializers of the ONNX file ``path`` are kept, when it has any."""
+    return path.with_name(path.name + layout.WEIGHTS_SUFFIX)
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+def attach_weights(path: Path, weights: Mapping[str, torch.Tensor], threshold: int) -> int:
+    """Give the ONNX graph ``path``, exported with its weights as graph inputs, those
+    ``weights`` (by name) as initializers: the ones of at least ``threshold`` bytes kept in
+    :func:`external_data_file`, each at a 64 KiB-aligned offset and written straight from
+    the tensor's memory, the others inside the graph. Returns the bytes kept outside."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))  # the graph alone: a few kB
+    graph = model.graph
+    data = external_data_file(path)
+    moved = 0
+    with open(data, "wb") as handle:
+        for value in [value for value in graph.input if value.name in weights]:
+            array = weights[value.name].detach().cpu().contiguous().numpy()
+            if array.nbytes < threshold:
+                graph.initializer.append(numpy_helper.from_array(array, value.name))
+                continue
+            offset = _aligned(handle.tell())
+            handle.write(b"\0" * (offset - handle.tell()))
+            array.tofile(handle)
+            tensor = onnx.TensorProto(
+                name=value.name,
+                data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                dims=array.shape,
+            )
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, entry in (
+                ("location", data.name),
+                ("offset", offset),
+                ("length", array.nbytes),
+            ):
+                tensor.external_data.add(key=key, value=str(entry))
+            graph.initializer.append(tensor)
+            moved += array.nbytes
+    inputs = [value for value in graph.input if value.name not in weights]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    onnx.save_model(model, str(path))
+    return moved
 
 
 class ExportError(TwoTowerError):
@@ -27,12 +84,23 @@ def export_tower(
     sample: dict[str, np.ndarray],
     path: Path,
     tolerance: float = PARITY_TOLERANCE,
+    external_threshold: int | None = None,
 ) -> float:
     """Write ``tower`` to ``path`` as ONNX; check it against torch on ``sample``.
+
+    A tower with a weight of at least ``external_threshold`` bytes (default
+    :data:`EXTERNAL_DATA_BYTES`) is exported as a graph
+    whose weights are inputs, then given them as initializers, the large ones in
+    :func:`external_data_file` (:func:`attach_weights`): the exporter never builds the
+    model with its weights in memory, and onnxruntime maps the large ones from the file.
 
     Returns the max absolute difference; raises :class:`ExportError` above ``tolerance``.
     """
     wrapper = PositionalTower(tower, input_names).eval()
+    weights = wrapper.state_dict()
+    if external_threshold is None:
+        external_threshold = EXTERNAL_DATA_BYTES
+    large = any(w.numel() * w.element_size() >= external_threshold for w in weights.values())
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample[name])) for name in input_names)
     dynamic = {name: {0: "batch"} for name in [*input_names, "embedding"]}
     with warnings.catch_warnings():
@@ -46,6 +114,12 @@ def export_tower(
             dynamic_axes=dynamic,
             opset_version=17,
             dynamo=False,
+            export_params=not large,
+        )
+    if large:
+        moved = attach_weights(path, weights, external_threshold)
+        log.info(
+            "%s: %.0f MB of weights in %s", path.name, moved / 2**20, external_data_file(path).name
         )
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():

@@ -15,9 +15,13 @@ USERS = "users.parquet"
 ENCODERS = "encoders.json"
 ITEM_EMBEDDINGS = "item_embeddings.parquet"
 USER_EMBEDDINGS = "user_embeddings.parquet"
+# a tower's large weights (an id table of millions of rows), beside its graph as ONNX
+# external data, which onnxruntime maps from the file instead of copying into memory
+WEIGHTS_SUFFIX = ".data"
+TOWER_WEIGHTS = (USER_TOWER + WEIGHTS_SUFFIX, ITEM_TOWER + WEIGHTS_SUFFIX)
 METRIC = "inner_product"
 REQUIRED_FILES = (USER_TOWER, ITEM_TOWER, INDEX, ITEMS, USERS, ENCODERS, ITEM_EMBEDDINGS)
-OPTIONAL_FILES = (USER_EMBEDDINGS,)
+OPTIONAL_FILES = (USER_EMBEDDINGS, *TOWER_WEIGHTS)
 
 USER_ID = "user_id"
 ITEM_ID = "item_id"
