@@ -52,14 +52,18 @@ def pandas_user_state(data: PreparedData) -> pd.DataFrame:
     return state
 
 
-@pytest.mark.parametrize("history_length", [0, 3])
-@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize(
+    ("history_length", "shuffle", "unlisted"),
+    [(0, False, False), (3, False, False), (0, True, False), (3, True, False), (3, False, True)],
+)
 def test_user_table_reads_back_as_the_pandas_one(
-    tiny_data: RawData, tmp_path: Path, history_length: int, shuffle: bool
+    tiny_data: RawData, tmp_path: Path, history_length: int, shuffle: bool, unlisted: bool
 ) -> None:
     users = pd.concat(  # a user with attributes and no events
         [tiny_data.users, tiny_data.users.iloc[:1].assign(user_id="nobody")], ignore_index=True
     )
+    if unlisted:  # users with events but no row in the table: missing attributes
+        users = users.iloc[3:].sample(frac=1.0, random_state=0).reset_index(drop=True)
     raw = dataclasses.replace(tiny_data, users=users)
     split = make_split(prepare_interactions(raw.interactions))
     if shuffle:  # users interleaved, each user's rows still in time order
@@ -77,6 +81,13 @@ def test_user_table_reads_back_as_the_pandas_one(
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "whole.parquet"), got)
     assert list(got.columns) == list(expected.columns)
     assert got.dtypes.to_dict() == expected.dtypes.to_dict()
+    if unlisted:  # the attribute columns of the unlisted users are missing
+        assert (
+            got.drop(columns=[USER_ID, layout.HISTORY_COLUMN, layout.SEEN_COLUMN])
+            .isna()
+            .any()
+            .all()
+        )
     for column in (layout.HISTORY_COLUMN, layout.SEEN_COLUMN):
         assert [list(v) for v in got[column]] == [list(v) for v in expected[column]], column
     rest = [c for c in expected.columns if c not in (layout.HISTORY_COLUMN, layout.SEEN_COLUMN)]

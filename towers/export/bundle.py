@@ -18,6 +18,7 @@ import pandas as pd
 
 from retrieval.index import auto_factory
 from towers.data.eval_sets import catalogue_rows
+from towers.data.ids import id_codes
 from towers.data.prepare import PreparedData
 from towers.data.schema import ITEM_ID, USER_ID
 from towers.export.index import IndexReport, build_index, tune_and_check
@@ -70,6 +71,17 @@ def _sample(inputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
     return {name: np.ascontiguousarray(values[:rows]) for name, values in inputs.items()}
 
 
+def training_counts(catalogue: pd.DataFrame, train_items: pd.Series) -> np.ndarray:
+    """Training events per catalogue row, counted per distinct id (a code per event, not
+    a catalogue row per event: 80M train events at the scale ladder's top rung)."""
+    codes, ids = id_codes(train_items)
+    per_id = np.bincount(codes, minlength=len(ids))
+    counts = np.zeros(len(catalogue), dtype=np.int64)
+    present = per_id > 0
+    np.add.at(counts, catalogue_rows(catalogue, ids[present]), per_id[present])
+    return counts
+
+
 def write_bundle_files(
     module: TwoTowerModule, data: PreparedData, directory: Path, settings: ExportSettings
 ) -> Manifest:
@@ -113,10 +125,7 @@ def write_bundle_files(
         ),
     }
     items = data.catalogue.copy()
-    counts = np.bincount(
-        catalogue_rows(data.catalogue, data.split.train[ITEM_ID]), minlength=len(items)
-    )
-    items[layout.COUNT_COLUMN] = counts
+    items[layout.COUNT_COLUMN] = training_counts(data.catalogue, data.split.train[ITEM_ID])
     items[layout.REMOVED_COLUMN] = False
     items.to_parquet(directory / layout.ITEMS, index=False)
     n_users = write_user_state(data, str(directory / layout.USERS))

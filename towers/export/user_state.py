@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from towers.data.eval_sets import user_attribute_rows
 from towers.data.ids import id_codes
 from towers.data.prepare import PreparedData
-from towers.data.samples import concatenated_ranges
+from towers.data.samples import concatenated_ranges, runs
 from towers.data.schema import ITEM_ID, USER_ID
 from twotower.bundle import layout
 
@@ -49,6 +49,49 @@ def _pandas_metadata(attributes: pd.DataFrame | None) -> dict:
 USERS_PER_CHUNK = 1_000_000
 
 
+def _user_runs(user_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The users of ``user_codes`` in order of first appearance, their row counts, and the
+    order that puts each user's rows together (None: they already are, as in a split's
+    parts, which are in user order)."""
+    first, end = runs(user_codes)
+    run_users = user_codes[first]
+    if len(np.unique(run_users)) == len(run_users):  # one run per user: no reordering
+        return run_users, (end - first).astype(np.int64), None
+    group, appearing = pd.factorize(user_codes)
+    order = np.argsort(group, kind="stable")  # each user's rows together, in row order
+    return appearing, np.bincount(group, minlength=len(appearing)).astype(np.int64), order
+
+
+class _UserAttributes:
+    """The user table's attribute columns for the known users (in their order), then for
+    the table's users without events (``extra``), taken a range of users at a time
+    rather than as a reindexed copy of the whole table."""
+
+    def __init__(self, users: pd.DataFrame, known: np.ndarray) -> None:
+        self.users = users
+        self.known = known
+        table_ids = pd.Index(users[USER_ID], dtype=object)
+        self._known_rows = table_ids.get_indexer(known)
+        extra_rows = np.flatnonzero(pd.Index(known, dtype=object).get_indexer(table_ids) < 0)
+        self.extra = users[USER_ID].to_numpy(dtype=object)[extra_rows]
+        self._rows = np.concatenate([self._known_rows, extra_rows])
+        # a known user missing from the table gets missing attributes, which can change
+        # the columns' types (ints become floats): then the whole table is reindexed once,
+        # so that every range has the same types
+        self._whole: pd.DataFrame | None = None
+        if (self._known_rows < 0).any():
+            whole = user_attribute_rows(users, np.concatenate([known, self.extra]))
+            assert whole is not None
+            self._whole = whole.drop(columns=[USER_ID])
+
+    def rows(self, lo: int, hi: int) -> pd.DataFrame:
+        """Attribute columns of users ``lo..hi-1`` (known users, then extra ones)."""
+        if self._whole is not None:
+            return self._whole.iloc[lo:hi].reset_index(drop=True)
+        frame = self.users.iloc[self._rows[lo:hi]].reset_index(drop=True)
+        return frame.drop(columns=[USER_ID])
+
+
 def user_state_chunks(
     data: PreparedData, users_per_chunk: int = USERS_PER_CHUNK
 ) -> Iterator[pa.Table]:
@@ -59,26 +102,18 @@ def user_state_chunks(
     train = data.split.train
     user_codes, user_names = id_codes(train[USER_ID])
     item_codes, item_names = id_codes(train[ITEM_ID])
-    group, appearing = pd.factorize(user_codes)  # users in order of first appearance
-    if len(group) > 1 and (np.diff(group) < 0).any():
-        order = np.argsort(group, kind="stable")  # each user's rows together, in row order
+    appearing, lengths, order = _user_runs(user_codes)
+    if order is not None:
         item_codes = item_codes[order]
-    lengths = np.bincount(group, minlength=len(appearing)).astype(np.int64)
     item_strings = pa.array(item_names.astype(str), pa.large_string())
     ends = np.cumsum(lengths)
     known = np.asarray(user_names[appearing], dtype=object)
     large = len(item_codes) >= np.iinfo(np.int32).max  # past 32-bit list offsets
     extra = np.zeros(0, dtype=object)
-    attributes: pd.DataFrame | None = None
-    attribute_table: pa.Table | None = None
-    if data.users is not None:
-        table_ids = data.users[USER_ID].to_numpy(dtype=object)
-        extra = table_ids[pd.Index(known, dtype=object).get_indexer(table_ids) < 0]
-        rows = user_attribute_rows(data.users, np.concatenate([known, extra]))
-        assert rows is not None
-        attributes = rows.drop(columns=[USER_ID])
-        attribute_table = pa.Table.from_pandas(attributes, preserve_index=False)
-    metadata = _pandas_metadata(attributes)
+    attributes = _UserAttributes(data.users, known) if data.users is not None else None
+    if attributes is not None:
+        extra = attributes.extra
+    metadata = _pandas_metadata(attributes.rows(0, 1) if attributes is not None else None)
     length = data.encoders.history_length
 
     def chunk(lo: int, hi: int, with_events: bool) -> pa.Table:
@@ -109,8 +144,10 @@ def user_state_chunks(
                 layout.SEEN_COLUMN: seen,
             }
         )
-        if attribute_table is not None:
-            part = attribute_table.slice(offset + lo, hi - lo)
+        if attributes is not None:
+            part = pa.Table.from_pandas(
+                attributes.rows(offset + lo, offset + hi), preserve_index=False
+            )
             for name, column in zip(part.column_names, part.columns, strict=True):
                 table = table.append_column(name, column)
         return table.replace_schema_metadata(metadata)
