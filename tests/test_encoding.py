@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from twotower.encoding import (
     OOV_INDEX,
@@ -133,3 +134,22 @@ def test_text_min_count_keeps_words_of_enough_seen_items(tmp_path: Path) -> None
     loaded = HashedTextEncoder.from_dict(encoder.text["title"].to_dict())
     assert loaded == encoder.text["title"]
     assert HashedTextEncoder.from_dict({"buckets": 8, "max_tokens": 2}).known_words is None
+
+
+@pytest.mark.parametrize("with_dict", [True, False])
+def test_few_value_lookups_equal_bulk_ones_with_or_without_the_dict(
+    monkeypatch: pytest.MonkeyPatch, with_dict: bool
+) -> None:
+    """Serving's few-value lookups (a dict for vocabularies up to LOOKUP_DICT_LIMIT,
+    pandas' hash table past it) give what encoding a whole column gives."""
+    from twotower.encoding import vocabulary
+
+    monkeypatch.setattr(vocabulary, "LOOKUP_DICT_LIMIT", 10**6 if with_dict else 0)
+    vocab = Vocabulary.fit(["a", "b", "b", "", "7", "7", "x\x00missing"])
+    assert (vocab._lookup is not None) == with_dict
+    values = ["b", "", "7", 7, 7.0, None, float("nan"), "\x00missing", "zzz", "a", "x\x00missing"]
+    few = vocab.encode(values)
+    bulk = vocab.encode(pd.Series(values * 30, dtype=object))[: len(values)]
+    assert few.tolist() == bulk.tolist()
+    assert few[0] >= 2 and few[1] >= 2 and few[2] == few[3]
+    assert few[5] == few[6] == few[7] == few[8] == 1  # missing, unknown: the OOV slot

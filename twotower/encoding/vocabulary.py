@@ -37,6 +37,11 @@ def as_str_or_none(values: Iterable[Any]) -> pd.Series:
 
 
 SMALL_INPUT = 256
+# vocabularies up to this size also keep a dict for the few-value lookups of serving (about
+# 1 us a value); larger ones (millions of user ids, where the dict would take ~100 bytes a
+# value) look those up in pandas' hash table, which every vocabulary has (~30 us a call)
+LOOKUP_DICT_LIMIT = 1_000_000
+MISSING_KEY = "\x00missing"  # what a missing value is looked up as: no vocabulary holds it
 
 
 def _small_key(value: Any) -> str | None:
@@ -52,12 +57,14 @@ class Vocabulary:
 
     values: list[str]
     _index: pd.Index = field(init=False, repr=False, compare=False)
-    _lookup: dict[str, int] = field(init=False, repr=False, compare=False)
+    _lookup: dict[str, int] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._index = pd.Index(self.values, dtype=object)
         self._index.get_indexer(["warm-up"])  # build pandas' hash table now, once
-        self._lookup = {value: i + FIRST_KNOWN_INDEX for i, value in enumerate(self.values)}
+        self._lookup = None
+        if len(self.values) <= LOOKUP_DICT_LIMIT:
+            self._lookup = {value: i + FIRST_KNOWN_INDEX for i, value in enumerate(self.values)}
 
     @classmethod
     def fit(cls, values: Iterable[Any], min_count: int = 1) -> Vocabulary:
@@ -85,8 +92,16 @@ class Vocabulary:
         """Indices (int64) of ``values``; missing or unknown values map to ``OOV_INDEX``."""
         if isinstance(values, (list, tuple)) and len(values) <= SMALL_INPUT:
             # Serving asks for a handful of values at a time: a dict beats pandas there.
-            return np.fromiter(
-                (self._lookup.get(_small_key(v), OOV_INDEX) for v in values), np.int64, len(values)
+            if self._lookup is not None:
+                lookup = self._lookup
+                return np.fromiter(
+                    (lookup.get(_small_key(v), OOV_INDEX) for v in values), np.int64, len(values)
+                )
+            keys = [_small_key(v) for v in values]
+            keys = np.asarray([MISSING_KEY if k is None else k for k in keys], dtype=object)
+            positions = self._index.get_indexer(keys)
+            return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(
+                np.int64
             )
         categorical = _categorical(values)
         if categorical is not None:
@@ -94,7 +109,7 @@ class Vocabulary:
             distinct = np.append(self.encode(categorical.cat.categories), OOV_INDEX)
             return distinct[categorical.cat.codes.to_numpy()].astype(np.int64)
         as_str = as_str_or_none(values)
-        positions = self._index.get_indexer(as_str.fillna("\x00missing").to_numpy())
+        positions = self._index.get_indexer(as_str.fillna(MISSING_KEY).to_numpy())
         return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(np.int64)
 
     def contains(self, values: Iterable[Any]) -> np.ndarray:
