@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from towers.data.ids import distinct_in_order, id_codes, positions_in
+from towers.data.ids import code_counts, distinct_in_order, id_codes, positions_in
 from towers.data.samples import concatenated_ranges, history_windows, runs
 from towers.data.schema import ITEM_ID, USER_ID
 from twotower.encoding import FeatureEncoders
@@ -111,7 +111,7 @@ class EvalSource:
         # known events: the item of each row as a code, with per-code catalogue rows and
         # encoder indices, and each scored user's rows as a range
         item_codes, item_ids = id_codes(known[ITEM_ID])
-        counts = np.bincount(item_codes, minlength=len(item_ids))
+        counts = code_counts(item_codes, len(item_ids))
         self._item_catalogue_rows = catalogue_index.get_indexer(item_ids).astype(np.int64)
         unknown = (counts > 0) & (self._item_catalogue_rows < 0)
         if unknown.any():

@@ -63,7 +63,21 @@ def id_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     :func:`encode_id_column`."""
     if not (is_categorical(column) and _sorted_strings(column.cat.categories)):
         column = encode_id_column(pd.Series(column), "ids", str(getattr(column, "name", "id")))
-    return column.cat.codes.to_numpy(), np.asarray(column.cat.categories, dtype=object)
+    # the Categorical's own codes, read-only, not a copy (80M train events: 320 MB)
+    return column.array.codes, np.asarray(column.cat.categories, dtype=object)
+
+
+COUNT_CHUNK = 1 << 23
+
+
+def code_counts(codes: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """``np.bincount(codes, minlength=minlength)`` a few million codes at a time:
+    bincount casts its input to int64 first, a copy of every code at once."""
+    counts = np.zeros(max(minlength, int(codes.max()) + 1 if len(codes) else 0), dtype=np.int64)
+    for lo in range(0, len(codes), COUNT_CHUNK):
+        part = np.bincount(codes[lo : lo + COUNT_CHUNK], minlength=len(counts))
+        counts += part
+    return counts
 
 
 def _sorted_strings(categories: pd.Index) -> bool:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from retrieval.index import auto_factory
 from towers.data.eval_sets import catalogue_rows
-from towers.data.ids import id_codes
+from towers.data.ids import code_counts, id_codes
 from towers.data.prepare import PreparedData
 from towers.data.schema import ITEM_ID, USER_ID
 from towers.export.index import IndexReport, build_index, tune_and_check
@@ -75,7 +75,7 @@ def training_counts(catalogue: pd.DataFrame, train_items: pd.Series) -> np.ndarr
     """Training events per catalogue row, counted per distinct id (a code per event, not
     a catalogue row per event: 80M train events at the scale ladder's top rung)."""
     codes, ids = id_codes(train_items)
-    per_id = np.bincount(codes, minlength=len(ids))
+    per_id = code_counts(codes, len(ids))
     counts = np.zeros(len(catalogue), dtype=np.int64)
     present = per_id > 0
     np.add.at(counts, catalogue_rows(catalogue, ids[present]), per_id[present])

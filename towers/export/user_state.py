@@ -179,6 +179,8 @@ def write_user_state(data: PreparedData, path: str, users_per_chunk: int = USERS
                 writer = pq.ParquetWriter(path, table.schema)
             writer.write_table(table)
             rows += table.num_rows
+            del table
+            pa.default_memory_pool().release_unused()  # the chunk's lists, given back
     finally:
         if writer is not None:
             writer.close()
