@@ -62,6 +62,9 @@ def test_user_table_reads_back_as_the_pandas_one(
     users = pd.concat(  # a user with attributes and no events
         [tiny_data.users, tiny_data.users.iloc[:1].assign(user_id="nobody")], ignore_index=True
     )
+    # a text column missing for whole chunks of users: every chunk keeps the table's types
+    nicknames = [None if n < 40 else f"nick{n}" for n in range(len(users))]
+    users["nickname"] = pd.Series(nicknames, dtype=object)
     if unlisted:  # users with events but no row in the table: missing attributes
         users = users.iloc[3:].sample(frac=1.0, random_state=0).reset_index(drop=True)
     raw = dataclasses.replace(tiny_data, users=users)

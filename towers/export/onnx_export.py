@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 PARITY_TOLERANCE = 1e-5
 EXTERNAL_DATA_BYTES = 64 * 2**20
 """An initializer at least this large (an id-embedding table of a large vocabulary: 5M
-users x 64 floats is 1.3 GB) is kept in ``<tower>.onnx.data`` beside the graph."""
+users x 64 floats is 1.2 GB) is kept in ``<tower>.onnx.data`` beside the graph."""
 ALIGNMENT = 2**16  # each external tensor starts on a 64 KiB boundary: onnxruntime maps it
 
 

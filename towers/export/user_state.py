@@ -83,6 +83,10 @@ class _UserAttributes:
             whole = user_attribute_rows(users, np.concatenate([known, self.extra]))
             assert whole is not None
             self._whole = whole.drop(columns=[USER_ID])
+        # the Arrow types of the whole table's columns, so that a chunk whose values of an
+        # object column are all missing is not typed apart from the others
+        every = self._whole if self._whole is not None else users.drop(columns=[USER_ID])
+        self.schema = pa.Schema.from_pandas(every, preserve_index=False)
 
     def rows(self, lo: int, hi: int) -> pd.DataFrame:
         """Attribute columns of users ``lo..hi-1`` (known users, then extra ones)."""
@@ -90,6 +94,10 @@ class _UserAttributes:
             return self._whole.iloc[lo:hi].reset_index(drop=True)
         frame = self.users.iloc[self._rows[lo:hi]].reset_index(drop=True)
         return frame.drop(columns=[USER_ID])
+
+    def table(self, lo: int, hi: int) -> pa.Table:
+        """:meth:`rows` as an Arrow table of the whole table's types."""
+        return pa.Table.from_pandas(self.rows(lo, hi), schema=self.schema, preserve_index=False)
 
 
 def user_state_chunks(
@@ -145,9 +153,7 @@ def user_state_chunks(
             }
         )
         if attributes is not None:
-            part = pa.Table.from_pandas(
-                attributes.rows(offset + lo, offset + hi), preserve_index=False
-            )
+            part = attributes.table(offset + lo, offset + hi)
             for name, column in zip(part.column_names, part.columns, strict=True):
                 table = table.append_column(name, column)
         return table.replace_schema_metadata(metadata)
