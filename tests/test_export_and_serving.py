@@ -309,3 +309,37 @@ def test_large_tower_weights_live_beside_the_graph_and_serve_the_same(
         handle.write(b"\x01\x02\x03\x04")
     with pytest.raises(BundleError, match=r"user_tower\.onnx\.data: checksum mismatch"):
         Retriever.load(bundle)
+
+
+def test_external_weights_export_a_tower_whose_weights_the_exporter_would_fold(
+    tmp_path: Path,
+) -> None:
+    """A Linear on 3-d input (attention pooling's scorer), a sliced buffer and a tied
+    weight: exported with external weights, the graph takes only the tower's inputs and
+    matches torch."""
+    import onnx
+
+    from towers.export.onnx_export import export_tower, external_data_file
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ids = torch.nn.Embedding(500, 8)
+            self.norm = torch.nn.LayerNorm(8)
+            self.scorer = torch.nn.Linear(8, 1)
+            self.out = torch.nn.Linear(8, 8)
+            self.register_buffer("position", torch.randn(6))
+
+        def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            tokens = self.norm(self.ids(inputs["history"]))  # (batch, length, 8)
+            logits = self.scorer(tokens).squeeze(-1) + self.position[: tokens.shape[1]]
+            pooled = (torch.softmax(logits, -1).unsqueeze(-1) * tokens).sum(1)
+            return self.out(pooled) + tokens.mean(1) @ self.ids.weight[:8]  # a tied use
+
+    torch.manual_seed(0)
+    history = np.random.default_rng(0).integers(0, 500, (32, 6))
+    path = tmp_path / "tower.onnx"
+    diff = export_tower(Tower().eval(), ["history"], {"history": history}, path, 1e-5, 1024)
+    assert diff < 1e-5 and external_data_file(path).stat().st_size >= 500 * 8 * 4
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert [value.name for value in graph.input] == ["history"]

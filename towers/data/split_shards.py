@@ -72,10 +72,10 @@ def _first_event(path: Path, where: str) -> int:
         if lowest is None and metadata.num_rows:
             events = pq.read_table(path, columns=[shards.EVENT]).column(0)
             lowest = pc.min(events).as_py()
+    except (OSError, pa.ArrowException) as exc:  # before ValueError: ArrowInvalid is one
+        raise PreparedDataError(f"{where}: cannot read {path} ({exc})") from exc
     except ValueError as exc:  # no event column
         raise PreparedDataError(f"{where}: {path}: no column '{shards.EVENT}'") from exc
-    except (OSError, pa.ArrowException) as exc:
-        raise PreparedDataError(f"{where}: cannot read {path} ({exc})") from exc
     return int(lowest) if lowest is not None else np.iinfo(np.int64).max
 
 
@@ -156,7 +156,7 @@ class SplitReader:
 
     def _user_codes(self, column: pa.ChunkedArray, path: Path) -> np.ndarray:
         codes, values = self._dictionary(column, path, USER_ID)
-        self._user_dictionaries.append(np.asarray(values, dtype=object))
+        self._user_dictionaries.append(as_id_strings(values))  # float ids lose their .0
         codes += self._user_offset
         self._user_offset += len(values)
         return codes.astype(np.int32) if self._user_offset < 2**31 else codes
@@ -186,7 +186,7 @@ class SplitReader:
             else np.zeros(0, dtype=object)
         )
         self._user_dictionaries = []
-        user_ids, user_of_entry = np.unique(as_id_strings(user_values), return_inverse=True)
+        user_ids, user_of_entry = np.unique(user_values, return_inverse=True)
         del user_values
         small = np.int32 if max(len(user_ids), len(self.item_ids)) < 2**31 else np.int64
         user_of_entry = user_of_entry.astype(small)

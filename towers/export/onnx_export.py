@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +45,15 @@ def attach_weights(path: Path, weights: Mapping[str, torch.Tensor], threshold: i
     graph = model.graph
     data = external_data_file(path)
     moved = 0
-    with open(data, "wb") as handle:
+    with ExitStack() as stack:
+        handle = None
         for value in [value for value in graph.input if value.name in weights]:
             array = weights[value.name].detach().cpu().contiguous().numpy()
             if array.nbytes < threshold:
                 graph.initializer.append(numpy_helper.from_array(array, value.name))
                 continue
+            if handle is None:  # the file exists only when a weight goes in it
+                handle = stack.enter_context(open(data, "wb"))
             offset = _aligned(handle.tell())
             handle.write(b"\0" * (offset - handle.tell()))
             array.tofile(handle)
@@ -76,6 +80,17 @@ def attach_weights(path: Path, weights: Mapping[str, torch.Tensor], threshold: i
 
 class ExportError(TwoTowerError):
     """Export produced something that does not match the trained model."""
+
+
+def _check_inputs(path: Path, input_names: list[str]) -> None:
+    """The graph ``path`` takes exactly the tower's inputs (every weight became an
+    initializer)."""
+    import onnx
+
+    found = [value.name for value in onnx.load(str(path), load_external_data=False).graph.input]
+    if found != list(input_names):
+        extra = [name for name in found if name not in input_names]
+        raise ExportError(f"{path.name}: graph inputs {extra} are neither tower inputs nor weights")
 
 
 def export_tower(
@@ -115,9 +130,13 @@ def export_tower(
             opset_version=17,
             dynamo=False,
             export_params=not large,
+            # folding would turn weights into new, unnamed graph inputs (a Linear on 3-d
+            # input becomes MatMul of a folded transpose) that attach_weights cannot fill
+            do_constant_folding=not large,
         )
     if large:
         moved = attach_weights(path, weights, external_threshold)
+        _check_inputs(path, input_names)
         log.info(
             "%s: %.0f MB of weights in %s", path.name, moved / 2**20, external_data_file(path).name
         )
