@@ -136,8 +136,8 @@ def write(rows: list[dict[str, Any]], s: ScaleSettings, out: Path) -> None:
     settings = {
         k: v
         for k, v in asdict(s).items()
-        if k not in ("rungs", "work_dir", "job") and (v or k != "overrides")
-    }
+        if k not in ("rungs", "work_dir", "job", "jobs") and (v or k != "overrides")
+    }  # jobs: each command (above) says which it ran
     title = "Scale ladder" if s.path == "memory" else "Scale ladder: prepare, then train"
     body = (
         f"# {title}\n\n"

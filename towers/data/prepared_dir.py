@@ -115,8 +115,8 @@ def read_split(
 ) -> Split:
     """The :class:`Split` of ``split/`` as :func:`towers.data.split.make_split` returns it
     (each part in the events' order: user, time, item order, file order; train is fit
-    plus validation in that order), without the timestamps: read a file at a time as
-    integer codes by :class:`towers.data.split_shards.SplitReader`, never as a table of
+    plus validation in that order), without the timestamps and weights: read a file at
+    a time as integer codes by :class:`towers.data.split_shards.SplitReader`, never as a table of
     every event nor as a string per row."""
     reader = SplitReader(directory / shards.SPLIT, catalogue[ITEM_ID].to_numpy(), where)
     return reader.read(cold_items)

@@ -14,9 +14,10 @@ appended to the part they belong to, so what is held is the parts' codes and one
 
 The parts carry ``user_id`` and ``item_id`` as Categoricals of the sorted string ids
 present in ``split/``, exactly as :func:`towers.data.ids.encode_id_column` encodes the
-table of every event, and no ``timestamp``: what follows a prepared directory's split
-(the evaluation sets, the bundle's counts and user histories) reads the events' order,
-never their times.
+table of every event, and no ``timestamp`` or ``weight``: what follows a prepared
+directory's split (the evaluation sets, the bundle's counts and user histories) reads the
+events' order, never their times or weights. Each file holds a contiguous range of
+``event`` (as both writers write them); the files are read in the order of their first.
 """
 
 from __future__ import annotations
