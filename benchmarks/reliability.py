@@ -214,7 +214,8 @@ def write_loop(
                 with ledger.lock:
                     ledger.events.append(event)
         else:
-            mine = [i for i in ledger.items if i.startswith(f"{name}-") and i not in unsure]
+            with ledger.lock:  # the other writers add their items meanwhile
+                mine = [i for i in ledger.items if i.startswith(f"{name}-") and i not in unsure]
             remove = roll > 0.9 and mine
             item = rng.choice(mine) if remove else f"{name}-item{n}"
             if remove:
