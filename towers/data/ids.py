@@ -75,8 +75,7 @@ def code_counts(codes: np.ndarray, minlength: int = 0) -> np.ndarray:
     bincount casts its input to int64 first, a copy of every code at once."""
     counts = np.zeros(max(minlength, int(codes.max()) + 1 if len(codes) else 0), dtype=np.int64)
     for lo in range(0, len(codes), COUNT_CHUNK):
-        part = np.bincount(codes[lo : lo + COUNT_CHUNK], minlength=len(counts))
-        counts += part
+        counts += np.bincount(codes[lo : lo + COUNT_CHUNK], minlength=len(counts))
     return counts
 
 

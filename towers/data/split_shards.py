@@ -192,8 +192,8 @@ class SplitReader:
         small = np.int32 if max(len(user_ids), len(self.item_ids)) < 2**31 else np.int64
         user_of_entry = user_of_entry.astype(small)
         present = np.zeros(len(self.item_ids), dtype=bool)
-        for rows in self._parts.values():
-            for items in rows.items:
+        for name in PARTS:  # train's rows are fit's and validation's
+            for items in self._parts[name].items:
                 present[items] = True
         item_code = (np.cumsum(present) - 1).astype(small)
         user_type = pd.CategoricalDtype(pd.Index(user_ids, dtype=object))

@@ -33,11 +33,15 @@ def _aligned(offset: int) -> int:
     return -(-offset // ALIGNMENT) * ALIGNMENT
 
 
-def attach_weights(path: Path, weights: Mapping[str, torch.Tensor], threshold: int) -> int:
+def attach_weights(
+    path: Path, weights: Mapping[str, torch.Tensor], threshold: int, input_names: list[str]
+) -> int:
     """Give the ONNX graph ``path``, exported with its weights as graph inputs, those
     ``weights`` (by name) as initializers: the ones of at least ``threshold`` bytes kept in
     :func:`external_data_file`, each at a 64 KiB-aligned offset and written straight from
-    the tensor's memory, the others inside the graph. Returns the bytes kept outside."""
+    the tensor's memory, the others inside the graph. Returns the bytes kept outside;
+    raises :class:`ExportError` when the graph then takes other inputs than
+    ``input_names`` (a weight the exporter turned into an unnamed input)."""
     import onnx
     from onnx import numpy_helper
 
@@ -72,6 +76,9 @@ def attach_weights(path: Path, weights: Mapping[str, torch.Tensor], threshold: i
             graph.initializer.append(tensor)
             moved += array.nbytes
     inputs = [value for value in graph.input if value.name not in weights]
+    extra = [value.name for value in inputs if value.name not in input_names]
+    if extra:
+        raise ExportError(f"{path.name}: graph inputs {extra} are neither tower inputs nor weights")
     del graph.input[:]
     graph.input.extend(inputs)
     onnx.save_model(model, str(path))
@@ -80,17 +87,6 @@ def attach_weights(path: Path, weights: Mapping[str, torch.Tensor], threshold: i
 
 class ExportError(TwoTowerError):
     """Export produced something that does not match the trained model."""
-
-
-def _check_inputs(path: Path, input_names: list[str]) -> None:
-    """The graph ``path`` takes exactly the tower's inputs (every weight became an
-    initializer)."""
-    import onnx
-
-    found = [value.name for value in onnx.load(str(path), load_external_data=False).graph.input]
-    if found != list(input_names):
-        extra = [name for name in found if name not in input_names]
-        raise ExportError(f"{path.name}: graph inputs {extra} are neither tower inputs nor weights")
 
 
 def export_tower(
@@ -135,8 +131,7 @@ def export_tower(
             do_constant_folding=not large,
         )
     if large:
-        moved = attach_weights(path, weights, external_threshold)
-        _check_inputs(path, input_names)
+        moved = attach_weights(path, weights, external_threshold, input_names)
         log.info(
             "%s: %.0f MB of weights in %s", path.name, moved / 2**20, external_data_file(path).name
         )
