@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from towers.data.schema import RawData
-from towers.data.split import make_split, prepare_interactions, temporal_holdout
+from towers.data.split import (
+    cold_item_holdout,
+    make_split,
+    prepare_interactions,
+    temporal_holdout,
+)
 
 
 def test_repeated_pairs_keep_the_earliest() -> None:
@@ -133,3 +139,49 @@ def test_split_seed_fixes_the_cold_items_whatever_the_model_seed() -> None:
     assert follows["seed"] == 5
     fixed = split_settings(compose_config(["split.cold_items=true", "seed=5", "split.seed=42"]))
     assert fixed["seed"] == 42 and fixed["cold_items"] is True
+
+
+def test_split_parts_follow_both_rules_in_one_pass(tiny_data: RawData) -> None:
+    """``make_split``'s parts, labelled in one pass, are the two hold-outs applied one
+    after the other (test from all events, then validation from the rest; temporal or
+    cold-item), and without ``keep_train`` the same three parts with the same counts."""
+    events = prepare_interactions(tiny_data.interactions)
+    for min_interactions in (1, 3, 5, 12):
+        split = make_split(events, min_interactions=min_interactions)
+        train, test = temporal_holdout(events, 0.2, min_interactions)
+        fit, validation = temporal_holdout(train, 0.1, min_interactions)
+        for ours, theirs in ((split.train, train), (split.fit, fit), (split.test, test)):
+            pd.testing.assert_frame_equal(ours, theirs)
+        pd.testing.assert_frame_equal(split.validation, validation)
+        lean = make_split(events, min_interactions=min_interactions, keep_train=False)
+        assert lean.train.empty and lean.stats() == split.stats()
+        pd.testing.assert_frame_equal(lean.fit, split.fit)
+    cold = make_split(events, cold_items=True, cold_fraction=0.1, seed=7)
+    train, test, test_items = cold_item_holdout(events, 0.1, 7)
+    fit, validation, _ = cold_item_holdout(train, 0.1, 8)
+    for ours, theirs in zip(
+        (cold.train, cold.fit, cold.validation, cold.test),
+        (train, fit, validation, test),
+        strict=True,
+    ):
+        pd.testing.assert_frame_equal(ours, theirs)
+    assert cold.cold_items.tolist() == test_items.tolist()
+
+
+def test_blocks_of_whole_users_give_what_one_pass_gives(
+    tiny_data: RawData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order check and the repeated pairs, looked at a few rows (whole users) at a
+    time, give what one pass over every row gives, sorted input or not."""
+    from towers.data import split as split_module
+
+    rng = np.random.default_rng(0)
+    events = tiny_data.interactions
+    repeats = events.sample(300, random_state=0).assign(timestamp=lambda t: t["timestamp"] + 1)
+    shuffled = pd.concat([events, repeats], ignore_index=True).sample(frac=1, random_state=1)
+    shuffled["user_id"] = shuffled["user_id"].astype("category")
+    expected = prepare_interactions(shuffled)
+    for chunk in (1, 7, int(rng.integers(20, 200))):
+        monkeypatch.setattr(split_module, "ORDER_CHUNK", chunk)
+        pd.testing.assert_frame_equal(prepare_interactions(shuffled), expected)
+        pd.testing.assert_frame_equal(prepare_interactions(expected), expected)
