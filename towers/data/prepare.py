@@ -22,7 +22,7 @@ from towers.data.eval_sets import (
     user_attribute_rows,
 )
 from towers.data.ids import id_codes
-from towers.data.samples import HistorySource, history_bounds
+from towers.data.samples import HistorySource, ascending, history_bounds, runs
 from towers.data.schema import ITEM_ID, USER_ID, WEIGHT, RawData, infer_feature_columns
 from towers.data.split import Split
 from twotower.encoding import EntityEncoder, FeatureColumns, FeatureEncoders
@@ -180,7 +180,17 @@ def _narrow(values: np.ndarray) -> np.ndarray:
     """Non-negative integer ``values`` as int32 when they fit (half the memory)."""
     if len(values) and values.max() >= np.iinfo(np.int32).max:
         return values
-    return values.astype(np.int32)
+    return values.astype(np.int32, copy=False)
+
+
+def distinct_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(codes, return_inverse=True)``, from the runs of equal codes when they
+    never decrease (events sorted by user: no sorted copy and int64 inverse of every row)."""
+    if not ascending(codes):
+        return np.unique(codes, return_inverse=True)
+    first, end = runs(codes)
+    small = np.int32 if len(first) < np.iinfo(np.int32).max else np.int64
+    return codes[first], np.repeat(np.arange(len(first), dtype=small), end - first)
 
 
 def build_training_samples(
@@ -192,7 +202,7 @@ def build_training_samples(
     item_codes = _narrow(encoders.items.ids.encode(fit[ITEM_ID]))
     starts, ends = (_narrow(bounds) for bounds in history_bounds(fit))
     codes, ids = id_codes(fit[USER_ID])
-    present, user_codes = np.unique(codes, return_inverse=True)
+    present, user_codes = distinct_codes(codes)
     sample_users = ids[present]  # sorted, as the ids sort
     per_user = encoders.users.transform(
         list(sample_users), user_attribute_rows(raw.users, sample_users)

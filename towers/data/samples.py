@@ -33,6 +33,16 @@ def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, np.append(first[1:], len(keys))
 
 
+def ascending(values: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """Whether ``values`` never decrease (checked a few million at a time, without a
+    temporary the size of ``values``)."""
+    for lo in range(0, max(len(values) - 1, 0), chunk):
+        piece = values[lo : lo + chunk + 1]
+        if (piece[1:] < piece[:-1]).any():
+            return False
+    return True
+
+
 def group_bounds(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For sorted ``keys``: first and one-past-last position of each row's run of equal keys."""
     first, end = runs(keys)
@@ -51,17 +61,25 @@ def concatenated_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 def history_bounds(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """For every row of ``events`` (sorted by user, then time): the position of the user's
-    first event and of the first event at the row's timestamp (its history ends there)."""
+    first event and of the first event at the row's timestamp (its history ends there);
+    int32 when the positions fit (4 bytes a row, not 8), else int64."""
     users = id_codes(events[USER_ID])[0]
-    user_start, _ = group_bounds(users)
     times = events[TIMESTAMP].to_numpy()
     # a user's events at one moment are contiguous: a new moment starts where the user
     # or the time changes
-    moment = np.empty(len(events), dtype=np.int64)
-    moment[0:1] = 0
-    moment[1:] = np.cumsum((users[1:] != users[:-1]) | (times[1:] != times[:-1]))
-    tie_start, _ = group_bounds(moment)
-    return user_start.astype(np.int64), tie_start.astype(np.int64)
+    new_user = np.ones(len(events), dtype=bool)
+    new_user[1:] = users[1:] != users[:-1]
+    new_moment = new_user.copy()
+    new_moment[1:] |= times[1:] != times[:-1]
+    return _run_starts(new_user), _run_starts(new_moment)
+
+
+def _run_starts(starts_run: np.ndarray) -> np.ndarray:
+    """Each row's run's first position, for runs starting where ``starts_run`` is true."""
+    first = np.flatnonzero(starts_run)
+    lengths = np.diff(np.append(first, len(starts_run)))
+    small = np.int32 if len(starts_run) < np.iinfo(np.int32).max else np.int64
+    return np.repeat(first.astype(small), lengths)
 
 
 @dataclass(frozen=True)

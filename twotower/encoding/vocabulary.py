@@ -44,6 +44,16 @@ LOOKUP_DICT_LIMIT = 1_000_000
 MISSING_KEY = "\x00missing"  # what a missing value is looked up as: no vocabulary holds it
 
 
+def _code_counts(codes: np.ndarray, n: int, chunk: int = 1 << 23) -> np.ndarray:
+    """How often each of ``n`` codes occurs in ``codes`` (-1, missing, not counted), a
+    few million codes at a time (bincount takes an int64 copy of its whole input)."""
+    counts = np.zeros(n, dtype=np.int64)
+    for lo in range(0, len(codes), chunk):
+        piece = codes[lo : lo + chunk]
+        counts += np.bincount(piece[piece >= 0], minlength=n)
+    return counts
+
+
 def _small_key(value: Any) -> str | None:
     """The lookup key of one raw value (None for missing), as ``as_str_or_none`` would."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -73,7 +83,7 @@ class Vocabulary:
         if categorical is not None:
             codes = categorical.cat.codes.to_numpy()
             distinct = as_str_or_none(categorical.cat.categories).to_numpy()
-            counts_by_code = np.bincount(codes[codes >= 0], minlength=len(distinct))
+            counts_by_code = _code_counts(codes, len(distinct))
             counts = pd.Series(counts_by_code, index=pd.Index(distinct, dtype=object))
             counts = counts[counts > 0].groupby(level=0, sort=False).sum()
         else:
@@ -107,7 +117,7 @@ class Vocabulary:
         if categorical is not None:
             # one index per category, then OOV at the end for the missing code -1
             distinct = np.append(self.encode(categorical.cat.categories), OOV_INDEX)
-            return distinct[categorical.cat.codes.to_numpy()].astype(np.int64)
+            return distinct[categorical.cat.codes.to_numpy()].astype(np.int64, copy=False)
         as_str = as_str_or_none(values)
         positions = self._index.get_indexer(as_str.fillna(MISSING_KEY).to_numpy())
         return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(np.int64)
