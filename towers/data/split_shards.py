@@ -206,7 +206,8 @@ class SplitReader:
                 {
                     USER_ID: pd.Categorical.from_codes(user_codes, dtype=user_type),
                     ITEM_ID: pd.Categorical.from_codes(item_codes, dtype=item_type),
-                }
+                },
+                copy=False,  # a DataFrame made from a dict copies its columns by default
             )
 
         parts = {}
