@@ -16,8 +16,8 @@ stages of ``twotower train`` one by one on data written by
 - ``export``: the bundle with ``index=auto`` (ONNX towers, FAISS index, recall check).
 
 With ``path="prepared"`` the rung runs as two jobs, each in its own process: ``prepare``
-(``generate`` to ``eval_sets``, then ``write``: the prepared directory, as ``twotower
-prepare`` writes it) and ``train`` (``load``: that directory with its samples left in
+(``generate`` to ``samples``, then ``write``: the prepared directory, as ``twotower
+prepare`` writes it, with no evaluation sets and no copy of train) and ``train`` (``load``: that directory with its samples left in
 their shards, as ``data.prepared=DIR data.stream=true`` loads it; then ``train``,
 ``evaluate`` and ``export``, the samples streamed).
 
@@ -194,7 +194,8 @@ def data_dir(rung: Rung, s: ScaleSettings) -> Path:
 
 
 def data_stages(rung: Rung, s: ScaleSettings, progress: Progress, cfg: Any) -> tuple[Any, Any]:
-    """``generate`` to ``eval_sets``: the raw tables and the prepared data."""
+    """``generate`` to ``eval_sets``: the raw tables and the prepared data (for the
+    prepare job, to ``samples``: the :class:`PreparedParts` that ``write`` writes)."""
     from towers.data.prepare import (
         assemble_prepared,
         build_eval_sources,
@@ -238,7 +239,8 @@ def data_stages(rung: Rung, s: ScaleSettings, progress: Progress, cfg: Any) -> t
         events = prepare_interactions(raw.interactions)
         raw.interactions = events  # the raw rows are no longer needed
         del events
-        split = make_split(raw.interactions, **split_settings(cfg))
+        # the prepare job keeps no copy of train (fit and validation are what it writes)
+        split = make_split(raw.interactions, **split_settings(cfg), keep_train=s.job != "prepare")
         raw.interactions = None  # type: ignore[assignment]
     record.update(split.stats())
     progress.done(record)
@@ -254,6 +256,11 @@ def data_stages(rung: Rung, s: ScaleSettings, progress: Progress, cfg: Any) -> t
         samples = build_training_samples(raw, split.fit, catalogue, encoders)
     record["samples"] = len(samples.item_rows)
     progress.done(record)
+
+    if s.job == "prepare":  # as twotower prepare: a run builds the sets from split/
+        from towers.data.prepared_writer import PreparedParts
+
+        return raw, PreparedParts(split, catalogue, encoders, samples)
 
     record = progress.stage("eval_sets")
     with sampler.stage(record):

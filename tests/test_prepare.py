@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -38,8 +39,75 @@ def test_prepare_equals_the_single_machine_path(tmp_path: Path, name: str) -> No
     assert_prepared_equals(out, result.manifest, data, name)
     assert json.loads((out / shards.MANIFEST).read_text()) == result.manifest
     assert result.manifest["writer"] == "twotower prepare"
-    assert len(list((out / shards.SPLIT).glob("*.parquet"))) == result.manifest["counts"]["shards"]
+    # whole users per file: about as many files as sample shards, never more
+    assert (
+        1
+        <= len(list((out / shards.SPLIT).glob("*.parquet")))
+        <= result.manifest["counts"]["shards"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "tables"]  # no staging
+
+
+def reference_split(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """``split/`` as one table: the parts together in event order (user, time, item
+    order), what :func:`write_split` writes a few users at a time."""
+    from towers.data.split import item_order_key
+
+    events = pd.concat(
+        [p.assign(part=name) for p, name in zip(parts, ("fit", "validation", "test"), strict=True)],
+        ignore_index=True,
+    )
+    events["user_id"] = events["user_id"].astype(str)
+    events["item_id"] = events["item_id"].astype(str)
+    order = np.lexsort((item_order_key(events["item_id"]), events["timestamp"], events["user_id"]))
+    return events.take(order).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("n_shards", [1, 3, 50, 10_000])
+def test_split_files_hold_the_events_in_order(tmp_path: Path, name: str, n_shards: int) -> None:
+    """``split/`` holds every event of the three parts once, in event order across the
+    parts, whole users per file, however many files are asked for (more than users too)."""
+    from towers.data.prepared_writer import write_split
+
+    variant = VARIANTS[name]
+    split = single_machine(variant["tables"](tmp_path / "tables"), variant).split
+    write_split(tmp_path / "split", split, n_shards)
+    files = sorted((tmp_path / "split").glob("*.parquet"))
+    assert 1 <= len(files) <= n_shards
+    written = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    assert written[shards.EVENT].tolist() == list(range(len(written)))
+    users_per_file = [set(pd.read_parquet(f, columns=["user_id"])["user_id"]) for f in files]
+    assert sum(len(u) for u in users_per_file) == len(set().union(*users_per_file))
+    expected = reference_split([split.fit, split.validation, split.test])
+    for column in ("user_id", "item_id", "timestamp", "part"):
+        assert written[column].tolist() == expected[column].tolist(), column
+
+
+def test_split_files_from_parts_with_other_ids(tmp_path: Path) -> None:
+    """Parts whose id columns hold different ids (integers, "01" and "1" tying) are
+    written in the same order as the parts together."""
+    from towers.data.prepared_writer import write_split
+    from towers.data.split import Split
+
+    def part(users: list[str], items: list[str], times: list[float]) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"user_id": pd.Categorical(users), "item_id": pd.Categorical(items), "timestamp": times}
+        )
+
+    fit = part(["1", "1", "2"], ["10", "9", "01"], [1.0, 1.0, 3.0])
+    validation = part(["1", "3"], ["1", "2"], [1.0, 2.0])
+    test = part(["2", "3", "3"], ["1", "02", "7"], [3.0, 5.0, 5.0])
+    split = Split(fit.iloc[:0], fit, validation, test, np.array([], dtype=object))
+    write_split(tmp_path / "split", split, 2)
+    written = pd.concat(
+        [pd.read_parquet(f) for f in sorted((tmp_path / "split").glob("*.parquet"))],
+        ignore_index=True,
+    )
+    expected = reference_split([fit, validation, test])
+    assert written["item_id"].tolist() == expected["item_id"].tolist()
+    assert written["part"].tolist() == expected["part"].tolist()
+    assert written["item_id"].tolist()[:4] == ["1", "9", "10", "01"]  # 1 ties with 01: file order
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

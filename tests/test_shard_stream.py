@@ -13,7 +13,7 @@ import torch
 
 from towers.data.datamodule import BatchRequest, InteractionBatches, TwoTowerDataModule
 from towers.data.prepare import FeatureSettings, PreparedData, prepare_data
-from towers.data.prepared_writer import write_samples
+from towers.data.prepared_writer import PreparedParts, write_samples
 from towers.data.samples import user_activity_weights
 from towers.data.schema import RawData
 from towers.data.shard_stream import (
@@ -33,7 +33,8 @@ ROWS_PER_SHARD = 97  # several shards, users cut across them
 def write_sample_shards(data: PreparedData, directory: Path, rows: int = ROWS_PER_SHARD) -> Path:
     """``data``'s samples in the ``samples/`` format (docs/spark.md), ``rows`` per file,
     as ``twotower prepare`` writes them."""
-    write_samples(directory, data.split.fit, data, rows)
+    parts = PreparedParts.of(data)
+    write_samples(directory, data.split.fit, parts.samples, parts.encoders, rows)
     return directory
 
 

@@ -4,9 +4,11 @@ The same directory as ``twotower spark prepare`` (format
 :data:`twotower.spark.shards.PREPARED_FORMAT`, layout in ``docs/spark.md``), from the
 single-machine code itself: the tables are read and validated by
 :func:`towers.data.readers.load_tables`, split by :func:`towers.data.split.make_split`,
-encoded by :func:`towers.data.prepare.prepare_data`; then the training samples and the
-split are written a shard at a time from those arrays (each ``samples/`` shard's
-history windows and user inputs are built for its rows only). A run trains from it with
+encoded by :func:`towers.data.prepare.fit_encoders` and
+:func:`towers.data.prepare.build_training_samples` (no evaluation sets: a run builds
+them from ``split/``); then the training samples are written a row group at a time
+(each group's history windows and user inputs built for its rows only) and the split a
+few whole users at a time, from the parts. A run trains from it with
 ``data.prepared=DIR`` and streams its samples with ``data.stream=true``.
 
 Nothing half-written is left at a path: the files go to a staging directory beside the
@@ -17,12 +19,14 @@ midway leaves files without it, which no reader takes for a prepared directory).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +36,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from towers.data.ids import id_codes
-from towers.data.prepare import PreparedData, prepare_data
+from towers.data.ids import code_counts, id_codes
+from towers.data.prepare import (
+    PreparedData,
+    TrainingSamples,
+    build_training_samples,
+    fit_encoders,
+)
 from towers.data.readers import load_tables
+from towers.data.samples import ascending
 from towers.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
-from towers.data.split import item_order_key, make_split, prepare_interactions
+from towers.data.split import Split, id_order_ranks, make_split, prepare_interactions
 from twotower import __version__
+from twotower.encoding import FeatureEncoders
 from twotower.errors import DataValidationError
 from twotower.spark import shards
 from twotower.spark.settings import PrepareResult, PrepareSettings, settings_dict
@@ -54,6 +65,9 @@ from twotower.storage import (
 log = logging.getLogger(__name__)
 
 PARTS = ("fit", "validation", "test")
+# samples built and written at once, a row group of a samples/ file (the history windows
+# of 1M samples alone are 400 MB; 128k samples keep each step near 100 MB)
+ROWS_PER_GROUP = 1 << 17
 WRITER = "twotower prepare"
 
 
@@ -88,11 +102,16 @@ def run_local_prepare(settings: PrepareSettings) -> PrepareResult:
         cold_items=settings.cold_items,
         cold_fraction=settings.cold_fraction,
         seed=settings.seed,
+        keep_train=settings.fit_on == "train",  # else the three parts are all it writes
     )
     del events
-    data = prepare_data(raw, split, settings.features, settings.fit_on)
-    del raw, split
-    return write_prepared(data, settings)
+    # no evaluation sets: a run builds them from split/
+    catalogue = raw.items.reset_index(drop=True)
+    fit = split.fit if settings.fit_on == "fit" else split.train
+    encoders = fit_encoders(raw, fit, settings.features)
+    samples = build_training_samples(raw, fit, catalogue, encoders)
+    del raw, fit
+    return write_prepared(PreparedParts(split, catalogue, encoders, samples), settings)
 
 
 def check_output(output: str, overwrite: bool) -> None:
@@ -112,11 +131,37 @@ def check_output(output: str, overwrite: bool) -> None:
         )
 
 
-def write_prepared(data: PreparedData, settings: PrepareSettings) -> PrepareResult:
+@dataclass
+class PreparedParts:
+    """What a prepared directory is written from: the split, the catalogue, the fitted
+    encoders and the training samples (a run builds the evaluation sets from ``split/``)."""
+
+    split: Split
+    catalogue: pd.DataFrame
+    encoders: FeatureEncoders
+    samples: TrainingSamples
+
+    @classmethod
+    def of(cls, data: PreparedData) -> PreparedParts:
+        """The parts of an in-memory preparation."""
+        samples = TrainingSamples(
+            user_inputs=data.sample_user_inputs,
+            item_rows=data.sample_item_rows,
+            weights=data.sample_weights,
+            histories=data.sample_histories,
+            item_log_p=data.item_log_p,
+            user_rows=data.sample_user_rows,
+        )
+        return cls(data.split, data.catalogue, data.encoders, samples)
+
+
+def write_prepared(data: PreparedData | PreparedParts, settings: PrepareSettings) -> PrepareResult:
     """Write the prepared directory of ``data`` (prepared with ``settings``, which
     ``prepared.json`` records and a reader trusts: ``settings.items`` says whether the
     catalogue is an item table) at ``settings.output``, staged and then moved (or
     uploaded, manifest last) into place."""
+    if isinstance(data, PreparedData):
+        data = PreparedParts.of(data)
     attributes = [c for c in data.catalogue.columns if c != ITEM_ID]
     if settings.items is None and attributes:
         raise ValueError(
@@ -168,13 +213,15 @@ def _move_into_place(staging: Path, target: Path) -> None:
             aside.unlink()
 
 
-def _write(root: Path, data: PreparedData, settings: PrepareSettings) -> dict[str, Any]:
+def _write(root: Path, data: PreparedParts, settings: PrepareSettings) -> dict[str, Any]:
     fit = data.split.fit if settings.fit_on == "fit" else data.split.train
     n_samples = len(fit)
     n_shards = max(1, math.ceil(n_samples / settings.samples_per_shard))
-    write_samples(root / shards.SAMPLES, fit, data, settings.samples_per_shard)
+    write_samples(
+        root / shards.SAMPLES, fit, data.samples, data.encoders, settings.samples_per_shard
+    )
     write_catalogue(root / shards.CATALOGUE, data.catalogue)
-    write_split(root / shards.SPLIT, data, n_shards)
+    write_split(root / shards.SPLIT, data.split, n_shards)
     data.encoders.save(root / shards.ENCODERS)  # the bundle's own writer
     manifest = shards.prepared_manifest(
         split_stats=data.split.stats(),
@@ -213,41 +260,58 @@ def _ranges(n: int, per_shard: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + per_shard, n)
 
 
-def write_samples(directory: Path, fit: pd.DataFrame, data: PreparedData, per_shard: int) -> None:
+def write_samples(
+    directory: Path,
+    fit: pd.DataFrame,
+    samples: TrainingSamples,
+    encoders: FeatureEncoders,
+    per_shard: int,
+) -> None:
     """``samples/``: one row per training event in sample order, ``per_shard`` rows per
     file, the columns of :mod:`twotower.spark.shards` as ``twotower spark prepare``
-    writes them (``history``: the plain leakage-free window)."""
+    writes them (``history``: the plain leakage-free window). Each file is built and
+    written :data:`ROWS_PER_GROUP` rows (one row group) at a time."""
     directory.mkdir(parents=True)
-    histories = data.sample_histories
-    user_rows = data.sample_user_rows  # None: the user inputs are held per sample
+    histories = samples.histories
+    user_rows = samples.user_rows  # None: the user inputs are held per sample
     codes, ids = id_codes(fit[USER_ID])
-    user_vocabulary = data.encoders.users.ids.encode(pd.Series(ids, dtype=object))
+    user_vocabulary = encoders.users.ids.encode(pd.Series(ids, dtype=object))
     # each sample's user among the sample users sorted by id (codes sort as the ids do)
     user_index = user_rows if user_rows is not None else np.unique(codes, return_inverse=True)[1]
     times = fit[TIMESTAMP].to_numpy(np.float64)
-    attributes = [n for n in data.encoders.users.input_names if n in shards.USER_ATTRIBUTE_INPUTS]
+    attributes = [n for n in encoders.users.input_names if n in shards.USER_ATTRIBUTE_INPUTS]
     rng = np.random.default_rng(0)  # unused at horizon 1
-    ranges = list(_ranges(len(fit), per_shard))
-    for index, (start, end) in enumerate(tqdm(ranges, desc="samples", unit="shard")):
+
+    def rows_table(start: int, end: int) -> pa.Table:
         positions = np.arange(start, end, dtype=np.int64)
         rows = positions if user_rows is None else user_rows[start:end]
         columns: dict[str, pa.Array] = {
             shards.SAMPLE: pa.array(positions),
             shards.USER_INDEX: pa.array(np.asarray(user_index[start:end], dtype=np.int64)),
             shards.USER_CODE: pa.array(user_vocabulary[codes[start:end]]),
-            shards.ITEM_ROW: pa.array(data.sample_item_rows[start:end].astype(np.int64)),
+            shards.ITEM_ROW: pa.array(samples.item_rows[start:end].astype(np.int64)),
             shards.ITEM_CODE: pa.array(histories.item_codes[start:end].astype(np.int64)),
             shards.TIMESTAMP: pa.array(times[start:end]),
-            shards.WEIGHT: pa.array(data.sample_weights[start:end].astype(np.float32)),
+            shards.WEIGHT: pa.array(samples.weights[start:end].astype(np.float32)),
             shards.HISTORY_START: pa.array(histories.starts[start:end].astype(np.int64)),
             shards.HISTORY_END: pa.array(histories.ends[start:end].astype(np.int64)),
             shards.HISTORY: _lists(histories.windows(positions, 1, rng), pa.int64()),
         }
         for name in attributes:
-            values = data.sample_user_inputs[name][rows]
+            values = samples.user_inputs[name][rows]
             kind = pa.float32() if name == "user_num" else pa.int64()
             columns[name] = _lists(values.astype(kind.to_pandas_dtype()), kind)
-        pq.write_table(pa.table(columns), directory / _shard_name(index))
+        return pa.table(columns)
+
+    ranges = list(_ranges(len(fit), per_shard))
+    for index, (start, end) in enumerate(tqdm(ranges, desc="samples", unit="shard")):
+        groups = list(_ranges(end - start, ROWS_PER_GROUP))
+        first = rows_table(start, start + groups[0][1])
+        with pq.ParquetWriter(directory / _shard_name(index), first.schema) as writer:
+            writer.write_table(first)
+            del first
+            for lo, hi in groups[1:]:
+                writer.write_table(rows_table(start + lo, start + hi))
 
 
 def write_catalogue(directory: Path, catalogue: pd.DataFrame) -> None:
@@ -270,33 +334,82 @@ def write_catalogue(directory: Path, catalogue: pd.DataFrame) -> None:
     pq.write_table(arrow.cast(schema), directory / _shard_name(0))
 
 
-def write_split(directory: Path, data: PreparedData, n_shards: int) -> None:
+def write_split(directory: Path, split: Split, n_shards: int) -> None:
     """``split/``: every prepared event in the events' order (user, time, item order)
-    with its part, in ``n_shards`` files."""
+    with its part, in about ``n_shards`` files of whole users. Each file is built from its
+    users' rows of the parts (each in event order), so the events are never gathered
+    into one table."""
     directory.mkdir()
-    parts = [getattr(data.split, name) for name in PARTS]
-    labels = np.repeat(np.arange(len(PARTS), dtype=np.int8), [len(p) for p in parts])
-    users = pd.concat([p[USER_ID] for p in parts], ignore_index=True)
-    items = pd.concat([p[ITEM_ID] for p in parts], ignore_index=True)
-    times = np.concatenate([p[TIMESTAMP].to_numpy(np.float64) for p in parts])
-    weights = None
-    if WEIGHT in parts[0].columns:
-        weights = np.concatenate([p[WEIGHT].to_numpy(np.float64) for p in parts])
-    user_codes, user_ids = id_codes(users)
-    item_codes, item_ids = id_codes(items)
-    order = np.lexsort((item_order_key(items), times, user_codes))
-    del users, items
+    parts = [getattr(split, name) for name in PARTS]
+    users = _common_codes([p[USER_ID] for p in parts])
+    items = _common_codes([p[ITEM_ID] for p in parts])
+    used = np.zeros(len(items.ids), dtype=bool)
+    for codes in items.codes:
+        used |= code_counts(codes, len(items.ids)) > 0
+    item_rank = id_order_ranks(items.ids, used)
+    user_rows = [
+        _user_row_bounds(codes, len(users.ids), name)
+        for codes, name in zip(users.codes, PARTS, strict=True)
+    ]
+    # whole users per file, about as many events in each
+    events_before = np.concatenate([[0], np.cumsum(sum(b[1:] - b[:-1] for b in user_rows))])
+    n_events = int(events_before[-1])
+    targets = np.linspace(0, n_events, n_shards + 1)[1:-1]
+    cuts = np.unique(np.r_[0, np.searchsorted(events_before, targets), len(users.ids)])
+    has_weight = WEIGHT in parts[0].columns
     part_names = np.asarray(PARTS, dtype=object)
-    bounds = np.linspace(0, len(order), n_shards + 1).round().astype(np.int64)
-    for index in tqdm(range(n_shards), desc="split", unit="shard"):
-        rows = order[bounds[index] : bounds[index + 1]]
+    index = 0
+    for lo, hi in tqdm(list(itertools.pairwise(cuts)), desc="split", unit="shard"):
+        if events_before[hi] == events_before[lo]:
+            continue
+        pieces = [(k, b[lo], b[hi]) for k, b in enumerate(user_rows)]
+        user_codes = np.concatenate([users.codes[k][a:b] for k, a, b in pieces])
+        item_codes = np.concatenate([items.codes[k][a:b] for k, a, b in pieces])
+        times = np.concatenate(
+            [parts[k][TIMESTAMP].to_numpy()[a:b].astype(np.float64) for k, a, b in pieces]
+        )
+        labels = np.concatenate([np.full(b - a, k, dtype=np.int8) for k, a, b in pieces])
+        order = np.lexsort((item_rank[item_codes], times, user_codes))
+        first = int(events_before[lo])
         columns: dict[str, Any] = {
-            shards.EVENT: pa.array(np.arange(bounds[index], bounds[index + 1], dtype=np.int64)),
-            USER_ID: pa.array(user_ids[user_codes[rows]], type=pa.string()),
-            ITEM_ID: pa.array(item_ids[item_codes[rows]], type=pa.string()),
-            TIMESTAMP: pa.array(times[rows]),
+            shards.EVENT: pa.array(np.arange(first, first + len(order), dtype=np.int64)),
+            USER_ID: pa.array(users.ids[user_codes[order]], type=pa.string()),
+            ITEM_ID: pa.array(items.ids[item_codes[order]], type=pa.string()),
+            TIMESTAMP: pa.array(times[order]),
         }
-        if weights is not None:
-            columns[WEIGHT] = pa.array(weights[rows])
-        columns[shards.PART] = pa.array(part_names[labels[rows]], type=pa.string())
+        if has_weight:
+            weights = np.concatenate(
+                [parts[k][WEIGHT].to_numpy()[a:b].astype(np.float64) for k, a, b in pieces]
+            )
+            columns[WEIGHT] = pa.array(weights[order])
+        columns[shards.PART] = pa.array(part_names[labels[order]], type=pa.string())
         pq.write_table(pa.table(columns), directory / _shard_name(index))
+        index += 1
+
+
+@dataclass
+class _CommonCodes:
+    """Id columns' codes over one set of ids (sorted strings), a code array per column."""
+
+    codes: list[np.ndarray]
+    ids: np.ndarray
+
+
+def _common_codes(columns: list[pd.Series]) -> _CommonCodes:
+    """The codes of ``columns`` over their ids together: each column's own codes when
+    they all have the same ids (the parts of one split do), else recoded."""
+    coded = [id_codes(column) for column in columns]
+    ids = coded[0][1]
+    if all(len(other) == len(ids) and (other == ids).all() for _, other in coded[1:]):
+        return _CommonCodes([codes for codes, _ in coded], ids)
+    union = np.unique(np.concatenate([other for _, other in coded]))
+    index = pd.Index(union, dtype=object)
+    recoded = [index.get_indexer(other).astype(np.int32)[codes] for codes, other in coded]
+    return _CommonCodes(recoded, union)
+
+
+def _user_row_bounds(codes: np.ndarray, n_users: int, part: str) -> np.ndarray:
+    """Where each user's rows start in a part sorted by user (``n_users + 1`` bounds)."""
+    if not ascending(codes):
+        raise ValueError(f"the {part} part is not sorted by user")
+    return np.searchsorted(codes, np.arange(n_users + 1))
