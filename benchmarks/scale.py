@@ -17,9 +17,10 @@ stages of ``twotower train`` one by one on data written by
 
 With ``path="prepared"`` the rung runs as two jobs, each in its own process: ``prepare``
 (``generate`` to ``samples``, then ``write``: the prepared directory, as ``twotower
-prepare`` writes it, with no evaluation sets and no copy of train) and ``train`` (``load``: that directory with its samples left in
-their shards, as ``data.prepared=DIR data.stream=true`` loads it; then ``train``,
-``evaluate`` and ``export``, the samples streamed).
+prepare`` writes it, with no evaluation sets and no copy of train) and ``train``
+(``load``: that directory with its samples left in their shards, as
+``data.prepared=DIR data.stream=true`` loads it; then ``train``, ``evaluate`` and
+``export``, the samples streamed).
 
 A sampler thread in the child records each stage's peak RSS. The parent watches the
 child's RSS and stops it above ``rss_limit_gb``: that stage is where one machine stops.

@@ -153,3 +153,22 @@ def test_few_value_lookups_equal_bulk_ones_with_or_without_the_dict(
     assert few.tolist() == bulk.tolist()
     assert few[0] >= 2 and few[1] >= 2 and few[2] == few[3]
     assert few[5] == few[6] == few[7] == few[8] == 1  # missing, unknown: the OOV slot
+
+
+def test_vocabulary_counts_and_encodes_categoricals_a_few_codes_at_a_time() -> None:
+    """Counting a Categorical's codes in chunks (missing values skipped) fits the
+    vocabulary that plain values fit; ``encode(dtype=np.int32)`` gives the same indices."""
+    from twotower.encoding import vocabulary as vocabulary_module
+
+    rng = np.random.default_rng(0)
+    values = pd.Series(rng.choice(["a", "b", "c", None], 1000, p=[0.5, 0.3, 0.1, 0.1]))
+    categorical = values.astype("category")
+    counts = vocabulary_module._code_counts(categorical.cat.codes.to_numpy(), 3, chunk=7)
+    assert counts.tolist() == [int((values == v).sum()) for v in ("a", "b", "c")]
+    fitted = Vocabulary.fit(categorical)
+    assert fitted.values == Vocabulary.fit(values.dropna().tolist()).values
+    wide = fitted.encode(categorical)
+    narrow = fitted.encode(categorical, dtype=np.int32)
+    assert narrow.dtype == np.int32 and wide.dtype == np.int64
+    np.testing.assert_array_equal(narrow, wide)
+    np.testing.assert_array_equal(fitted.encode(values, dtype=np.int32), wide)

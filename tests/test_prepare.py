@@ -84,6 +84,37 @@ def test_split_files_hold_the_events_in_order(tmp_path: Path, name: str, n_shard
         assert written[column].tolist() == expected[column].tolist(), column
 
 
+def test_sample_files_written_a_few_rows_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sample files built and written in row groups of any size hold exactly what the
+    single-machine path holds; a part not in user order is refused by name."""
+    import pyarrow.parquet as pq
+
+    from towers.data import prepared_writer
+    from towers.data.prepared_writer import write_split
+    from towers.data.split import Split
+
+    monkeypatch.setattr(prepared_writer, "ROWS_PER_GROUP", 97)
+    variant = VARIANTS["temporal"]
+    tables = variant["tables"](tmp_path / "tables")
+    data = single_machine(tables, variant)
+    out = tmp_path / "prepared"
+    result = run_local_prepare(variant_settings(tables, variant, out))
+    assert_prepared_equals(out, result.manifest, data, "temporal")
+    first = sorted((out / shards.SAMPLES).glob("*.parquet"))[0]
+    assert pq.ParquetFile(first).metadata.num_row_groups == -(-2000 // 97)
+
+    split = data.split
+    backwards = split.fit.iloc[::-1].reset_index(drop=True)
+    with pytest.raises(ValueError, match="the fit part is not sorted by user"):
+        write_split(
+            tmp_path / "split",
+            Split(split.train, backwards, split.validation, split.test, split.cold_items),
+            2,
+        )
+
+
 def test_split_files_from_parts_with_other_ids(tmp_path: Path) -> None:
     """Parts whose id columns hold different ids (integers, "01" and "1" tying) are
     written in the same order as the parts together."""
@@ -108,6 +139,11 @@ def test_split_files_from_parts_with_other_ids(tmp_path: Path) -> None:
     assert written["item_id"].tolist() == expected["item_id"].tolist()
     assert written["part"].tolist() == expected["part"].tolist()
     assert written["item_id"].tolist()[:4] == ["1", "9", "10", "01"]  # 1 ties with 01: file order
+    empty = Split(fit.iloc[:0], fit.iloc[:0], validation.iloc[:0], test.iloc[:0], split.cold_items)
+    write_split(tmp_path / "empty", empty, 3)  # no events: one empty file
+    (only,) = (tmp_path / "empty").glob("*.parquet")
+    assert pd.read_parquet(only).columns.tolist() == list(written.columns)
+    assert len(pd.read_parquet(only)) == 0
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

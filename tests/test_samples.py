@@ -76,3 +76,16 @@ def test_user_activity_weights_balance_users_at_power_one() -> None:
     np.testing.assert_allclose(per_user, per_user[0])
     half = user_activity_weights(starts, 0.5)
     assert half[0] < half[5] < half[4]
+
+
+def test_distinct_codes_sorted_or_not() -> None:
+    """Sample users from runs of sorted codes, or by ``np.unique`` otherwise: the same."""
+    from towers.data.prepare import distinct_codes
+
+    rng = np.random.default_rng(0)
+    for codes in (np.sort(rng.integers(0, 50, 500)), rng.integers(0, 50, 500)):
+        codes = codes.astype(np.int32)
+        present, inverse = distinct_codes(codes)
+        want_present, want_inverse = np.unique(codes, return_inverse=True)
+        np.testing.assert_array_equal(present, want_present)
+        np.testing.assert_array_equal(inverse, want_inverse)

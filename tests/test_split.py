@@ -185,3 +185,22 @@ def test_blocks_of_whole_users_give_what_one_pass_gives(
         monkeypatch.setattr(split_module, "ORDER_CHUNK", chunk)
         pd.testing.assert_frame_equal(prepare_interactions(shuffled), expected)
         pd.testing.assert_frame_equal(prepare_interactions(expected), expected)
+
+
+def test_labels_a_few_rows_at_a_time_and_unsorted_input(
+    tiny_data: RawData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labelling in chunks of any size gives the same parts, and raw rows in any order
+    are sorted first (the same split as from the sorted events)."""
+    from towers.data import split as split_module
+
+    events = prepare_interactions(tiny_data.interactions)
+    expected = make_split(events)
+    for chunk in (1, 7, 1000):
+        monkeypatch.setattr(split_module, "LABEL_CHUNK", chunk)
+        split = make_split(events)
+        for name in ("train", "fit", "validation", "test"):
+            pd.testing.assert_frame_equal(getattr(split, name), getattr(expected, name))
+    shuffled = make_split(events.sample(frac=1, random_state=3))
+    for name in ("train", "fit", "validation", "test"):
+        pd.testing.assert_frame_equal(getattr(shuffled, name), getattr(expected, name))

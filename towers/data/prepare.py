@@ -199,7 +199,8 @@ def build_training_samples(
     """Leakage-free samples of the ``fit`` events (sorted by user, then time)."""
     length = encoders.history_length
     # int32 where it fits: these are a few integers per sample, the bulk of the memory
-    item_codes = _narrow(encoders.items.ids.encode(fit[ITEM_ID]))
+    small = np.int32 if encoders.items.ids.size < np.iinfo(np.int32).max else np.int64
+    item_codes = encoders.items.ids.encode(fit[ITEM_ID], dtype=small)
     starts, ends = (_narrow(bounds) for bounds in history_bounds(fit))
     codes, ids = id_codes(fit[USER_ID])
     present, user_codes = distinct_codes(codes)

@@ -7,8 +7,9 @@ single-machine code itself: the tables are read and validated by
 encoded by :func:`towers.data.prepare.fit_encoders` and
 :func:`towers.data.prepare.build_training_samples` (no evaluation sets: a run builds
 them from ``split/``); then the training samples are written a row group at a time
-(each group's history windows and user inputs built for its rows only) and the split a
-few whole users at a time, from the parts. A run trains from it with
+(each group's history windows and user inputs built for its rows only) and the split in
+files of whole users (about as many events in each), each built from its users' rows of
+the three parts. A run trains from it with
 ``data.prepared=DIR`` and streams its samples with ``data.stream=true``.
 
 Nothing half-written is left at a path: the files go to a staging directory beside the
@@ -248,7 +249,8 @@ def _lists(matrix: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
     rows, width = matrix.shape
     if rows * width >= 2**31:  # a list column's offsets are int32, as Spark writes them
         raise ValueError(
-            f"{rows} rows x {width} values is too many for one shard: lower --samples-per-shard"
+            f"{rows} rows x {width} values is too many for one Parquet list column "
+            "(its offsets are int32)"
         )
     offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width, type=pa.int32())
     values = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type)
@@ -385,6 +387,17 @@ def write_split(directory: Path, split: Split, n_shards: int) -> None:
         columns[shards.PART] = pa.array(part_names[labels[order]], type=pa.string())
         pq.write_table(pa.table(columns), directory / _shard_name(index))
         index += 1
+    if index == 0:  # no events at all: one empty file, as for an empty part
+        empty = {
+            shards.EVENT: pa.array([], pa.int64()),
+            USER_ID: pa.array([], pa.string()),
+            ITEM_ID: pa.array([], pa.string()),
+            TIMESTAMP: pa.array([], pa.float64()),
+        }
+        if has_weight:
+            empty[WEIGHT] = pa.array([], pa.float64())
+        empty[shards.PART] = pa.array([], pa.string())
+        pq.write_table(pa.table(empty), directory / _shard_name(0))
 
 
 @dataclass
@@ -412,4 +425,5 @@ def _user_row_bounds(codes: np.ndarray, n_users: int, part: str) -> np.ndarray:
     """Where each user's rows start in a part sorted by user (``n_users + 1`` bounds)."""
     if not ascending(codes):
         raise ValueError(f"the {part} part is not sorted by user")
-    return np.searchsorted(codes, np.arange(n_users + 1))
+    # the codes' own dtype: searchsorted casts both sides to a common type (a copy)
+    return np.searchsorted(codes, np.arange(n_users + 1, dtype=codes.dtype))

@@ -75,11 +75,13 @@ def history_bounds(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _run_starts(starts_run: np.ndarray) -> np.ndarray:
-    """Each row's run's first position, for runs starting where ``starts_run`` is true."""
-    first = np.flatnonzero(starts_run)
-    lengths = np.diff(np.append(first, len(starts_run)))
+    """Each row's run's first position, for runs starting where ``starts_run`` is true
+    (row 0 starts one): a running maximum of the starts, in place."""
     small = np.int32 if len(starts_run) < np.iinfo(np.int32).max else np.int64
-    return np.repeat(first.astype(small), lengths)
+    starts = np.arange(len(starts_run), dtype=small)
+    starts[~starts_run] = 0
+    np.maximum.accumulate(starts, out=starts)
+    return starts
 
 
 @dataclass(frozen=True)

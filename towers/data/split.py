@@ -26,18 +26,26 @@ def item_order_key(item_ids: pd.Series) -> np.ndarray:
     the ids do, not the ids."""
     codes, ids = id_codes(item_ids)
     used = code_counts(codes, len(ids)) > 0  # ids of rows filtered out do not count
+    if not all_integers(ids[used]):
+        return codes  # the ids' own order (a view, not a copy)
     return id_order_ranks(ids, used).astype(codes.dtype)[codes]
+
+
+def all_integers(ids: np.ndarray) -> bool:
+    """Whether every one of ``ids`` (strings) is an integer, so that ties are broken by
+    the integers' order rather than the strings'."""
+    return bool(pd.Series(ids, dtype=object).astype(str).str.fullmatch(r"[+-]?\d+").all())
 
 
 def id_order_ranks(ids: np.ndarray, used: np.ndarray) -> np.ndarray:
     """The tie-break rank of each of ``ids`` (distinct strings, sorted; ``used``: those
     present in the rows): ranks of the integers they are when every id present is an
     integer (equal integers, such as "01" and "1", tie), else their positions."""
-    as_str = pd.Series(ids[used], dtype=object).astype(str)
-    if not as_str.str.fullmatch(r"[+-]?\d+").all():
+    if not all_integers(ids[used]):
         return np.arange(len(ids), dtype=np.int64)
+    as_int = pd.Series(ids[used], dtype=object).astype(str).astype(np.int64).to_numpy()
     ranks = np.zeros(len(ids), dtype=np.int64)
-    ranks[used] = np.unique(as_str.astype(np.int64).to_numpy(), return_inverse=True)[1]
+    ranks[used] = np.unique(as_int, return_inverse=True)[1]
     return ranks
 
 
@@ -45,8 +53,9 @@ def chronological_order(
     events: pd.DataFrame, item_key: np.ndarray | None = None
 ) -> np.ndarray | None:
     """The stable order by (user, timestamp, item order) of ``events`` (the item order
-    ``item_key``, else from their ``SORT_KEY`` column if any, else
-    :func:`item_order_key`), or ``None`` when they are in that order."""
+    ``item_key``, else their ``SORT_KEY`` column if any, else :func:`item_order_key` of
+    their items: integers when every item id among these rows is one), or ``None`` when
+    they are in that order."""
     if item_key is None:
         item_key = (
             events[SORT_KEY] if SORT_KEY in events.columns else item_order_key(events[ITEM_ID])
@@ -191,10 +200,11 @@ class Split:
     validation: pd.DataFrame
     test: pd.DataFrame
     cold_items: np.ndarray
+    train_kept: bool = True  # False: train left empty (``make_split(keep_train=False)``)
 
     def stats(self) -> dict[str, int]:
         return {
-            "train": len(self.fit) + len(self.validation),  # train is fit and validation
+            "train": len(self.train) if self.train_kept else len(self.fit) + len(self.validation),
             "fit": len(self.fit),
             "validation": len(self.validation),
             "test": len(self.test),
@@ -291,10 +301,11 @@ def make_split(
     temporal rule, or in the cold-item variant by holding out ``cold_fraction`` of train's
     items (seed + 1), so that model selection is on cold items too.
 
-    Each row of ``events`` (from :func:`prepare_interactions`) gets its part, then each
-    part is taken in one pass. ``keep_train=False`` leaves ``Split.train`` empty (its
-    columns only): for a job that needs the three parts alone (``twotower prepare``
-    trained on fit), without a copy of 90% of the events."""
+    Each row of ``events`` (from :func:`prepare_interactions`, in chronological order;
+    for the temporal rule other rows are sorted first, ties by :func:`item_order_key` of
+    these rows) gets its part, then each part is taken in one pass. ``keep_train=False`` leaves
+    ``Split.train`` empty (its columns only): for a job that needs the three parts alone
+    (``twotower prepare`` trained on fit), without a copy of 90% of the events."""
     if cold_items:
         labels, cold = cold_labels(events, cold_fraction, seed)
     else:
@@ -309,8 +320,8 @@ def make_split(
     ):
         if n == 0:
             raise EmptyTableError(f"the {name} split is empty: too few interactions per user")
-    # the tie-break key has done its work (each part is in order): a column less per row
-    events = events.drop(columns=[SORT_KEY], errors="ignore")
+    if SORT_KEY in events.columns:  # a caller's tie-break column: each part is in order
+        events = events.drop(columns=[SORT_KEY])
     fit, validation, test = (rows_of(events, labels == part) for part in (FIT, VALIDATION, TEST))
     train = rows_of(events, labels != TEST) if keep_train else events.iloc[:0]
-    return Split(train.reset_index(drop=True), fit, validation, test, cold)
+    return Split(train.reset_index(drop=True), fit, validation, test, cold, keep_train)

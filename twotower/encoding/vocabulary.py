@@ -98,29 +98,28 @@ class Vocabulary:
         """Number of embedding rows needed: padding + OOV + known values."""
         return len(self.values) + FIRST_KNOWN_INDEX
 
-    def encode(self, values: Iterable[Any]) -> np.ndarray:
-        """Indices (int64) of ``values``; missing or unknown values map to ``OOV_INDEX``."""
+    def encode(self, values: Iterable[Any], dtype: type[np.integer] = np.int64) -> np.ndarray:
+        """Indices (int64, or ``dtype``: int32 halves an array of every event) of
+        ``values``; missing or unknown values map to ``OOV_INDEX``."""
         if isinstance(values, (list, tuple)) and len(values) <= SMALL_INPUT:
             # Serving asks for a handful of values at a time: a dict beats pandas there.
             if self._lookup is not None:
                 lookup = self._lookup
                 return np.fromiter(
-                    (lookup.get(_small_key(v), OOV_INDEX) for v in values), np.int64, len(values)
+                    (lookup.get(_small_key(v), OOV_INDEX) for v in values), dtype, len(values)
                 )
             keys = [_small_key(v) for v in values]
             keys = np.asarray([MISSING_KEY if k is None else k for k in keys], dtype=object)
             positions = self._index.get_indexer(keys)
-            return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(
-                np.int64
-            )
+            return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(dtype)
         categorical = _categorical(values)
         if categorical is not None:
             # one index per category, then OOV at the end for the missing code -1
-            distinct = np.append(self.encode(categorical.cat.categories), OOV_INDEX)
-            return distinct[categorical.cat.codes.to_numpy()].astype(np.int64, copy=False)
+            distinct = np.append(self.encode(categorical.cat.categories), OOV_INDEX).astype(dtype)
+            return distinct[categorical.cat.codes.to_numpy()]
         as_str = as_str_or_none(values)
         positions = self._index.get_indexer(as_str.fillna(MISSING_KEY).to_numpy())
-        return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(np.int64)
+        return np.where(positions >= 0, positions + FIRST_KNOWN_INDEX, OOV_INDEX).astype(dtype)
 
     def contains(self, values: Iterable[Any]) -> np.ndarray:
         """Boolean mask: which ``values`` are known to the vocabulary."""
