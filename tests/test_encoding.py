@@ -163,7 +163,7 @@ def test_vocabulary_counts_and_encodes_categoricals_a_few_codes_at_a_time() -> N
     rng = np.random.default_rng(0)
     values = pd.Series(rng.choice(["a", "b", "c", None], 1000, p=[0.5, 0.3, 0.1, 0.1]))
     categorical = values.astype("category")
-    counts = vocabulary_module._code_counts(categorical.cat.codes.to_numpy(), 3, chunk=7)
+    counts = vocabulary_module.code_counts(categorical.cat.codes.to_numpy(), 3, chunk=7)
     assert counts.tolist() == [int((values == v).sum()) for v in ("a", "b", "c")]
     fitted = Vocabulary.fit(categorical)
     assert fitted.values == Vocabulary.fit(values.dropna().tolist()).values

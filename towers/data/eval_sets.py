@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from towers.data.ids import code_counts, distinct_in_order, id_codes, positions_in
+from towers.data.ids import distinct_in_order, id_codes, positions_in
 from towers.data.samples import concatenated_ranges, history_windows, runs
 from towers.data.schema import ITEM_ID, USER_ID
 from twotower.encoding import FeatureEncoders
+from twotower.encoding.vocabulary import code_counts
 from twotower.errors import UnknownIdError
 
 

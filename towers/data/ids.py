@@ -67,18 +67,6 @@ def id_codes(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return column.array.codes, np.asarray(column.cat.categories, dtype=object)
 
 
-COUNT_CHUNK = 1 << 23
-
-
-def code_counts(codes: np.ndarray, minlength: int = 0) -> np.ndarray:
-    """``np.bincount(codes, minlength=minlength)`` a few million codes at a time:
-    bincount casts its input to int64 first, a copy of every code at once."""
-    counts = np.zeros(max(minlength, int(codes.max()) + 1 if len(codes) else 0), dtype=np.int64)
-    for lo in range(0, len(codes), COUNT_CHUNK):
-        counts += np.bincount(codes[lo : lo + COUNT_CHUNK], minlength=len(counts))
-    return counts
-
-
 def _sorted_strings(categories: pd.Index) -> bool:
     """Whether ``categories`` are distinct strings in sorted order (what
     :func:`encode_id_column` makes; any other Categorical is encoded again)."""

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from towers.data.ids import code_counts, id_codes
+from towers.data.ids import id_codes
 from towers.data.prepare import (
     PreparedData,
     TrainingSamples,
@@ -50,6 +50,7 @@ from towers.data.schema import ITEM_ID, TIMESTAMP, USER_ID, WEIGHT
 from towers.data.split import Split, id_order_ranks, make_split, prepare_interactions
 from twotower import __version__
 from twotower.encoding import FeatureEncoders
+from twotower.encoding.vocabulary import code_counts
 from twotower.errors import DataValidationError
 from twotower.spark import shards
 from twotower.spark.settings import PrepareResult, PrepareSettings, settings_dict

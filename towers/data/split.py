@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from towers.data.ids import code_counts, distinct_in_order, id_codes, positions_in
+from towers.data.ids import distinct_in_order, id_codes, positions_in
 from towers.data.samples import ascending, group_bounds, runs
 from towers.data.schema import ITEM_ID, RATING, TIMESTAMP, USER_ID
+from twotower.encoding.vocabulary import code_counts
 from twotower.errors import EmptyTableError
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,7 @@ def temporal_holdout(
     first, end = group_bounds(id_codes(ordered[USER_ID])[0])  # a user's rows are contiguous
     sizes = end - first
     rank = np.arange(len(first)) - first
-    n_held = np.where(sizes >= min_interactions, np.maximum(1, np.round(fraction * sizes)), 0)
-    held = rank >= sizes - n_held
+    held = rank >= sizes - _held_counts(sizes, fraction, min_interactions)
     return ordered.loc[~held].reset_index(drop=True), ordered.loc[held].reset_index(drop=True)
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 
 from retrieval.index import auto_factory
 from towers.data.eval_sets import catalogue_rows
-from towers.data.ids import code_counts, id_codes
+from towers.data.ids import id_codes
 from towers.data.prepare import PreparedData
 from towers.data.schema import ITEM_ID, USER_ID
 from towers.export.index import IndexReport, build_index, tune_and_check
@@ -29,6 +29,7 @@ from twotower.bundle import Counts, IndexInfo, Manifest, layout, write_bundle
 from twotower.bundle.embeddings import write_embeddings
 from twotower.bundle.remote import publish_bundle
 from twotower.bundle.store import switch_link
+from twotower.encoding.vocabulary import code_counts
 from twotower.storage import is_url
 
 log = logging.getLogger(__name__)

@@ -44,13 +44,18 @@ LOOKUP_DICT_LIMIT = 1_000_000
 MISSING_KEY = "\x00missing"  # what a missing value is looked up as: no vocabulary holds it
 
 
-def _code_counts(codes: np.ndarray, n: int, chunk: int = 1 << 23) -> np.ndarray:
-    """How often each of ``n`` codes occurs in ``codes`` (-1, missing, not counted), a
-    few million codes at a time (bincount takes an int64 copy of its whole input)."""
-    counts = np.zeros(n, dtype=np.int64)
+COUNT_CHUNK = 1 << 23
+
+
+def code_counts(codes: np.ndarray, minlength: int = 0, chunk: int = COUNT_CHUNK) -> np.ndarray:
+    """``np.bincount(codes, minlength=minlength)`` with -1 (missing) not counted, a few
+    million codes at a time: bincount casts its input to int64 first, a copy of every
+    code at once."""
+    top = int(codes.max()) + 1 if len(codes) else 0
+    counts = np.zeros(max(minlength, top), dtype=np.int64)
     for lo in range(0, len(codes), chunk):
         piece = codes[lo : lo + chunk]
-        counts += np.bincount(piece[piece >= 0], minlength=n)
+        counts += np.bincount(piece[piece >= 0], minlength=len(counts))
     return counts
 
 
@@ -83,7 +88,7 @@ class Vocabulary:
         if categorical is not None:
             codes = categorical.cat.codes.to_numpy()
             distinct = as_str_or_none(categorical.cat.categories).to_numpy()
-            counts_by_code = _code_counts(codes, len(distinct))
+            counts_by_code = code_counts(codes, len(distinct))
             counts = pd.Series(counts_by_code, index=pd.Index(distinct, dtype=object))
             counts = counts[counts > 0].groupby(level=0, sort=False).sum()
         else:
