@@ -130,3 +130,36 @@ def test_a_run_trains_with_rowwise_adagrad_on_its_id_tables(tmp_path) -> None:
     optimizer = result.module.configure_optimizers()
     assert isinstance(optimizer.inner[1], RowwiseAdagrad)
     assert result.metrics["test/recall@20"] > 0.2  # popularity alone: about 0.1 here
+
+
+def test_auto_keeps_adam_for_small_tables_and_takes_rowwise_adagrad_past_the_limit(
+    caplog,
+) -> None:
+    from towers.model.optim import ROWWISE_LR, RowwiseAdagrad, adam_state_bytes
+
+    _, groups = model_and_groups()
+    assert adam_state_bytes([groups[1]]) == 2 * 10 * 4 * 4  # two float32 moments per weight
+    small = SparseDenseAdam(groups, lr=0.1)  # auto, the default
+    assert small.sparse_rule == "adam"
+    assert isinstance(small.inner[1], torch.optim.SparseAdam)
+
+    model, groups = model_and_groups()
+    limit = 300 / 1e9  # 300 bytes: under the table's 320, over the dense layer's 40
+    with caplog.at_level("INFO", logger="towers.model.optim"):
+        large = SparseDenseAdam(groups, lr=0.1, adam_state_limit_gb=limit)
+    assert large.sparse_rule == "rowwise_adagrad"
+    assert isinstance(large.inner[1], RowwiseAdagrad)
+    assert isinstance(large.inner[0], torch.optim.Adam)  # the dense weights keep Adam
+    assert large.inner[1].param_groups[0]["lr"] == ROWWISE_LR
+    assert "row-wise Adagrad" in caplog.text and "sparse_rule=adam" in caplog.text
+    before = model["emb"].weight.detach().clone()
+    step(model, large)
+    changed = (model["emb"].weight.detach() != before).any(dim=1)
+    assert changed.tolist() == [i in (1, 3) for i in range(10)]
+
+    _, groups = model_and_groups()
+    kept = SparseDenseAdam(groups, lr=0.1, sparse_rule="adam", adam_state_limit_gb=limit)
+    assert kept.sparse_rule == "adam"  # an explicit rule is never overridden
+    _, groups = model_and_groups()
+    tuned = SparseDenseAdam(groups, lr=0.1, sparse_lr=0.02, adam_state_limit_gb=limit)
+    assert tuned.inner[1].param_groups[0]["lr"] == 0.02

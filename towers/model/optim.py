@@ -6,18 +6,31 @@ so Lightning, LR schedulers and checkpoints see a single optimiser. Groups flagg
 ``sparse=True`` (the module flags its sparse embedding tables) go to ``SparseAdam``, or,
 with ``sparse_rule="rowwise_adagrad"``, to :class:`RowwiseAdagrad`: one accumulator per
 embedding row instead of Adam's two moments per weight, the rule TorchRec and FBGEMM use
-for tables too large for per-weight optimiser state.
+for tables too large for per-weight optimiser state. ``sparse_rule="auto"`` (the default)
+takes lazy Adam while its two moments for the sparse tables stay within
+``adam_state_limit_gb`` and row-wise Adagrad past it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Adam, Optimizer, SparseAdam
 
-SPARSE_RULES = ("adam", "rowwise_adagrad")
+SPARSE_RULES = ("auto", "adam", "rowwise_adagrad")
+# "auto" keeps lazy Adam while its two moments for the id tables take at most this much:
+# MovieLens' and the 10M-event ladder rung's tables are a few MB to 0.3 GB; the 100M rung's
+# 5M + 1M rows of 64 would take 3 GB (docs/scaling.md)
+ADAM_STATE_LIMIT_GB = 1.0
+# row-wise Adagrad's step size when sparse_lr is not set: its steps are divided by the
+# root of the row's accumulated squared gradient, so Adam's lr (0.003) would barely move
+# a row; 0.1 trains the default main job to lazy Adam's quality (docs/training.md)
+ROWWISE_LR = 0.1
+
+log = logging.getLogger(__name__)
 
 
 class RowwiseAdagrad(Optimizer):
@@ -63,12 +76,20 @@ class RowwiseAdagrad(Optimizer):
         return loss
 
 
+def adam_state_bytes(groups: Iterable[dict[str, Any]]) -> int:
+    """Bytes of Adam's two moments (one of each per weight) for the parameters of ``groups``."""
+    return sum(2 * p.numel() * p.element_size() for g in groups for p in g["params"])
+
+
 class SparseDenseAdam(Optimizer):
     """Lazy Adam (``SparseAdam``) on sparse groups, Adam on the rest, sharing the groups.
 
     ``sparse_rule="rowwise_adagrad"`` runs :class:`RowwiseAdagrad` on the sparse groups
-    instead, at ``sparse_lr`` (default ``lr``): its state for an embedding table of
-    dimension ``d`` is ``1 / (2 d)`` of Adam's (see docs/scaling.md)."""
+    instead, at ``sparse_lr`` (default :data:`ROWWISE_LR`): its state for an embedding
+    table of dimension ``d`` is ``1 / (2 d)`` of Adam's. ``"auto"`` (the default) takes
+    lazy Adam while Adam's state for the sparse groups stays within
+    ``adam_state_limit_gb``, row-wise Adagrad past it (logged); :attr:`sparse_rule` is the
+    rule taken (see docs/scaling.md)."""
 
     def __init__(
         self,
@@ -77,14 +98,28 @@ class SparseDenseAdam(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         fused: bool | None = None,
-        sparse_rule: str = "adam",
+        sparse_rule: str = "auto",
         sparse_lr: float | None = None,
+        adam_state_limit_gb: float = ADAM_STATE_LIMIT_GB,
     ) -> None:
         if sparse_rule not in SPARSE_RULES:
             raise ValueError(f"sparse_rule must be one of {SPARSE_RULES}, got {sparse_rule!r}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "sparse": False})
         dense = [g for g in self.param_groups if not g["sparse"]]
         sparse = [g for g in self.param_groups if g["sparse"]]
+        if sparse_rule == "auto":
+            state = adam_state_bytes(sparse)
+            sparse_rule = "adam" if state <= adam_state_limit_gb * 1e9 else "rowwise_adagrad"
+            if sparse_rule != "adam":
+                log.info(
+                    "Adam's moments for the id tables would take %.2f GB (over "
+                    "adam_state_limit_gb=%g): they train with row-wise Adagrad at "
+                    "sparse_lr %g instead (+model.optimizer.sparse_rule=adam keeps Adam)",
+                    state / 1e9,
+                    adam_state_limit_gb,
+                    ROWWISE_LR if sparse_lr is None else sparse_lr,
+                )
+        self.sparse_rule = sparse_rule
         # The inner optimisers hold the very same group dicts, so schedulers that change
         # ``lr`` here change it there.
         self._dense = Adam(dense, lr=lr, betas=betas, eps=eps, fused=fused) if dense else None
@@ -92,9 +127,10 @@ class SparseDenseAdam(Optimizer):
         if sparse and sparse_rule == "adam":
             self._sparse = SparseAdam(sparse, lr=lr, betas=betas, eps=eps)
         elif sparse:
+            rowwise_lr = ROWWISE_LR if sparse_lr is None else sparse_lr
             for group in sparse:
-                group["lr"] = lr if sparse_lr is None else sparse_lr
-            self._sparse = RowwiseAdagrad(sparse, lr=lr if sparse_lr is None else sparse_lr)
+                group["lr"] = rowwise_lr
+            self._sparse = RowwiseAdagrad(sparse, lr=rowwise_lr)
         positions = {"dense": 0, "sparse": 0}
         self._layout: list[tuple[str, int]] = []
         for group in self.param_groups:
