@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -37,6 +38,9 @@ COLUMNS = [
     "full_ndcg@20",
     "warm_ndcg@20",
     "warm_minus_full_ndcg@20",
+    "warm_minus_full_95%",
+    "full_b_minus_full_ndcg@20",
+    "full_b_minus_full_95%",
     "stale_ndcg@20",
     "popularity_ndcg@20",
     "full_recall@20",
@@ -46,6 +50,40 @@ COLUMNS = [
     "warm_s",
     "warm_over_full",
 ]
+
+
+def interval_cell(row: dict[str, Any], model: str) -> str:
+    """``[low, high]`` of a gap's 95% interval, for the table ('' where not measured)."""
+    low, high = row.get(f"{model}_minus_full_low"), row.get(f"{model}_minus_full_high")
+    return "" if low is None or high is None else f"[{low:+.3f}, {high:+.3f}]"
+
+
+def verdict(name: str, total: dict[str, Any], settings: ContinuousSettings) -> str:
+    """One dataset's summary, in words."""
+    met = "met" if total["target_met"] else "missed"
+    text = (
+        f"**{name}**: warm - full NDCG@20 {total['mean_gap']:+.4f} on average, "
+        f"{total['worst_gap']:+.4f} at worst over {total['steps']} updates (target: every "
+        f"update within {settings.target_ndcg_gap}; {met})"
+    )
+    if "pooled_gap" in total:
+        gap, low, high = total["pooled_gap"]
+        above = "above" if total["pooled_above_target"] else "not above"
+        text += (
+            f"; over all the updates' users {gap:+.4f}, 95% interval [{low:+.4f}, "
+            f"{high:+.4f}] ({above} -{settings.target_ndcg_gap})"
+        )
+    if "full_b_pooled_gap" in total:
+        gap, low, high = total["full_b_pooled_gap"]
+        text += (
+            f". A second full retrain (seed + 1) is {total['full_b_mean_abs_gap']:.4f} from "
+            f"the first on average and {total['full_b_worst_abs_gap']:.4f} at worst "
+            f"(pooled {gap:+.4f}, [{low:+.4f}, {high:+.4f}])"
+        )
+    return text + (
+        f". The warm updates took {total['warm_s']:.0f} s against the full retrains' "
+        f"{total['full_s']:.0f} s ({total['mean_warm_over_full']:.2f}x on average per step)."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(ContinuousSettings)}
     )
     rows = []
+    pooled = {}
     for name in args.datasets.split(","):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose(
@@ -92,8 +131,12 @@ def main(argv: list[str] | None = None) -> None:
                     *args.overrides,
                 ],
             )
-        rows += replay(name, cfg, settings, args.workdir / name)
-    totals = summary(rows, settings)
+        dataset_rows, pooled[name] = replay(name, cfg, settings, args.workdir / name)
+        rows += dataset_rows
+    totals = summary(rows, settings, pooled)
+    for row in rows:
+        for model in ("warm", "full_b"):
+            row[f"{model}_minus_full_95%"] = interval_cell(row, model)
     command = (
         "twotower bench continuous"
         + (f" --threads {args.threads}" if args.threads != 1 else "")
@@ -106,16 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.datasets != ",".join(DATASETS):
         command += f" --datasets {args.datasets}"
     command += "".join(f" {override}" for override in args.overrides)
-    verdicts = []
-    for name, total in totals.items():
-        met = "met" if total["target_met"] else "missed"
-        verdicts.append(
-            f"**{name}**: warm - full NDCG@20 {total['mean_gap']:+.4f} on average, "
-            f"{total['worst_gap']:+.4f} at worst over {total['steps']} updates (target: "
-            f"within {settings.target_ndcg_gap}; {met}); the warm updates took "
-            f"{total['warm_s']:.0f} s against the full retrains' {total['full_s']:.0f} s "
-            f"({total['mean_warm_over_full']:.2f}x on average per step)."
-        )
+    verdicts = [verdict(name, total, settings) for name, total in totals.items()]
     write_report(
         args.out,
         "Continuous retraining: warm-start updates vs full retrains",
@@ -129,14 +163,17 @@ def main(argv: list[str] | None = None) -> None:
         "stopping on validation, then refit on all data up to the cut, as the presets do) "
         "are scored on the **next** slice: its users, every item a candidate, each user's "
         "earlier items excluded (EVALUATION.md metrics). `stale` is the previous step's warm "
-        "model without the update; `popularity` counts the events up to the cut. Step 0 is "
-        "the first model (full only). Both models use the dataset's preset with "
+        "model without the update; `popularity` counts the events up to the cut; `full_b` "
+        "is a second full retrain from seed + 1, how far two full retrains are apart on the "
+        "same slice. Gaps are per-user NDCG@20 differences averaged over the slice's users, "
+        f"with a 95% interval (BCa bootstrap over the users, {settings.resamples} draws). "
+        "Step 0 is the first model (full only). All models use the dataset's preset with "
         f"`model.ensemble={settings.ensemble}`; times are wall seconds on this machine "
         f"(shared with other jobs, so noisy), measured in one run. Command: `{command}`.",
         {**dataclasses.asdict(settings), "threads": args.threads},
         rows,
         COLUMNS,
-        " ".join(verdicts),
+        "\n\n".join(verdicts),
     )
     report = args.out.with_suffix(".json")
     payload = json.loads(report.read_text())

@@ -32,15 +32,15 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from scipy.stats import bootstrap
 
 from towers.data.eval_sets import build_eval_set
 from towers.data.prepare import PreparedData, prepare_data
 from towers.data.schema import TIMESTAMP, USER_ID, RawData
 from towers.data.sources import load_data
 from towers.data.split import Split, prepare_interactions, recent_window, temporal_holdout
-from towers.evaluation.callback import evaluate_module
-from towers.evaluation.ranking import evaluate_popularity
-from towers.model.module import TwoTowerModule
+from towers.evaluation.ranking import dot_scores, evaluate_popularity, scores_by_user
+from towers.model.module import TwoTowerModule, embed
 from towers.pipeline import feature_settings, fit_and_select, train_for_epochs
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,12 @@ class ContinuousSettings:
     # within minutes on two CPU cores)
     ensemble: int = 1
     target_ndcg_gap: float = 0.01
+    # 1: at each update also retrain in full from seed + 1, how far two full retrains
+    # are apart on the same slice (the noise a gap is judged against); 0: skip it
+    second_full: int = 1
+    # resamples of the users of a slice for the 95% interval of a gap (scipy's BCa
+    # bootstrap of the mean per-user difference)
+    resamples: int = 2000
 
 
 @dataclass
@@ -100,16 +106,45 @@ def split_for(known: pd.DataFrame, next_events: pd.DataFrame, cfg: DictConfig) -
 
 def score_next(
     module: TwoTowerModule, raw: RawData, known: pd.DataFrame, next_events: pd.DataFrame
-) -> dict[str, float]:
+) -> tuple[dict[str, float], pd.Series]:
     """The model's metrics on the next slice (users of the slice, histories and exclusions
-    from ``known``, the model's own encoders), and popularity's (``popularity/...``)."""
+    from ``known``, the model's own encoders) with popularity's (``popularity/...``), and
+    each user's NDCG@20 (indexed by user id, for paired gaps)."""
     encoders = module.feature_encoders
     assert encoders is not None
     catalogue = raw.items.reset_index(drop=True)
     eval_set = build_eval_set(known, next_events, catalogue, raw.users, encoders)
-    metrics = evaluate_module(module, encoders.item_inputs(catalogue), eval_set, KS)
+    module = module.cpu().eval()
+    item_vectors = embed(module.model.item_tower, encoders.item_inputs(catalogue))
+    user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
+    users, values = scores_by_user(
+        dot_scores(user_vectors, item_vectors), len(item_vectors), eval_set, KS
+    )
+    metrics = {name: float(np.mean(per_user)) for name, per_user in values.items()}
     metrics.update(evaluate_popularity(eval_set, KS, "popularity/"))
-    return metrics
+    return metrics, pd.Series(values["ndcg@20"], index=pd.Index(users, name=USER_ID))
+
+
+def mean_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of ``values`` (per-user differences) and its 95% interval: scipy's BCa
+    bootstrap over the users, ``resamples`` draws, seeded."""
+    if len(values) < 2 or np.all(values == values[0]):  # no spread to resample
+        mean = float(values.mean()) if len(values) else float("nan")
+        return mean, mean, mean
+    interval = bootstrap(
+        (values,),
+        np.mean,
+        n_resamples=resamples,
+        confidence_level=0.95,
+        method="BCa",
+        random_state=np.random.default_rng(seed),
+    ).confidence_interval
+    return float(values.mean()), float(interval.low), float(interval.high)
+
+
+def user_differences(a: pd.Series, b: pd.Series) -> np.ndarray:
+    """Per-user ``a - b`` over the users both models scored (aligned by user id)."""
+    return (a - b).dropna().to_numpy()
 
 
 def prepared(raw: RawData, split: Split, cfg: DictConfig, fit_on: str) -> PreparedData:
@@ -161,12 +196,15 @@ def timed(function: Any, *args: Any) -> tuple[Any, float]:
 
 def replay(
     name: str, cfg: DictConfig, settings: ContinuousSettings, workdir: Path
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, tuple[float, float, float]]]:
     """The whole replay on the data of ``cfg``: one row per step (step 0 is the first
-    model, trained in full and scored on the first next slice)."""
+    model, trained in full and scored on the first next slice), and the gaps to the
+    full retrain over every update's users pooled (``warm``, ``full_b``: the mean
+    per-user NDCG@20 difference and its 95% interval)."""
     raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
     slices = make_slices(raw, cfg, settings)
     rows: list[dict[str, Any]] = []
+    gaps: dict[str, list[np.ndarray]] = {"warm": [], "full_b": []}
     warm_checkpoint: Path | None = None
     warm_module: TwoTowerModule | None = None
     for step in range(settings.steps + 1):
@@ -210,31 +248,55 @@ def replay(
             )
             scores["warm"] = score_next(warm_module, raw, known, next_events)
             row.update(warm_s=warm_s, warm_over_full=warm_s / full_s)
+            if settings.second_full:
+                second_cfg = OmegaConf.merge(cfg, {"seed": int(cfg.seed) + 1})
+                (second, _, _), row["full_b_s"] = timed(
+                    full_retrain, second_cfg, raw, split, workdir / f"step{step}" / "full_b"
+                )
+                scores["full_b"] = score_next(second, raw, known, next_events)
         else:  # the first model: the warm chain starts from it
             warm_module, warm_checkpoint = full, full_checkpoint
-        for model, metrics in scores.items():
+        for model, (metrics, _) in scores.items():
             for k in KS:
                 for metric in ("recall", "ndcg"):
                     row[f"{model}_{metric}@{k}"] = metrics[f"{metric}@{k}"]
         for k in KS:
-            row[f"popularity_ndcg@{k}"] = scores["full"][f"popularity/ndcg@{k}"]
-        if "warm" in scores:
-            row["warm_minus_full_ndcg@20"] = row["warm_ndcg@20"] - row["full_ndcg@20"]
+            row[f"popularity_ndcg@{k}"] = scores["full"][0][f"popularity/ndcg@{k}"]
+        per_user = {model: users for model, (_, users) in scores.items()}
+        for model in ("warm", "full_b"):
+            if model in per_user:
+                differences = user_differences(per_user[model], per_user["full"])
+                gap, low, high = mean_interval(differences, settings.resamples, seed=step)
+                row[f"{model}_minus_full_ndcg@20"] = gap
+                row[f"{model}_minus_full_low"], row[f"{model}_minus_full_high"] = low, high
+                gaps[model].append(differences)
         log.info("%s", {k: v for k, v in row.items() if not k.endswith(("@10", "@50"))})
         rows.append(row)
-    return rows
+    pooled = {
+        model: mean_interval(np.concatenate(differences), settings.resamples)
+        for model, differences in gaps.items()
+        if differences
+    }
+    return rows, pooled
 
 
-def summary(rows: Sequence[dict[str, Any]], settings: ContinuousSettings) -> dict[str, Any]:
+def summary(
+    rows: Sequence[dict[str, Any]],
+    settings: ContinuousSettings,
+    pooled: dict[str, dict[str, tuple[float, float, float]]],
+) -> dict[str, Any]:
     """Per dataset: the mean and the worst warm - full NDCG@20 gap over the update steps,
-    the mean time ratio, and whether the target (gap within ``target_ndcg_gap``) holds."""
+    the mean time ratio, whether the target (every gap within ``target_ndcg_gap``) holds;
+    from ``pooled`` (:func:`replay`'s second result, by dataset), the gap over every
+    update's users with its 95% interval and whether that interval lies above
+    ``-target_ndcg_gap``; with a second full retrain, how far it is from the first."""
     out: dict[str, Any] = {}
     for name in dict.fromkeys(row["dataset"] for row in rows):
         updates = [r for r in rows if r["dataset"] == name and "warm_s" in r]
         if not updates:
             continue
         gaps = [r["warm_minus_full_ndcg@20"] for r in updates]
-        out[name] = {
+        total: dict[str, Any] = {
             "steps": len(updates),
             "mean_gap": float(np.mean(gaps)),
             "worst_gap": float(min(gaps)),
@@ -243,4 +305,14 @@ def summary(rows: Sequence[dict[str, Any]], settings: ContinuousSettings) -> dic
             "full_s": float(np.sum([r["full_s"] for r in updates])),
             "target_met": all(g >= -settings.target_ndcg_gap for g in gaps),
         }
+        by_model = pooled.get(name, {})
+        if "warm" in by_model:
+            total["pooled_gap"] = list(by_model["warm"])
+            total["pooled_above_target"] = by_model["warm"][1] >= -settings.target_ndcg_gap
+        if "full_b" in by_model:
+            seconds = [abs(r["full_b_minus_full_ndcg@20"]) for r in updates]
+            total["full_b_pooled_gap"] = list(by_model["full_b"])
+            total["full_b_mean_abs_gap"] = float(np.mean(seconds))
+            total["full_b_worst_abs_gap"] = float(max(seconds))
+        out[name] = total
     return out

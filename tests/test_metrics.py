@@ -6,11 +6,14 @@ import math
 
 import numpy as np
 
-from towers.evaluation.metrics import ranking_metrics
+from towers.data.eval_sets import EvalSet
+from towers.evaluation.metrics import ranking_metrics, user_metrics
 from towers.evaluation.ranking import (
     BYTES_PER_CELL,
     SCORE_BUDGET_BYTES,
     chunk_users,
+    evaluate_scores,
+    scores_by_user,
     top_k_excluding,
 )
 
@@ -112,3 +115,46 @@ def test_evaluation_gives_the_same_lists_whatever_the_chunk() -> None:
         for size in (1, 7, 1024)
     ]
     assert all(np.array_equal(lists[0], other) for other in lists[1:])
+
+
+def test_each_users_metrics_average_to_the_metrics_and_match_brute_force() -> None:
+    rng = np.random.default_rng(4)
+    n_users, n_items = 25, 80
+    top = np.stack([rng.permutation(n_items)[:20] for _ in range(n_users)])
+    targets = [set(rng.choice(n_items, int(rng.integers(0, 6)), replace=False)) for _ in top]
+    targets[0] = {int(top[0, 0])}
+    users = np.array([u for u, t in enumerate(targets) for _ in t])
+    items = np.array([i for t in targets for i in t])
+    scored, values = user_metrics(top, users, items, n_items, ks=(20,))
+    assert scored.tolist() == [u for u, t in enumerate(targets) if t]
+    means = ranking_metrics(top, users, items, n_items, ks=(20,))
+    for name, per_user in values.items():
+        assert len(per_user) == len(scored)
+        assert float(np.mean(per_user)) == means[name], name  # to the bit
+    for position, user in enumerate(scored):
+        one = reference(top[user : user + 1], [targets[user]], 20, n_items)
+        assert math.isclose(values["ndcg@20"][position], one["ndcg@20"], rel_tol=1e-12)
+
+
+def test_scores_by_user_names_the_users_and_agrees_with_the_evaluation() -> None:
+    rng = np.random.default_rng(5)
+    n_users, n_items = 12, 40
+    scores = rng.normal(size=(n_users, n_items)).astype(np.float32)
+    eval_set = EvalSet(
+        user_ids=np.array([f"u{i}" for i in range(n_users)], dtype=object),
+        user_inputs={},
+        exclude_users=np.repeat(np.arange(n_users), 2),
+        exclude_items=rng.integers(0, n_items, 2 * n_users),
+        target_users=np.array([0, 0, 3, 7, 11]),
+        target_items=np.array([1, 2, 5, 9, 30]),
+        popularity=np.zeros(n_items),
+    )
+
+    def chunk(lo: int, hi: int) -> np.ndarray:
+        return scores[lo:hi]
+
+    user_ids, values = scores_by_user(chunk, n_items, eval_set, (10, 20))
+    assert user_ids.tolist() == ["u0", "u3", "u7", "u11"]
+    metrics = evaluate_scores(chunk, n_items, eval_set, (10, 20), "")
+    for name, per_user in values.items():
+        assert float(np.mean(per_user)) == metrics[name], name

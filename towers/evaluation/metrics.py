@@ -60,6 +60,37 @@ class MetricSums:
         return metrics
 
 
+def user_metrics(
+    top_items: np.ndarray,
+    target_users: np.ndarray,
+    target_items: np.ndarray,
+    n_items: int,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Each user's metrics: the positions of the users that have targets (in order), and
+    their ``recall@K``, ``ndcg@K``, ``precision@K`` and ``hitrate@K``, one value per user
+    (what :func:`ranking_sums` sums; see :func:`ranking_metrics` for the arguments)."""
+    n_users = top_items.shape[0]
+    if top_items.shape[1] < max(ks):
+        raise ValueError(f"need top-{max(ks)} lists, got {top_items.shape[1]} columns")
+    n_targets = np.bincount(target_users, minlength=n_users)
+    scored = np.flatnonzero(n_targets > 0)
+    hits = hit_matrix(top_items, target_users, target_items, n_items)[scored]
+    n_targets = n_targets[scored]
+    discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
+    values: dict[str, np.ndarray] = {}
+    for k in ks:
+        hits_k = hits[:, :k]
+        n_hits = hits_k.sum(axis=1)
+        ideal = np.minimum(k, n_targets)
+        idcg = np.cumsum(discounts[:k])[ideal - 1]
+        values[f"recall@{k}"] = n_hits / ideal
+        values[f"ndcg@{k}"] = (hits_k * discounts[:k]).sum(axis=1) / idcg
+        values[f"precision@{k}"] = n_hits / k
+        values[f"hitrate@{k}"] = n_hits > 0
+    return scored, values
+
+
 def ranking_sums(
     top_items: np.ndarray,
     target_users: np.ndarray,
@@ -68,25 +99,11 @@ def ranking_sums(
     ks: Sequence[int] = DEFAULT_KS,
 ) -> MetricSums:
     """Per-user metric sums over the users that have targets (see :func:`ranking_metrics`)."""
-    n_users = top_items.shape[0]
-    if top_items.shape[1] < max(ks):
-        raise ValueError(f"need top-{max(ks)} lists, got {top_items.shape[1]} columns")
-    n_targets = np.bincount(target_users, minlength=n_users)
-    scored = n_targets > 0
-    hits = hit_matrix(top_items, target_users, target_items, n_items)[scored]
-    n_targets = n_targets[scored]
-    discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
-    out = MetricSums(tuple(ks), n_items, users=int(scored.sum()))
+    scored, values = user_metrics(top_items, target_users, target_items, n_items, ks)
+    # np.sum(x) / n is np.mean(x) to the bit: one piece gives the plain means
+    out = MetricSums(tuple(ks), n_items, users=len(scored))
+    out.sums = {name: float(np.sum(per_user)) for name, per_user in values.items()}
     for k in ks:
-        hits_k = hits[:, :k]
-        n_hits = hits_k.sum(axis=1)
-        ideal = np.minimum(k, n_targets)
-        idcg = np.cumsum(discounts[:k])[ideal - 1]
-        # np.sum(x) / n is np.mean(x) to the bit: one piece gives the plain means
-        out.sums[f"recall@{k}"] = float(np.sum(n_hits / ideal))
-        out.sums[f"ndcg@{k}"] = float(np.sum((hits_k * discounts[:k]).sum(axis=1) / idcg))
-        out.sums[f"precision@{k}"] = float(np.sum(n_hits / k))
-        out.sums[f"hitrate@{k}"] = float(np.sum(n_hits > 0))
         listed = top_items[scored, :k]
         mask = np.zeros(n_items, dtype=bool)
         mask[listed[listed >= 0]] = True

@@ -8,7 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from towers.data.eval_sets import EvalSet, EvalSource
-from towers.evaluation.metrics import DEFAULT_KS, MetricSums, ranking_sums
+from towers.evaluation.metrics import DEFAULT_KS, MetricSums, ranking_sums, user_metrics
 
 ScoreFn = Callable[[int, int], np.ndarray]
 Scorer = Callable[[EvalSet], ScoreFn]  # the scores of a piece of users, for evaluate_stream
@@ -102,20 +102,37 @@ def evaluate_scores(
     return score_sums(score_chunk, n_items, eval_set, ks).means(prefix)
 
 
-def score_sums(
-    score_chunk: ScoreFn, n_items: int, eval_set: EvalSet, ks: Sequence[int]
-) -> MetricSums:
-    """Rank with exclusions; the per-user metric sums of EVALUATION.md."""
-    top = top_k_excluding(
+def rank_excluding(score_chunk: ScoreFn, n_items: int, eval_set: EvalSet, k: int) -> np.ndarray:
+    """The (users, k) top catalogue rows of ``eval_set``'s users, their known items
+    excluded, as EVALUATION.md ranks."""
+    return top_k_excluding(
         score_chunk,
         eval_set.n_users,
-        max(ks),
+        k,
         eval_set.exclude_users,
         eval_set.exclude_items,
         chunk_size=chunk_users(n_items),
         unavailable_items=eval_set.unavailable_items,
     )
+
+
+def score_sums(
+    score_chunk: ScoreFn, n_items: int, eval_set: EvalSet, ks: Sequence[int]
+) -> MetricSums:
+    """Rank with exclusions; the per-user metric sums of EVALUATION.md."""
+    top = rank_excluding(score_chunk, n_items, eval_set, max(ks))
     return ranking_sums(top, eval_set.target_users, eval_set.target_items, n_items, ks)
+
+
+def scores_by_user(
+    score_chunk: ScoreFn, n_items: int, eval_set: EvalSet, ks: Sequence[int]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rank with exclusions; the ids of the users with targets and each one's metrics of
+    EVALUATION.md (``recall@K``, ``ndcg@K``, ...), for paired comparisons of two models
+    on the same users. Their means are the metrics of :func:`evaluate_scores`."""
+    top = rank_excluding(score_chunk, n_items, eval_set, max(ks))
+    scored, values = user_metrics(top, eval_set.target_users, eval_set.target_items, n_items, ks)
+    return eval_set.user_ids[scored], values
 
 
 def evaluate_stream(

@@ -1,0 +1,82 @@
+"""The continuous-retraining benchmark's statistics: paired per-user gaps, their
+bootstrap intervals and the per-dataset summary (the replay itself needs MovieLens and
+tens of minutes: ``twotower bench continuous``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.bench_continuous import interval_cell, verdict
+from benchmarks.continuous import (
+    ContinuousSettings,
+    mean_interval,
+    summary,
+    user_differences,
+)
+
+
+def test_differences_pair_users_by_id_and_drop_users_only_one_model_scored() -> None:
+    warm = pd.Series([0.5, 0.2, 1.0], index=["a", "b", "c"])
+    full = pd.Series([0.1, 0.4, 0.3], index=["c", "a", "d"])
+    differences = dict(zip(["a", "c"], user_differences(warm, full).tolist(), strict=True))
+    assert differences == pytest.approx({"a": 0.1, "c": 0.9})
+
+
+def test_interval_holds_the_mean_narrows_with_more_users_and_is_seeded() -> None:
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(0.02, 0.1, 40), rng.normal(0.02, 0.1, 4000)
+    mean, low, high = mean_interval(few, 500)
+    assert low < mean < high and mean == pytest.approx(few.mean())
+    _, many_low, many_high = mean_interval(many, 500)
+    assert many_high - many_low < (high - low) / 5  # about 1/sqrt(100) as wide
+    assert many_low < 0.02 < many_high
+    assert mean_interval(few, 500, seed=3) == mean_interval(few, 500, seed=3)
+
+
+def test_interval_of_values_without_spread_is_the_value_itself() -> None:
+    assert mean_interval(np.zeros(5), 100) == (0.0, 0.0, 0.0)
+    assert mean_interval(np.array([0.3]), 100) == (0.3, 0.3, 0.3)
+    assert all(np.isnan(mean_interval(np.array([]), 100)))
+
+
+def update(step: int, gap: float, second: float) -> dict[str, object]:
+    return {
+        "dataset": "d",
+        "step": step,
+        "warm_minus_full_ndcg@20": gap,
+        "full_b_minus_full_ndcg@20": second,
+        "warm_minus_full_low": gap - 0.02,
+        "warm_minus_full_high": gap + 0.02,
+        "warm_s": 10.0,
+        "full_s": 100.0,
+        "warm_over_full": 0.1,
+    }
+
+
+def test_summary_judges_every_step_and_the_pooled_interval() -> None:
+    settings = ContinuousSettings(target_ndcg_gap=0.01)
+    rows = [{"dataset": "d", "step": 0}, update(1, -0.005, 0.02), update(2, -0.015, -0.01)]
+    pooled = {"d": {"warm": (-0.01, -0.03, 0.01), "full_b": (0.005, -0.01, 0.02)}}
+    total = summary(rows, settings, pooled)["d"]
+    assert total["steps"] == 2 and total["worst_gap"] == -0.015
+    assert total["mean_gap"] == pytest.approx(-0.01)
+    assert not total["target_met"]  # step 2 is 0.015 behind
+    assert total["pooled_gap"] == [-0.01, -0.03, 0.01]
+    assert not total["pooled_above_target"]  # its interval reaches -0.03
+    assert total["full_b_mean_abs_gap"] == pytest.approx(0.015)
+    assert total["full_b_worst_abs_gap"] == pytest.approx(0.02)
+    assert total["warm_s"] == 20.0 and total["full_s"] == 200.0
+    text = verdict("d", total, settings)
+    assert "missed" in text and "[-0.0300, +0.0100] (not above -0.01)" in text
+    assert "0.0150 from the first on average" in text
+
+    met = summary([update(1, 0.0, 0.0)], settings, {"d": {"warm": (0.0, -0.005, 0.005)}})["d"]
+    assert met["target_met"] and met["pooled_above_target"] and "full_b_mean_abs_gap" not in met
+    assert "met" in verdict("d", met, settings)
+
+
+def test_interval_cells_are_blank_where_a_model_was_not_trained() -> None:
+    assert interval_cell(update(1, 0.01, 0.0), "warm") == "[-0.010, +0.030]"
+    assert interval_cell({"step": 0}, "warm") == ""
