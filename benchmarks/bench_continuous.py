@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(ContinuousSettings)}
     )
     rows = []
-    pooled = {}
+    pooled: dict[str, dict[str, tuple[float, float, float]]] = {}
     for name in args.datasets.split(","):
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose(
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
         "model without the update; `popularity` counts the events up to the cut; `full_b` "
         "is a second full retrain from seed + 1, how far two full retrains are apart on the "
         "same slice. Gaps are per-user NDCG@20 differences averaged over the slice's users, "
-        f"with a 95% interval (BCa bootstrap over the users, {settings.resamples} draws). "
+        f"with a 95% interval (BCa bootstrap over the users, {settings.resamples} draws: it "
+        "covers which users are in the slice, not the training's randomness, which `full_b` "
+        "shows). "
         "Step 0 is the first model (full only). All models use the dataset's preset with "
         f"`model.ensemble={settings.ensemble}`; times are wall seconds on this machine "
         f"(shared with other jobs, so noisy), measured in one run. Command: `{command}`.",

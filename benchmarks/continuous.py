@@ -39,8 +39,9 @@ from towers.data.prepare import PreparedData, prepare_data
 from towers.data.schema import TIMESTAMP, USER_ID, RawData
 from towers.data.sources import load_data
 from towers.data.split import Split, prepare_interactions, recent_window, temporal_holdout
-from towers.evaluation.ranking import dot_scores, evaluate_popularity, scores_by_user
-from towers.model.module import TwoTowerModule, embed
+from towers.evaluation.callback import module_scores_by_user
+from towers.evaluation.ranking import evaluate_popularity
+from towers.model.module import TwoTowerModule
 from towers.pipeline import feature_settings, fit_and_select, train_for_epochs
 
 log = logging.getLogger(__name__)
@@ -114,12 +115,7 @@ def score_next(
     assert encoders is not None
     catalogue = raw.items.reset_index(drop=True)
     eval_set = build_eval_set(known, next_events, catalogue, raw.users, encoders)
-    module = module.cpu().eval()
-    item_vectors = embed(module.model.item_tower, encoders.item_inputs(catalogue))
-    user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
-    users, values = scores_by_user(
-        dot_scores(user_vectors, item_vectors), len(item_vectors), eval_set, KS
-    )
+    users, values = module_scores_by_user(module, encoders.item_inputs(catalogue), eval_set, KS)
     metrics = {name: float(np.mean(per_user)) for name, per_user in values.items()}
     metrics.update(evaluate_popularity(eval_set, KS, "popularity/"))
     return metrics, pd.Series(values["ndcg@20"], index=pd.Index(users, name=USER_ID))
@@ -143,8 +139,14 @@ def mean_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[fl
 
 
 def user_differences(a: pd.Series, b: pd.Series) -> np.ndarray:
-    """Per-user ``a - b`` over the users both models scored (aligned by user id)."""
-    return (a - b).dropna().to_numpy()
+    """Per-user ``a - b``, aligned by user id: both models scored the same users (the
+    slice's users with a target), anything else is an error."""
+    if not a.index.sort_values().equals(b.index.sort_values()):
+        raise ValueError(
+            f"the two models scored different users ({len(a)} and {len(b)}): "
+            "their evaluation sets should hold the same slice"
+        )
+    return (a - b.reindex(a.index)).to_numpy()
 
 
 def prepared(raw: RawData, split: Split, cfg: DictConfig, fit_on: str) -> PreparedData:

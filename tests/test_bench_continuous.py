@@ -17,11 +17,13 @@ from benchmarks.continuous import (
 )
 
 
-def test_differences_pair_users_by_id_and_drop_users_only_one_model_scored() -> None:
+def test_differences_pair_users_by_id_and_refuse_different_users() -> None:
     warm = pd.Series([0.5, 0.2, 1.0], index=["a", "b", "c"])
-    full = pd.Series([0.1, 0.4, 0.3], index=["c", "a", "d"])
-    differences = dict(zip(["a", "c"], user_differences(warm, full).tolist(), strict=True))
-    assert differences == pytest.approx({"a": 0.1, "c": 0.9})
+    full = pd.Series([0.1, 0.4, 0.3], index=["c", "a", "b"])
+    differences = dict(zip(warm.index, user_differences(warm, full).tolist(), strict=True))
+    assert differences == pytest.approx({"a": 0.1, "b": -0.1, "c": 0.9})
+    with pytest.raises(ValueError, match="different users"):
+        user_differences(warm, pd.Series([0.1, 0.4, 0.3], index=["c", "a", "d"]))
 
 
 def test_interval_holds_the_mean_narrows_with_more_users_and_is_seeded() -> None:
@@ -69,12 +71,12 @@ def test_summary_judges_every_step_and_the_pooled_interval() -> None:
     assert total["full_b_worst_abs_gap"] == pytest.approx(0.02)
     assert total["warm_s"] == 20.0 and total["full_s"] == 200.0
     text = verdict("d", total, settings)
-    assert "missed" in text and "[-0.0300, +0.0100] (not above -0.01)" in text
+    assert "; missed)" in text and "[-0.0300, +0.0100] (not above -0.01)" in text
     assert "0.0150 from the first on average" in text
 
     met = summary([update(1, 0.0, 0.0)], settings, {"d": {"warm": (0.0, -0.005, 0.005)}})["d"]
     assert met["target_met"] and met["pooled_above_target"] and "full_b_mean_abs_gap" not in met
-    assert "met" in verdict("d", met, settings)
+    assert "; met)" in verdict("d", met, settings)
 
 
 def test_interval_cells_are_blank_where_a_model_was_not_trained() -> None:

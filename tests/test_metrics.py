@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from towers.data.eval_sets import EvalSet
-from towers.evaluation.metrics import ranking_metrics, user_metrics
+from towers.evaluation.metrics import ranking_metrics, ranking_sums, user_metrics
 from towers.evaluation.ranking import (
     BYTES_PER_CELL,
     SCORE_BUDGET_BYTES,
@@ -158,3 +158,36 @@ def test_scores_by_user_names_the_users_and_agrees_with_the_evaluation() -> None
     metrics = evaluate_scores(chunk, n_items, eval_set, (10, 20), "")
     for name, per_user in values.items():
         assert float(np.mean(per_user)) == metrics[name], name
+
+
+def test_metric_sums_are_pinned_to_the_bit() -> None:
+    """The sums of a fixed case as the code before per-user metrics gave them, exactly
+    (-1 padding, users without targets): runs' metrics must not move by a bit."""
+    top = np.array(
+        [
+            [4, 11, 5, 15, 23, 6, 0, 21, 9, 26, 2, 1],
+            [0, 15, 28, 25, 11, 5, 4, 13, 9, 20, 26, 29],
+            [15, 23, 8, 24, 6, 26, 21, 9, -1, -1, -1, -1],
+            [5, 11, 15, 29, 20, 13, 10, 18, 23, 7, 2, 6],
+            [29, 24, 4, 1, 3, 11, 16, 5, 12, 27, 10, 2],
+            [19, 15, 14, 11, 13, 0, 5, 8, 29, 16, 12, 22],
+            [21, 19, 6, 16, 18, 9, 25, 23, 10, 2, 14, 11],
+            [9, 4, 24, 10, 18, 7, 21, 1, 22, 25, 20, 23],
+            [4, 10, 0, 13, 29, 28, 25, 15, 17, 1, 24, 19],
+        ]
+    )
+    users = np.array([0, 0, 0, 1, 3, 3, 4, 6, 6, 6, 6, 8])
+    items = np.array([4, 23, 24, 23, 13, 19, 19, 11, 20, 22, 2, 8])
+    sums = ranking_sums(top, users, items, 30, (5, 10))
+    assert sums.users == 6
+    assert sums.sums == {
+        "recall@5": 0.6666666666666666,
+        "ndcg@5": 0.6508205185601091,
+        "precision@5": 0.4,
+        "hitrate@5": 1.0,
+        "recall@10": 1.4166666666666665,
+        "ndcg@10": 0.9820730967272087,
+        "precision@10": 0.4,
+        "hitrate@10": 3.0,
+    }
+    assert {k: int(listed.sum()) for k, listed in sums.listed.items()} == {5: 20, 10: 27}

@@ -163,3 +163,22 @@ def test_auto_keeps_adam_for_small_tables_and_takes_rowwise_adagrad_past_the_lim
     _, groups = model_and_groups()
     tuned = SparseDenseAdam(groups, lr=0.1, sparse_lr=0.02, adam_state_limit_gb=limit)
     assert tuned.inner[1].param_groups[0]["lr"] == 0.02
+
+
+def test_a_state_of_the_other_sparse_rule_is_refused_by_name() -> None:
+    import pytest
+
+    model, groups = model_and_groups()
+    adam = SparseDenseAdam(groups, lr=0.1, sparse_rule="adam")
+    step(model, adam)
+    state = copy.deepcopy(adam.state_dict())
+    assert state["sparse_rule"] == "adam"
+    _, groups = model_and_groups()
+    rowwise = SparseDenseAdam(groups, lr=0.1, sparse_rule="rowwise_adagrad")
+    with pytest.raises(ValueError, match=r"sparse_rule=adam .* rowwise_adagrad"):
+        rowwise.load_state_dict(state)
+    del state["sparse_rule"]  # a checkpoint from before the rule was recorded: lazy Adam's
+    with pytest.raises(ValueError, match=r"\+model.optimizer.sparse_rule=adam"):
+        rowwise.load_state_dict(copy.deepcopy(state))
+    _, groups = model_and_groups()
+    SparseDenseAdam(groups, lr=0.1).load_state_dict(state)  # auto, small tables: Adam's

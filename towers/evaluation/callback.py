@@ -14,9 +14,11 @@ from towers.evaluation.metrics import DEFAULT_KS
 from towers.evaluation.ranking import (
     STREAM_USERS,
     Scorer,
+    dot_scores,
     evaluate_popularity,
     evaluate_stream,
     evaluate_vectors,
+    scores_by_user,
     vector_scorer,
 )
 from towers.model.module import TwoTowerModule, embed
@@ -46,6 +48,20 @@ def evaluate_module(
         return evaluate_stream(eval_set, scorer, len(item_vectors), ks, prefix)
     user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
     return evaluate_vectors(user_vectors, item_vectors, eval_set, ks, prefix)
+
+
+def module_scores_by_user(
+    module: TwoTowerModule,
+    catalogue_inputs: dict,
+    eval_set: EvalSet,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`evaluate_module`'s ranking, kept per user: the ids of the users with
+    targets and each one's metrics (:func:`towers.evaluation.ranking.scores_by_user`),
+    for paired comparisons of two models on the same users."""
+    item_vectors = embed(module.model.item_tower, catalogue_inputs)
+    user_vectors = embed(module.model.user_tower, eval_set.user_inputs)
+    return scores_by_user(dot_scores(user_vectors, item_vectors), len(item_vectors), eval_set, ks)
 
 
 class RankingEvaluation(pl.Callback):

@@ -153,9 +153,19 @@ class SparseDenseAdam(Optimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"inner": [o.state_dict() for o in self.inner]}
+        """The inner optimisers' states and the sparse rule they were made for."""
+        return {"inner": [o.state_dict() for o in self.inner], "sparse_rule": self.sparse_rule}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load :meth:`state_dict`; a state of the other sparse rule (one of a checkpoint
+        written before ``auto``, without the key, is lazy Adam's) is refused."""
+        saved = state_dict.get("sparse_rule", "adam")
+        if self._sparse is not None and saved != self.sparse_rule:
+            raise ValueError(
+                f"the optimiser state was written with sparse_rule={saved} and this run "
+                f"trains its id tables with {self.sparse_rule}: set "
+                f"+model.optimizer.sparse_rule={saved} to resume it"
+            )
         for optimizer, state in zip(self.inner, state_dict["inner"], strict=True):
             optimizer.load_state_dict(state)
         # Loading gives the inner optimisers new group dicts: share them again.

@@ -52,10 +52,11 @@ def code_counts(codes: np.ndarray, minlength: int = 0, chunk: int = COUNT_CHUNK)
     million codes at a time: bincount casts its input to int64 first, a copy of every
     code at once."""
     top = int(codes.max()) + 1 if len(codes) else 0
+    missing = bool(len(codes)) and int(codes.min()) < 0  # else no piece needs filtering
     counts = np.zeros(max(minlength, top), dtype=np.int64)
     for lo in range(0, len(codes), chunk):
         piece = codes[lo : lo + chunk]
-        counts += np.bincount(piece[piece >= 0], minlength=len(counts))
+        counts += np.bincount(piece[piece >= 0] if missing else piece, minlength=len(counts))
     return counts
 
 
