@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="a Hydra override of the main job's config, repeatable "
-        "(e.g. model.optimizer.sparse_rule=rowwise_adagrad)",
+        "(e.g. +model.optimizer.sparse_rule=adam)",
     )
     parser.add_argument("--out", type=Path, default=None, help="output stem (.json/.md/.png)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
