@@ -22,7 +22,7 @@ from towers.data.eval_sets import (
     user_attribute_rows,
 )
 from towers.data.ids import id_codes
-from towers.data.samples import HistorySource, ascending, history_bounds, runs
+from towers.data.samples import HistorySource, ascending, history_bounds, position_dtype, runs
 from towers.data.schema import ITEM_ID, USER_ID, WEIGHT, RawData, infer_feature_columns
 from towers.data.split import Split
 from twotower.encoding import EntityEncoder, FeatureColumns, FeatureEncoders
@@ -189,8 +189,9 @@ def distinct_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if not ascending(codes):
         return np.unique(codes, return_inverse=True)
     first, end = runs(codes)
-    small = np.int32 if len(first) < np.iinfo(np.int32).max else np.int64
-    return codes[first], np.repeat(np.arange(len(first), dtype=small), end - first)
+    return codes[first], np.repeat(
+        np.arange(len(first), dtype=position_dtype(len(first))), end - first
+    )
 
 
 def build_training_samples(
@@ -199,8 +200,9 @@ def build_training_samples(
     """Leakage-free samples of the ``fit`` events (sorted by user, then time)."""
     length = encoders.history_length
     # int32 where it fits: these are a few integers per sample, the bulk of the memory
-    small = np.int32 if encoders.items.ids.size < np.iinfo(np.int32).max else np.int64
-    item_codes = encoders.items.ids.encode(fit[ITEM_ID], dtype=small)
+    item_codes = encoders.items.ids.encode(
+        fit[ITEM_ID], dtype=position_dtype(encoders.items.ids.size)
+    )
     starts, ends = (_narrow(bounds) for bounds in history_bounds(fit))
     codes, ids = id_codes(fit[USER_ID])
     present, user_codes = distinct_codes(codes)

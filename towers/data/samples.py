@@ -33,6 +33,12 @@ def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, np.append(first[1:], len(keys))
 
 
+def position_dtype(n: int) -> type[np.integer]:
+    """The integer type of positions (or codes) below ``n``: int32 when they fit (half
+    the memory of an array of every row), else int64."""
+    return np.int32 if n < np.iinfo(np.int32).max else np.int64
+
+
 def ascending(values: np.ndarray, chunk: int = 1 << 22) -> bool:
     """Whether ``values`` never decrease (checked a few million at a time, without a
     temporary the size of ``values``)."""
@@ -77,8 +83,7 @@ def history_bounds(events: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def _run_starts(starts_run: np.ndarray) -> np.ndarray:
     """Each row's run's first position, for runs starting where ``starts_run`` is true
     (row 0 starts one): a running maximum of the starts, in place."""
-    small = np.int32 if len(starts_run) < np.iinfo(np.int32).max else np.int64
-    starts = np.arange(len(starts_run), dtype=small)
+    starts = np.arange(len(starts_run), dtype=position_dtype(len(starts_run)))
     starts[~starts_run] = 0
     np.maximum.accumulate(starts, out=starts)
     return starts

@@ -27,27 +27,30 @@ def item_order_key(item_ids: pd.Series) -> np.ndarray:
     the ids do, not the ids."""
     codes, ids = id_codes(item_ids)
     used = code_counts(codes, len(ids)) > 0  # ids of rows filtered out do not count
-    if not all_integers(ids[used]):
+    ranks = integer_ranks(ids, used)
+    if ranks is None:
         return codes  # the ids' own order (a view, not a copy)
-    return id_order_ranks(ids, used).astype(codes.dtype)[codes]
+    return ranks.astype(codes.dtype)[codes]
 
 
-def all_integers(ids: np.ndarray) -> bool:
-    """Whether every one of ``ids`` (strings) is an integer, so that ties are broken by
-    the integers' order rather than the strings'."""
-    return bool(pd.Series(ids, dtype=object).astype(str).str.fullmatch(r"[+-]?\d+").all())
+def integer_ranks(ids: np.ndarray, used: np.ndarray) -> np.ndarray | None:
+    """The ranks of the integers that ``ids`` (distinct strings, sorted; ``used``: those
+    present in the rows) are, when every id present is one (equal integers, such as
+    "01" and "1", tie), so that ties are broken by the integers' order; else None."""
+    as_str = pd.Series(ids[used], dtype=object).astype(str)
+    if not as_str.str.fullmatch(r"[+-]?\d+").all():
+        return None
+    ranks = np.zeros(len(ids), dtype=np.int64)
+    ranks[used] = np.unique(as_str.astype(np.int64).to_numpy(), return_inverse=True)[1]
+    return ranks
 
 
 def id_order_ranks(ids: np.ndarray, used: np.ndarray) -> np.ndarray:
     """The tie-break rank of each of ``ids`` (distinct strings, sorted; ``used``: those
-    present in the rows): ranks of the integers they are when every id present is an
-    integer (equal integers, such as "01" and "1", tie), else their positions."""
-    if not all_integers(ids[used]):
-        return np.arange(len(ids), dtype=np.int64)
-    as_int = pd.Series(ids[used], dtype=object).astype(str).astype(np.int64).to_numpy()
-    ranks = np.zeros(len(ids), dtype=np.int64)
-    ranks[used] = np.unique(as_int, return_inverse=True)[1]
-    return ranks
+    present in the rows): :func:`integer_ranks` when every id present is an integer,
+    else their positions."""
+    ranks = integer_ranks(ids, used)
+    return np.arange(len(ids), dtype=np.int64) if ranks is None else ranks
 
 
 def chronological_order(

@@ -107,6 +107,7 @@ class SparseDenseAdam(Optimizer):
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "sparse": False})
         dense = [g for g in self.param_groups if not g["sparse"]]
         sparse = [g for g in self.param_groups if g["sparse"]]
+        rowwise_lr = ROWWISE_LR if sparse_lr is None else sparse_lr
         if sparse_rule == "auto":
             state = adam_state_bytes(sparse)
             sparse_rule = "adam" if state <= adam_state_limit_gb * 1e9 else "rowwise_adagrad"
@@ -117,7 +118,7 @@ class SparseDenseAdam(Optimizer):
                     "sparse_lr %g instead (+model.optimizer.sparse_rule=adam keeps Adam)",
                     state / 1e9,
                     adam_state_limit_gb,
-                    ROWWISE_LR if sparse_lr is None else sparse_lr,
+                    rowwise_lr,
                 )
         self.sparse_rule = sparse_rule
         # The inner optimisers hold the very same group dicts, so schedulers that change
@@ -127,7 +128,6 @@ class SparseDenseAdam(Optimizer):
         if sparse and sparse_rule == "adam":
             self._sparse = SparseAdam(sparse, lr=lr, betas=betas, eps=eps)
         elif sparse:
-            rowwise_lr = ROWWISE_LR if sparse_lr is None else sparse_lr
             for group in sparse:
                 group["lr"] = rowwise_lr
             self._sparse = RowwiseAdagrad(sparse, lr=rowwise_lr)
