@@ -1,6 +1,7 @@
 """Continuous retraining: warm-start updates (``init_from``) against full retrains.
 
 twotower bench continuous [--datasets ml-100k,ml-latest-small] [--steps 3 --warm-epochs 2]
+                          [--warm-validation newer]
 Replays each MovieLens dataset in time: a first model on the first 80% of the events, then
 steps of 5%; at each step a warm update of the previous model and a full retrain from
 scratch, both scored on the next slice. Writes docs/benchmarks/continuous.json and
@@ -46,6 +47,7 @@ COLUMNS = [
     "full_recall@20",
     "warm_recall@20",
     "full_epochs",
+    "warm_epochs",
     "full_s",
     "warm_s",
     "warm_over_full",
@@ -86,6 +88,20 @@ def verdict(name: str, total: dict[str, Any], settings: ContinuousSettings) -> s
     )
 
 
+def warm_protocol(settings: ContinuousSettings) -> str:
+    """How the warm updates train, in words."""
+    data = "all data up to the cut" + (
+        f" of the last {settings.window_days:g} days" if settings.window_days else ""
+    )
+    if settings.warm_validation == "newer":
+        return (
+            "epoch count by early stopping on a validation held out of the events after the "
+            "previous cut, which the previous model has not seen (per user, the last "
+            f"share of their newer events), then refit from `init_from` on {data}"
+        )
+    return f"{settings.warm_epochs} epoch(s) on {data}, no selection"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("TWOTOWER_DATASETS", str(ROOT.parent / "shared" / "datasets")),
     )
     for field in dataclasses.fields(ContinuousSettings):
-        kind = int if field.type == "int" else float
+        kind = {"int": int, "str": str}.get(str(field.type), float)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
     parser.add_argument(
         "--threads",
@@ -156,10 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         "Each MovieLens dataset replayed in time (`benchmarks/continuous.py`): the first "
         f"model is trained on the first {settings.start:.0%} of the events in time order, "
         f"then each step adds the next {settings.step:.0%}. At each step a **warm** update "
-        f"(`init_from` the previous step's warm model, {settings.warm_epochs} epoch(s) on all "
-        "data up to the cut"
-        + (f" of the last {settings.window_days:g} days" if settings.window_days else "")
-        + ", no selection) and a **full** retrain from scratch (epoch count by early "
+        f"(`init_from` the previous step's warm model, {warm_protocol(settings)}) and a "
+        "**full** retrain from scratch (epoch count by early "
         "stopping on validation, then refit on all data up to the cut, as the presets do) "
         "are scored on the **next** slice: its users, every item a candidate, each user's "
         "earlier items excluded (EVALUATION.md metrics). `stale` is the previous step's warm "

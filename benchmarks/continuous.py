@@ -5,8 +5,12 @@ trains the first model, then each step adds the next ``step`` share. At each ste
 models are trained on everything up to the cut:
 
 - **warm**: the previous step's warm model (the first model at the first step) updated
-  with ``init_from`` for a fixed ``warm_epochs`` epochs (optionally on the last
-  ``window_days`` days only), with no model selection: :func:`towers.pipeline.train_for_epochs`;
+  with ``init_from``: with ``warm_validation="none"`` for a fixed ``warm_epochs`` epochs
+  (optionally on the last ``window_days`` days only), with no model selection
+  (:func:`towers.pipeline.train_for_epochs`); with ``warm_validation="newer"`` the epoch
+  count is chosen by early stopping on a validation held out of the events newer than the
+  previous cut only (the previous model has trained on every older one), then the update
+  is refitted on all of the data from ``init_from`` for that many epochs;
 - **full**: a model trained from scratch as the pipeline does: epoch count chosen by early
   stopping on a validation split of the data up to the cut, then refitted on all of it
   (``train.refit``, as the MovieLens presets do).
@@ -38,7 +42,13 @@ from towers.data.eval_sets import build_eval_set
 from towers.data.prepare import PreparedData, prepare_data
 from towers.data.schema import TIMESTAMP, USER_ID, RawData
 from towers.data.sources import load_data
-from towers.data.split import Split, prepare_interactions, recent_window, temporal_holdout
+from towers.data.split import (
+    Split,
+    in_chronological_order,
+    prepare_interactions,
+    recent_window,
+    temporal_holdout,
+)
 from towers.evaluation.callback import module_scores_by_user
 from towers.evaluation.ranking import evaluate_popularity
 from towers.model.module import TwoTowerModule
@@ -56,6 +66,9 @@ class ContinuousSettings:
     step: float = 0.05
     steps: int = 3
     warm_epochs: int = 2
+    # "none": warm_epochs epochs, no selection; "newer": epochs by early stopping on a
+    # validation of the events after the previous cut, then a refit on all of them
+    warm_validation: str = "none"
     window_days: float | None = None
     # tower pairs of both models (the MovieLens presets train 3 or 7; 1 keeps the replay
     # within minutes on two CPU cores)
@@ -103,6 +116,28 @@ def split_for(known: pd.DataFrame, next_events: pd.DataFrame, cfg: DictConfig) -
         known, float(cfg.split.validation_fraction), int(cfg.split.min_interactions)
     )
     return Split(known, fit, validation, next_events, np.array([], dtype=object))
+
+
+def split_for_warm(split: Split, since: float, cfg: DictConfig) -> Split:
+    """``split`` with its validation held out of the events newer than ``since`` only (per
+    user, the last ``split.validation_fraction`` of their newer events, as
+    :func:`temporal_holdout` holds): a model trained on every event up to ``since`` has
+    seen none of them, so early stopping on them measures what the update learns."""
+    newer = split.train[TIMESTAMP] > since
+    kept, validation = temporal_holdout(
+        split.train.loc[newer],
+        float(cfg.split.validation_fraction),
+        int(cfg.split.min_interactions),
+    )
+    if validation.empty:
+        raise ValueError(
+            f"no user has {int(cfg.split.min_interactions)} events after the previous cut "
+            "to validate a warm update on (split.min_interactions)"
+        )
+    fit = pd.concat([split.train.loc[~newer], kept], ignore_index=True)
+    return dataclasses.replace(
+        split, fit=in_chronological_order(fit).reset_index(drop=True), validation=validation
+    )
 
 
 def score_next(
@@ -153,11 +188,12 @@ def prepared(raw: RawData, split: Split, cfg: DictConfig, fit_on: str) -> Prepar
     return prepare_data(raw, split, feature_settings(cfg.features), fit_on)
 
 
-def full_retrain(
+def select_and_refit(
     cfg: DictConfig, raw: RawData, split: Split, out: Path
 ) -> tuple[TwoTowerModule, int, Path]:
-    """From scratch: early stopping on validation, then (``train.refit``) a refit on all
-    of the data for the chosen epoch count. The model, its epoch count and checkpoint."""
+    """As the pipeline trains (from scratch, or from ``cfg.init_from``): early stopping on
+    validation, then (``train.refit``) a refit on all of the data for the chosen epoch
+    count. The model, its epoch count and checkpoint."""
     selection = fit_and_select(cfg, out, prepared(raw, split, cfg, "fit"))
     assert selection is not None and selection.best is not None
     epochs = int(torch.load(selection.best, map_location="cpu", weights_only=False)["epoch"]) + 1
@@ -174,20 +210,30 @@ def warm_update(
     raw: RawData,
     split: Split,
     previous: Path,
+    since: float,
     settings: ContinuousSettings,
     out: Path,
-) -> tuple[TwoTowerModule, Path]:
-    """``previous`` updated with the data of ``split`` (``init_from``), ``warm_epochs``
-    epochs, no selection. The model and its checkpoint."""
+) -> tuple[TwoTowerModule, Path, int]:
+    """``previous`` (trained on the events up to ``since``) updated with the data of
+    ``split`` (``init_from``): ``warm_epochs`` epochs without selection, or (``warm_validation
+    ="newer"``) as many as early stopping picks on the newer events (:func:`split_for_warm`),
+    then refitted. The model, its checkpoint and its epoch count."""
+    if settings.warm_validation not in ("none", "newer"):
+        raise ValueError(f"warm_validation must be none or newer, got {settings.warm_validation!r}")
     warm_cfg = OmegaConf.merge(cfg, {"init_from": str(previous)})
     if settings.window_days is not None:
         window = recent_window(split.train, settings.window_days)
         split = dataclasses.replace(split, train=window, fit=window)
+    if settings.warm_validation == "newer":
+        module, epochs, checkpoint = select_and_refit(
+            warm_cfg, raw, split_for_warm(split, since, cfg), out
+        )
+        return module, checkpoint, epochs
     pl.seed_everything(cfg.seed, workers=True)
     module = train_for_epochs(
         warm_cfg, prepared(raw, split, warm_cfg, "train"), settings.warm_epochs, out
     )
-    return module, out / "last.ckpt"
+    return module, out / "last.ckpt", settings.warm_epochs
 
 
 def timed(function: Any, *args: Any) -> tuple[Any, float]:
@@ -221,7 +267,7 @@ def replay(
             len(next_events),
         )
         (full, epochs, full_checkpoint), full_s = timed(
-            full_retrain, cfg, raw, split, workdir / f"step{step}" / "full"
+            select_and_refit, cfg, raw, split, workdir / f"step{step}" / "full"
         )
         row: dict[str, Any] = {
             "dataset": name,
@@ -239,21 +285,22 @@ def replay(
         scores = {"full": score_next(full, raw, known, next_events)}
         if warm_checkpoint is not None and warm_module is not None:
             scores["stale"] = score_next(warm_module, raw, known, next_events)
-            (warm_module, warm_checkpoint), warm_s = timed(
+            (warm_module, warm_checkpoint, warm_epochs), warm_s = timed(
                 warm_update,
                 cfg,
                 raw,
                 split,
                 warm_checkpoint,
+                slices.cuts[step - 1],
                 settings,
                 workdir / f"step{step}" / "warm",
             )
             scores["warm"] = score_next(warm_module, raw, known, next_events)
-            row.update(warm_s=warm_s, warm_over_full=warm_s / full_s)
+            row.update(warm_epochs=warm_epochs, warm_s=warm_s, warm_over_full=warm_s / full_s)
             if settings.second_full:
                 second_cfg = OmegaConf.merge(cfg, {"seed": int(cfg.seed) + 1})
                 (second, _, _), row["full_b_s"] = timed(
-                    full_retrain, second_cfg, raw, split, workdir / f"step{step}" / "full_b"
+                    select_and_refit, second_cfg, raw, split, workdir / f"step{step}" / "full_b"
                 )
                 scores["full_b"] = score_next(second, raw, known, next_events)
         else:  # the first model: the warm chain starts from it

@@ -7,14 +7,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from benchmarks.bench_continuous import interval_cell, verdict
 from benchmarks.continuous import (
     ContinuousSettings,
     mean_interval,
+    split_for_warm,
     summary,
     user_differences,
 )
+from towers.data.split import Split, prepare_interactions
 
 
 def test_differences_pair_users_by_id_and_refuse_different_users() -> None:
@@ -82,3 +85,25 @@ def test_summary_judges_every_step_and_the_pooled_interval() -> None:
 def test_interval_cells_are_blank_where_a_model_was_not_trained() -> None:
     assert interval_cell(update(1, 0.01, 0.0), "warm") == "[-0.010, +0.030]"
     assert interval_cell({"step": 0}, "warm") == ""
+
+
+def test_warm_validation_holds_out_only_events_after_the_previous_cut() -> None:
+    # user a: 6 events before the cut (t 0..5) and 10 after (t 10..19); user b: 8 before,
+    # 3 after (fewer than min_interactions); user c: only newer events (12)
+    rows = [("a", f"i{t}", t) for t in [*range(6), *range(10, 20)]]
+    rows += [("b", f"j{t}", t) for t in [*range(8), 11, 12, 13]]
+    rows += [("c", f"k{t}", t) for t in range(10, 22)]
+    events = prepare_interactions(pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]))
+    split = Split(events, events, events.iloc[:0], events.iloc[:0], np.array([], dtype=object))
+    cfg = OmegaConf.create({"split": {"validation_fraction": 0.2, "min_interactions": 5}})
+    warm = split_for_warm(split, since=9, cfg=cfg)
+    held = warm.validation.groupby("user_id")["timestamp"].apply(list).to_dict()
+    assert held == {"a": [18, 19], "c": [20, 21]}  # the last 20% of each user's newer events
+    assert len(warm.fit) + len(warm.validation) == len(events)
+    assert set(zip(warm.fit["user_id"], warm.fit["timestamp"], strict=True)).isdisjoint(
+        zip(warm.validation["user_id"], warm.validation["timestamp"], strict=True)
+    )
+    assert warm.fit["user_id"].is_monotonic_increasing  # each user's rows together, in time
+    assert warm.train is split.train
+    with pytest.raises(ValueError, match="no user has 5 events after the previous cut"):
+        split_for_warm(split, since=20, cfg=cfg)
