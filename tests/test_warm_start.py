@@ -21,12 +21,13 @@ from towers.model.module import TwoTowerModule, embed
 from towers.model.warm_start import (
     ENCODERS_KEY,
     PreviousModel,
+    ShrinkPerturb,
     WarmStartError,
     remap_state,
     resolve_source,
     warm_start,
 )
-from towers.pipeline import TrainResult, build_module, prepare, train
+from towers.pipeline import TrainResult, apply_init_from, build_module, prepare, train
 from twotower.encoding import FIRST_KNOWN_INDEX
 
 from .conftest import ROOT, TINY_OVERRIDES, compose_config
@@ -124,6 +125,50 @@ def test_rows_of_known_ids_carry_over_by_id_and_new_ids_keep_fresh_rows(old_and_
     torch.testing.assert_close(state["item_log_p"], fresh["item_log_p"])
 
 
+def test_shrink_and_perturb_mixes_carried_weights_with_the_fresh_ones(old_and_new) -> None:
+    (old, old_data), (new, new_data) = old_and_new
+    fresh = {k: v.detach().clone() for k, v in new.state_dict().items()}
+    previous = previous_of(old, old_data, Path("old.ckpt"))
+    copied = remap_state(new, new_data.encoders, previous).state
+    blend = ShrinkPerturb(shrink=0.5, perturb=0.1)
+    mixed = remap_state(new, new_data.encoders, previous, blend).state
+    for key in (ITEM_IDS, USER_IDS, CATEGORIES, TAGS, "model.item_tower.mlp.0.weight"):
+        blended = 0.5 * copied[key] + 0.1 * fresh[key]
+        if copied[key].ndim == 2 and key != "model.item_tower.mlp.0.weight":
+            # rows the copy left fresh are values new to this run: not blended
+            new_rows = (copied[key] == fresh[key]).all(dim=1, keepdim=True)
+            blended = torch.where(new_rows, fresh[key], blended)
+        torch.testing.assert_close(mixed[key], blended)
+    # ids new to this run keep their fresh rows, not 0.6 x them
+    vocabulary = new_data.encoders.items.ids
+    added = [v for v in vocabulary.values if v not in set(old_data.encoders.items.ids.values)]
+    torch.testing.assert_close(
+        rows(mixed[ITEM_IDS], vocabulary, added), rows(fresh[ITEM_IDS], vocabulary, added)
+    )
+    assert not torch.equal(mixed[ITEM_IDS], copied[ITEM_IDS])
+    torch.testing.assert_close(mixed["item_log_p"], fresh["item_log_p"])  # data, untouched
+
+
+@pytest.mark.parametrize(
+    ("shrink", "perturb", "message"),
+    [(0.0, 0.0, "init_shrink must be in"), (1.5, 0.0, "init_shrink"), (1.0, -0.1, "init_perturb")],
+)
+def test_shrink_and_perturb_out_of_range_is_an_error(
+    shrink: float, perturb: float, message: str
+) -> None:
+    with pytest.raises(WarmStartError, match=message):
+        ShrinkPerturb(shrink, perturb)
+
+
+def test_shrink_and_perturb_without_init_from_is_an_error_before_any_work(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(WarmStartError, match="set init_from too"):
+        train(compose_config([*FAST, "init_shrink=0.5", f"paths.output_dir={out}"]))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("overrides", [(), ("model.history_attributes=true",)])
 def test_a_warm_started_model_scores_known_items_and_users_as_before(
     tiny_data: RawData, overrides: tuple[str, ...]
@@ -219,6 +264,17 @@ def test_training_with_init_from_runs_end_to_end_and_exports_a_bundle(
     refit = torch.load(tmp_path / "checkpoints" / "refit" / "last.ckpt", weights_only=False)
     assert ENCODERS_KEY in refit  # this run can be warm-started from in turn
     assert resolve_source(tmp_path) == tmp_path / "checkpoints" / "refit" / "last.ckpt"
+
+
+def test_the_run_config_shrinks_and_perturbs_the_warm_start(previous_run: TrainResult) -> None:
+    source = f"init_from={previous_run.output_dir}"
+    cfg = compose_config([*FAST, source])
+    data = prepare(cfg)
+    copied, shrunk = build_module(cfg, data, 0), build_module(cfg, data, 0)
+    apply_init_from(cfg, copied, data)
+    apply_init_from(compose_config([*FAST, source, "init_shrink=0.5"]), shrunk, data)
+    for key in ("model.item_tower.mlp.0.weight", ITEM_IDS):
+        torch.testing.assert_close(shrunk.state_dict()[key], 0.5 * copied.state_dict()[key])
 
 
 def test_an_ensemble_member_starts_from_the_same_member(
@@ -357,3 +413,4 @@ def test_the_cli_exits_non_zero_naming_the_missing_path(tmp_path: Path) -> None:
 def test_warm_starts_and_windows_are_off_by_default() -> None:
     cfg = compose_config([])
     assert cfg.init_from is None and cfg.train.window_days is None
+    assert (cfg.init_shrink, cfg.init_perturb) == (1.0, 0.0)

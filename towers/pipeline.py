@@ -41,7 +41,7 @@ from towers.export.bundle import ExportSettings, export_bundle
 from towers.logs import quiet_lightning
 from towers.model.module import TwoTowerModule, embed
 from towers.model.spec import ModelConfig, TowerSpec
-from towers.model.warm_start import WarmStartError, check_source, warm_start
+from towers.model.warm_start import ShrinkPerturb, WarmStartError, check_source, warm_start
 from towers.tensorboard import log_hparams, log_item_projector
 from twotower.encoding import FeatureColumns
 from twotower.errors import PreparedDataError
@@ -322,7 +322,21 @@ def apply_init_from(cfg: DictConfig, module: TwoTowerModule, data: PreparedData)
     weights carry over, the optimiser and scheduler start afresh."""
     source = cfg.get("init_from")
     if source:
-        warm_start(module, data.encoders, source, member=cfg.get("init_member"))
+        warm_start(
+            module, data.encoders, source, member=cfg.get("init_member"), blend=shrink_perturb(cfg)
+        )
+
+
+def shrink_perturb(cfg: DictConfig) -> ShrinkPerturb:
+    """``cfg.init_shrink`` and ``cfg.init_perturb``, checked; either set away from 1 and 0
+    without ``init_from`` is an error (there is nothing to shrink)."""
+    blend = ShrinkPerturb(float(cfg.get("init_shrink", 1.0)), float(cfg.get("init_perturb", 0.0)))
+    if not blend.copies and not cfg.get("init_from"):
+        raise WarmStartError(
+            "init_shrink / init_perturb shrink and perturb the weights of a warm start: "
+            "set init_from too"
+        )
+    return blend
 
 
 def build_trainer(
@@ -522,8 +536,9 @@ def train(cfg: DictConfig, raw: RawData | Future[RawData] | None = None) -> Trai
     the tables of ``cfg.data``, if already loaded or being loaded."""
     out = Path(cfg.paths.output_dir).resolve()
     absolute_paths(cfg, Path.cwd())
+    shrink_perturb(cfg)  # before any work, as are the next checks
     if cfg.get("init_from"):
-        check_source(cfg.init_from)  # before any work: a missing path fails at once
+        check_source(cfg.init_from)  # a missing path fails at once
         if cfg.get("ckpt_path"):
             raise WarmStartError(
                 "init_from (a warm start) and ckpt_path (resuming) exclude each other"

@@ -17,6 +17,11 @@ on its own data as usual; :func:`warm_start` then carries the previous weights o
 - every other parameter (the MLPs, history pooling, a learned temperature) is copied;
   its shape must match.
 
+Optionally (:class:`ShrinkPerturb`, ``init_shrink`` / ``init_perturb``) every carried
+weight is shrunk towards zero and mixed with the fresh initialisation instead of copied
+as it is: Ash & Adams's remedy for warm-started networks generalising worse than fresh
+ones.
+
 Buffers derived from the data (the items' sampling log-probabilities, the history
 attribute lookups) keep what the new data gives them, and a fixed temperature stays the
 config's. Only weights carry over: the optimiser and scheduler start afresh. A previous
@@ -87,6 +92,39 @@ class PreviousModel:
     state: dict[str, Tensor]
     encoders: FeatureEncoders
     towers: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ShrinkPerturb:
+    """Shrink and perturb (Ash & Adams, "On Warm-Starting Neural Network Training",
+    NeurIPS 2020): each carried weight (entry) becomes ``shrink * previous + perturb *
+    fresh``, ``fresh`` this run's own initialisation of it. ``shrink=1, perturb=0`` (the
+    default) copies the previous weights unchanged. Rows of values new to this run keep
+    their fresh initialisation; a learned temperature is copied as it is."""
+
+    shrink: float = 1.0
+    perturb: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.shrink <= 1.0:
+            raise WarmStartError(f"init_shrink must be in (0, 1], got {self.shrink}")
+        if not 0.0 <= self.perturb <= 1.0:
+            raise WarmStartError(f"init_perturb must be in [0, 1], got {self.perturb}")
+
+    @property
+    def copies(self) -> bool:
+        """Whether the previous weights are carried over unchanged."""
+        return self.shrink == 1.0 and self.perturb == 0.0
+
+    def __call__(self, previous: Tensor, fresh: Tensor) -> Tensor:
+        """``previous`` shrunk and perturbed with ``fresh`` (same shape), in ``fresh``'s dtype."""
+        previous = previous.to(fresh.dtype)
+        if self.copies:
+            return previous
+        return self.shrink * previous + self.perturb * fresh
+
+
+COPY = ShrinkPerturb()
 
 
 @dataclass(frozen=True)
@@ -312,19 +350,23 @@ def vocabulary_of(encoders: FeatureEncoders, role: Role) -> Vocabulary:
 
 
 def remap_rows(
-    new: Tensor, old: Tensor, new_vocabulary: Vocabulary, old_vocabulary: Vocabulary
+    new: Tensor,
+    old: Tensor,
+    new_vocabulary: Vocabulary,
+    old_vocabulary: Vocabulary,
+    blend: ShrinkPerturb = COPY,
 ) -> tuple[Tensor, int]:
     """``new`` with the row of every value ``old_vocabulary`` knows taken from ``old``
     (matched by value, not by row number) and the padding and out-of-vocabulary rows
-    copied; the other rows (values new to this run) as they were. Also returns how many
-    values were carried over."""
+    copied (through ``blend``); the other rows (values new to this run) as they were.
+    Also returns how many values were carried over."""
     out = new.detach().clone()
     old_rows = old_vocabulary.encode(list(new_vocabulary.values))
     known = old_rows >= FIRST_KNOWN_INDEX
-    new_rows = np.flatnonzero(known) + FIRST_KNOWN_INDEX
+    new_rows = torch.from_numpy(np.flatnonzero(known) + FIRST_KNOWN_INDEX)
     with torch.no_grad():
-        out[torch.from_numpy(new_rows)] = old[torch.from_numpy(old_rows[known])].to(out.dtype)
-        out[:FIRST_KNOWN_INDEX] = old[:FIRST_KNOWN_INDEX].to(out.dtype)
+        out[new_rows] = blend(old[torch.from_numpy(old_rows[known])], out[new_rows])
+        out[:FIRST_KNOWN_INDEX] = blend(old[:FIRST_KNOWN_INDEX], out[:FIRST_KNOWN_INDEX])
     return out, int(known.sum())
 
 
@@ -378,10 +420,16 @@ class Remap:
     problems: list[str]
 
 
-def remap_state(module: nn.Module, encoders: FeatureEncoders, previous: PreviousModel) -> Remap:
+def remap_state(
+    module: nn.Module,
+    encoders: FeatureEncoders,
+    previous: PreviousModel,
+    blend: ShrinkPerturb = COPY,
+) -> Remap:
     """``module``'s state dict (a :class:`~towers.model.module.TwoTowerModule` built for
     this run's ``encoders``) with the previous weights carried over as the module's
-    docstring says. Nothing is loaded; mismatches are listed in ``problems``."""
+    docstring says (through ``blend``). Nothing is loaded; mismatches are listed in
+    ``problems``."""
     state = module.state_dict(keep_vars=True)
     roles = weight_roles(module, encoders)
     # shared weights (the item id table of both towers) appear under several names
@@ -409,7 +457,7 @@ def remap_state(module: nn.Module, encoders: FeatureEncoders, previous: Previous
         used.update(keys)
         used.add(found)
         role = roles.get(name)
-        value, count = carry(name, role, out[name], found, encoders, previous, problems)
+        value, count = carry(name, role, out[name], found, encoders, previous, problems, blend)
         if value is not None:
             out.update({k: value for k in keys})
         if count is not None and role is not None:
@@ -428,9 +476,11 @@ def carry(
     encoders: FeatureEncoders,
     previous: PreviousModel,
     problems: list[str],
+    blend: ShrinkPerturb = COPY,
 ) -> tuple[Tensor | None, int | None]:
-    """One weight carried over by its role, and for a vocabulary-keyed table how many
-    entries kept their rows; None (and a line in ``problems``) if it cannot be."""
+    """One weight carried over by its role (through ``blend``), and for a vocabulary-keyed
+    table how many entries kept their rows; None (and a line in ``problems``) if it
+    cannot be."""
     old = previous.state[found]
     if role is not None and role.kind in VOCABULARY_KINDS:
         if old.ndim != 2 or old.shape[1] != new.shape[1]:
@@ -446,7 +496,7 @@ def carry(
                 f"{old_vocabulary.size} (with padding and out-of-vocabulary)"
             )
             return None, None
-        return remap_rows(new, old, vocabulary_of(encoders, role), old_vocabulary)
+        return remap_rows(new, old, vocabulary_of(encoders, role), old_vocabulary, blend)
     if old.shape != new.shape:
         problems.append(f"{name}: shape {tuple(old.shape)} in init_from, {tuple(new.shape)} here")
         return None, None
@@ -459,9 +509,9 @@ def carry(
         )
         weight = previous.state[found.rsplit(".", 1)[0] + ".weight"].double()
         if role.kind == "numeric_weight":
-            return (weight * scale).to(new.dtype), None
-        return (old.double() + weight @ offset).to(new.dtype), None
-    return old.detach().clone().to(new.dtype), None
+            return blend(weight * scale, new), None
+        return blend(old.double() + weight @ offset, new), None
+    return blend(old.detach().clone(), new), None
 
 
 def warm_start(
@@ -469,11 +519,13 @@ def warm_start(
     encoders: FeatureEncoders,
     init_from: str | Path,
     member: int | None = None,
+    blend: ShrinkPerturb = COPY,
 ) -> PreviousModel:
     """Load the previous model ``init_from`` names into ``module`` (a
     :class:`~towers.model.module.TwoTowerModule` built for this run's ``encoders``),
-    remapped by vocabulary; returns what was read. ``member``: this run is that member of
-    an ensemble (see :func:`resolve_source`). Raises :class:`WarmStartError` naming the
+    remapped by vocabulary and passed through ``blend`` (unchanged by default); returns
+    what was read. ``member``: this run is that member of an ensemble (see
+    :func:`resolve_source`). Raises :class:`WarmStartError` naming the
     path and every mismatch when the previous model does not fit."""
     previous = load_previous(init_from, member)
     problems = config_problems(previous, getattr(module, "towers", None), encoders)
@@ -482,7 +534,7 @@ def warm_start(
             f"init_from {previous.path}: trained with another model config:\n  - "
             + "\n  - ".join(problems)
         )
-    remap = remap_state(module, encoders, previous)
+    remap = remap_state(module, encoders, previous, blend)
     if remap.problems:
         listed = remap.problems[:MAX_LISTED]
         more = len(remap.problems) - len(listed)
@@ -505,4 +557,10 @@ def warm_start(
         previous.path,
         ", ".join(f"{k} {n}/{size} rows kept" for k, (n, size) in remap.carried.items()),
     )
+    if not blend.copies:
+        log.info(
+            "carried weights shrunk and perturbed: %g x previous + %g x fresh",
+            blend.shrink,
+            blend.perturb,
+        )
     return previous
