@@ -1,7 +1,7 @@
 """Continuous retraining: warm-start updates (``init_from``) against full retrains.
 
 twotower bench continuous [--datasets ml-100k,ml-latest-small] [--steps 3 --warm-epochs 2]
-                          [--warm-validation newer]
+                          [--warm-validation newer] [--warm-shrink 0.5 --warm-perturb 0.1]
 Replays each MovieLens dataset in time: a first model on the first 80% of the events, then
 steps of 5%; at each step a warm update of the previous model and a full retrain from
 scratch, both scored on the next slice. Writes docs/benchmarks/continuous.json and
@@ -93,13 +93,19 @@ def warm_protocol(settings: ContinuousSettings) -> str:
     data = "all data up to the cut" + (
         f" of the last {settings.window_days:g} days" if settings.window_days else ""
     )
+    start = "`init_from`"
+    if (settings.warm_shrink, settings.warm_perturb) != (1.0, 0.0):
+        start += (
+            f" with its weights shrunk and perturbed ({settings.warm_shrink:g} x previous + "
+            f"{settings.warm_perturb:g} x fresh initialisation)"
+        )
     if settings.warm_validation == "newer":
         return (
             "epoch count by early stopping on a validation held out of the events after the "
             "previous cut, which the previous model has not seen (per user, the last "
-            f"share of their newer events), then refit from `init_from` on {data}"
+            f"share of their newer events), then refit from {start} on {data}"
         )
-    return f"{settings.warm_epochs} epoch(s) on {data}, no selection"
+    return f"from {start}, {settings.warm_epochs} epoch(s) on {data}, no selection"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         "Each MovieLens dataset replayed in time (`benchmarks/continuous.py`): the first "
         f"model is trained on the first {settings.start:.0%} of the events in time order, "
         f"then each step adds the next {settings.step:.0%}. At each step a **warm** update "
-        f"(`init_from` the previous step's warm model, {warm_protocol(settings)}) and a "
+        f"of the previous step's warm model ({warm_protocol(settings)}) and a "
         "**full** retrain from scratch (epoch count by early "
         "stopping on validation, then refit on all data up to the cut, as the presets do) "
         "are scored on the **next** slice: its users, every item a candidate, each user's "

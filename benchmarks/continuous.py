@@ -5,7 +5,9 @@ trains the first model, then each step adds the next ``step`` share. At each ste
 models are trained on everything up to the cut:
 
 - **warm**: the previous step's warm model (the first model at the first step) updated
-  with ``init_from``: with ``warm_validation="none"`` for a fixed ``warm_epochs`` epochs
+  with ``init_from`` (its weights shrunk and perturbed by ``warm_shrink`` and
+  ``warm_perturb``, copied as they are by default): with ``warm_validation="none"`` for a
+  fixed ``warm_epochs`` epochs
   (optionally on the last ``window_days`` days only), with no model selection
   (:func:`towers.pipeline.train_for_epochs`); with ``warm_validation="newer"`` the epoch
   count is chosen by early stopping on a validation held out of the events newer than the
@@ -70,6 +72,10 @@ class ContinuousSettings:
     # validation of the events after the previous cut, then a refit on all of them
     warm_validation: str = "none"
     window_days: float | None = None
+    # shrink and perturb of the carried weights (init_shrink, init_perturb) in the warm
+    # updates only; 1 and 0 copy them as they are
+    warm_shrink: float = 1.0
+    warm_perturb: float = 0.0
     # tower pairs of both models (the MovieLens presets train 3 or 7; 1 keeps the replay
     # within minutes on two CPU cores)
     ensemble: int = 1
@@ -220,7 +226,14 @@ def warm_update(
     then refitted. The model, its checkpoint and its epoch count."""
     if settings.warm_validation not in ("none", "newer"):
         raise ValueError(f"warm_validation must be none or newer, got {settings.warm_validation!r}")
-    warm_cfg = OmegaConf.merge(cfg, {"init_from": str(previous)})
+    warm_cfg = OmegaConf.merge(
+        cfg,
+        {
+            "init_from": str(previous),
+            "init_shrink": settings.warm_shrink,
+            "init_perturb": settings.warm_perturb,
+        },
+    )
     if settings.window_days is not None:
         window = recent_window(split.train, settings.window_days)
         split = dataclasses.replace(split, train=window, fit=window)

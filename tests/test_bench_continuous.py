@@ -4,12 +4,15 @@ tens of minutes: ``twotower bench continuous``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from benchmarks.bench_continuous import interval_cell, verdict
+from benchmarks import continuous
+from benchmarks.bench_continuous import interval_cell, verdict, warm_protocol
 from benchmarks.continuous import (
     ContinuousSettings,
     mean_interval,
@@ -107,3 +110,31 @@ def test_warm_validation_holds_out_only_events_after_the_previous_cut() -> None:
     assert warm.train is split.train
     with pytest.raises(ValueError, match="no user has 5 events after the previous cut"):
         split_for_warm(split, since=20, cfg=cfg)
+
+
+def test_warm_updates_alone_shrink_and_perturb_the_carried_weights(monkeypatch) -> None:
+    seen: dict[str, object] = {}
+
+    def train(cfg, data, epochs, out):  # type: ignore[no-untyped-def]
+        seen.update(cfg=cfg, epochs=epochs)
+        return "model"
+
+    monkeypatch.setattr(continuous, "train_for_epochs", train)
+    monkeypatch.setattr(continuous, "prepared", lambda *args: None)
+    cfg = OmegaConf.create({"seed": 0, "init_from": None, "init_shrink": 1.0, "init_perturb": 0.0})
+    settings = ContinuousSettings(warm_shrink=0.5, warm_perturb=0.1)
+    events = pd.DataFrame({"user_id": [], "item_id": [], "timestamp": []})
+    split = Split(events, events, events, events, np.array([], dtype=object))
+    _, checkpoint, epochs = continuous.warm_update(
+        cfg, None, split, Path("prev.ckpt"), 0.0, settings, Path("out")
+    )
+    warm_cfg = seen["cfg"]
+    assert (warm_cfg.init_from, warm_cfg.init_shrink, warm_cfg.init_perturb) == (
+        "prev.ckpt",
+        0.5,
+        0.1,
+    )
+    assert (cfg.init_from, cfg.init_shrink) == (None, 1.0)  # the full retrains' config is untouched
+    assert (epochs, checkpoint) == (2, Path("out/last.ckpt"))
+    assert "0.5 x previous + 0.1 x fresh" in warm_protocol(settings)
+    assert "shrunk" not in warm_protocol(ContinuousSettings())
