@@ -54,10 +54,12 @@ from towers.data.split import (
 from towers.evaluation.callback import module_scores_by_user
 from towers.evaluation.ranking import evaluate_popularity
 from towers.model.module import TwoTowerModule
+from towers.model.warm_start import ShrinkPerturb
 from towers.pipeline import feature_settings, fit_and_select, train_for_epochs
 
 log = logging.getLogger(__name__)
 KS = (10, 20, 50)
+WARM_VALIDATIONS = ("none", "newer")
 
 
 @dataclass
@@ -86,6 +88,14 @@ class ContinuousSettings:
     # resamples of the users of a slice for the 95% interval of a gap (scipy's BCa
     # bootstrap of the mean per-user difference)
     resamples: int = 2000
+
+    def __post_init__(self) -> None:
+        """Settings that would fail at the first update fail here, before any training."""
+        if self.warm_validation not in WARM_VALIDATIONS:
+            raise ValueError(
+                f"warm_validation must be one of {WARM_VALIDATIONS}, got {self.warm_validation!r}"
+            )
+        ShrinkPerturb(self.warm_shrink, self.warm_perturb)  # raises WarmStartError if out of range
 
 
 @dataclass
@@ -224,8 +234,6 @@ def warm_update(
     ``split`` (``init_from``): ``warm_epochs`` epochs without selection, or (``warm_validation
     ="newer"``) as many as early stopping picks on the newer events (:func:`split_for_warm`),
     then refitted. The model, its checkpoint and its epoch count."""
-    if settings.warm_validation not in ("none", "newer"):
-        raise ValueError(f"warm_validation must be none or newer, got {settings.warm_validation!r}")
     warm_cfg = OmegaConf.merge(
         cfg,
         {

@@ -138,3 +138,16 @@ def test_warm_updates_alone_shrink_and_perturb_the_carried_weights(monkeypatch) 
     assert (epochs, checkpoint) == (2, Path("out/last.ckpt"))
     assert "0.5 x previous + 0.1 x fresh" in warm_protocol(settings)
     assert "shrunk" not in warm_protocol(ContinuousSettings())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"warm_validation": "later"}, "warm_validation must be one of"),
+        ({"warm_shrink": 0.0}, "init_shrink must be in"),
+        ({"warm_perturb": 2.0}, "init_perturb must be in"),
+    ],
+)
+def test_settings_that_would_fail_at_the_first_update_fail_at_once(settings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ContinuousSettings(**settings)

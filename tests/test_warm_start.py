@@ -149,6 +149,32 @@ def test_shrink_and_perturb_mixes_carried_weights_with_the_fresh_ones(old_and_ne
     torch.testing.assert_close(mixed["item_log_p"], fresh["item_log_p"])  # data, untouched
 
 
+def test_shrink_and_perturb_copies_buffers_such_as_batch_norm_statistics(tiny_data) -> None:
+    old, old_data = module_for(earlier(tiny_data, 0.6), seed=1, overrides=("model.norm=batch",))
+    new, new_data = module_for(tiny_data, seed=2, overrides=("model.norm=batch",))
+    with torch.no_grad():  # statistics as training would leave them, unlike a fresh model's
+        for buffer_name, buffer in old.named_buffers():
+            if buffer_name.endswith(("running_mean", "running_var")):
+                buffer.add_(0.5)
+            elif buffer_name.endswith("num_batches_tracked"):
+                buffer.fill_(7)
+    previous = previous_of(old, old_data, Path("old.ckpt"))
+    blend = ShrinkPerturb(shrink=0.5, perturb=0.1)
+    remap = remap_state(new, new_data.encoders, previous, blend)
+    assert not remap.problems
+    statistics = [k for k in remap.state if k.endswith(("running_mean", "running_var"))]
+    counters = [k for k in remap.state if k.endswith("num_batches_tracked")]
+    assert statistics and counters
+    for key in [*statistics, *counters]:
+        assert torch.equal(remap.state[key], previous.state[key]), key
+        assert remap.state[key].dtype == new.state_dict()[key].dtype, key
+    weights = [k for k in remap.state if k.endswith("mlp.1.weight")]  # the norm's scale
+    assert weights
+    for key in weights:
+        fresh = new.state_dict()[key]
+        torch.testing.assert_close(remap.state[key], 0.5 * previous.state[key] + 0.1 * fresh)
+
+
 @pytest.mark.parametrize(
     ("shrink", "perturb", "message"),
     [(0.0, 0.0, "init_shrink must be in"), (1.5, 0.0, "init_shrink"), (1.0, -0.1, "init_perturb")],

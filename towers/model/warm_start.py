@@ -100,7 +100,8 @@ class ShrinkPerturb:
     NeurIPS 2020): each carried weight (entry) becomes ``shrink * previous + perturb *
     fresh``, ``fresh`` this run's own initialisation of it. ``shrink=1, perturb=0`` (the
     default) copies the previous weights unchanged. Rows of values new to this run keep
-    their fresh initialisation; a learned temperature is copied as it is."""
+    their fresh initialisation; a learned temperature, buffers (BatchNorm's running
+    statistics) and integer tensors are copied as they are."""
 
     shrink: float = 1.0
     perturb: float = 0.0
@@ -119,7 +120,7 @@ class ShrinkPerturb:
     def __call__(self, previous: Tensor, fresh: Tensor) -> Tensor:
         """``previous`` shrunk and perturbed with ``fresh`` (same shape), in ``fresh``'s dtype."""
         previous = previous.to(fresh.dtype)
-        if self.copies:
+        if self.copies or not fresh.is_floating_point():
             return previous
         return self.shrink * previous + self.perturb * fresh
 
@@ -457,7 +458,9 @@ def remap_state(
         used.update(keys)
         used.add(found)
         role = roles.get(name)
-        value, count = carry(name, role, out[name], found, encoders, previous, problems, blend)
+        # buffers (BatchNorm's running statistics) are statistics, not weights: copied
+        mix = blend if isinstance(state[name], nn.Parameter) else COPY
+        value, count = carry(name, role, out[name], found, encoders, previous, problems, mix)
         if value is not None:
             out.update({k: value for k in keys})
         if count is not None and role is not None:
