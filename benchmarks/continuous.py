@@ -7,12 +7,12 @@ models are trained on everything up to the cut:
 - **warm**: the previous step's warm model (the first model at the first step) updated
   with ``init_from`` (its weights shrunk and perturbed by ``warm_shrink`` and
   ``warm_perturb``, copied as they are by default): with ``warm_validation="none"`` for a
-  fixed ``warm_epochs`` epochs
-  (optionally on the last ``window_days`` days only), with no model selection
-  (:func:`towers.pipeline.train_for_epochs`); with ``warm_validation="newer"`` the epoch
-  count is chosen by early stopping on a validation held out of the events newer than the
-  previous cut only (the previous model has trained on every older one), then the update
-  is refitted on all of the data from ``init_from`` for that many epochs;
+  fixed ``warm_epochs`` epochs (optionally on the last ``window_days`` days only), with no
+  model selection (:func:`towers.pipeline.train_for_epochs`); with
+  ``warm_validation="newer"`` the epoch count is chosen by early stopping on a validation
+  held out of the events newer than the previous cut only (the previous model has trained
+  on every older one), then the update is refitted on all of the data from ``init_from``
+  for that many epochs;
 - **full**: a model trained from scratch as the pipeline does: epoch count chosen by early
   stopping on a validation split of the data up to the cut, then refitted on all of it
   (``train.refit``, as the MovieLens presets do).
@@ -136,7 +136,7 @@ def split_for(known: pd.DataFrame, next_events: pd.DataFrame, cfg: DictConfig) -
 
 def split_for_warm(split: Split, since: float, cfg: DictConfig) -> Split:
     """``split`` with its validation held out of the events newer than ``since`` only (per
-    user, the last ``split.validation_fraction`` of their newer events, as
+    user, the last ``cfg.split.validation_fraction`` of their newer events, as
     :func:`temporal_holdout` holds): a model trained on every event up to ``since`` has
     seen none of them, so early stopping on them measures what the update learns."""
     newer = split.train[TIMESTAMP] > since
@@ -231,9 +231,9 @@ def warm_update(
     out: Path,
 ) -> tuple[TwoTowerModule, Path, int]:
     """``previous`` (trained on the events up to ``since``) updated with the data of
-    ``split`` (``init_from``): ``warm_epochs`` epochs without selection, or (``warm_validation
-    ="newer"``) as many as early stopping picks on the newer events (:func:`split_for_warm`),
-    then refitted. The model, its checkpoint and its epoch count."""
+    ``split`` (``init_from``): ``warm_epochs`` epochs without selection, or, with
+    ``warm_validation="newer"``, as many as early stopping picks on the newer events
+    (:func:`split_for_warm`), then refitted. The model, its checkpoint and its epoch count."""
     warm_cfg = OmegaConf.merge(
         cfg,
         {

@@ -195,6 +195,13 @@ def test_shrink_and_perturb_without_init_from_is_an_error_before_any_work(
     assert not out.exists()
 
 
+def test_a_shrink_that_is_not_a_number_names_the_setting(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(WarmStartError, match="init_perturb must be a number, got 'lots'"):
+        train(compose_config([*FAST, "init_perturb=lots", f"paths.output_dir={out}"]))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("overrides", [(), ("model.history_attributes=true",)])
 def test_a_warm_started_model_scores_known_items_and_users_as_before(
     tiny_data: RawData, overrides: tuple[str, ...]

@@ -330,7 +330,13 @@ def apply_init_from(cfg: DictConfig, module: TwoTowerModule, data: PreparedData)
 def shrink_perturb(cfg: DictConfig) -> ShrinkPerturb:
     """``cfg.init_shrink`` and ``cfg.init_perturb``, checked; either set away from 1 and 0
     without ``init_from`` is an error (there is nothing to shrink)."""
-    blend = ShrinkPerturb(float(cfg.get("init_shrink", 1.0)), float(cfg.get("init_perturb", 0.0)))
+    values = {
+        key: cfg.get(key, default) for key, default in (("init_shrink", 1.0), ("init_perturb", 0.0))
+    }
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WarmStartError(f"{key} must be a number, got {value!r}")
+    blend = ShrinkPerturb(float(values["init_shrink"]), float(values["init_perturb"]))
     if not blend.copies and not cfg.get("init_from"):
         raise WarmStartError(
             "init_shrink / init_perturb shrink and perturb the weights of a warm start: "
