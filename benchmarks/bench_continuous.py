@@ -2,10 +2,15 @@
 
 twotower bench continuous [--datasets ml-100k,ml-latest-small] [--steps 3 --warm-epochs 2]
                           [--warm-validation newer] [--warm-shrink 0.5 --warm-perturb 0.1]
+                          [--warm-override model.optimizer.lr=0.0003 ...]
+                          [--seeds 3] [--reuse-full]
 Replays each MovieLens dataset in time: a first model on the first 80% of the events, then
 steps of 5%; at each step a warm update of the previous model and a full retrain from
-scratch, both scored on the next slice. Writes docs/benchmarks/continuous.json and
-continuous.md.
+scratch, both scored on the next slice (with --seeds N, N replays from N seeds, each
+model's per-user NDCG@20 averaged over them). --reuse-full loads the full retrains of an
+earlier replay into the same --workdir that had the same config, seed and data, instead
+of training them again (only for replays of the same code). Writes
+docs/benchmarks/continuous.json and continuous.md.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ COLUMNS = [
     "warm_ndcg@20",
     "warm_minus_full_ndcg@20",
     "warm_minus_full_95%",
+    "warm_minus_full_seeds",
+    "warm_minus_full_seed_se",
     "full_b_minus_full_ndcg@20",
     "full_b_minus_full_95%",
     "stale_ndcg@20",
@@ -99,6 +106,8 @@ def warm_protocol(settings: ContinuousSettings) -> str:
             f" with its weights shrunk and perturbed ({settings.warm_shrink:g} x previous + "
             f"{settings.warm_perturb:g} x fresh initialisation)"
         )
+    if settings.warm_overrides:
+        data += f", with {', '.join(f'`{o}`' for o in settings.warm_overrides)}"
     if settings.warm_validation == "newer":
         return (
             "epoch count by early stopping on a validation held out of the events after the "
@@ -106,6 +115,19 @@ def warm_protocol(settings: ContinuousSettings) -> str:
             f"share of their newer events), then refit from {start} on {data}"
         )
     return f"from {start}, {settings.warm_epochs} epoch(s) on {data}, no selection"
+
+
+def seeds_text(settings: ContinuousSettings) -> str:
+    """How the seeds enter the report, in words ('' for one seed)."""
+    if settings.seeds == 1:
+        return ""
+    return (
+        f"Every model is trained from {settings.seeds} seeds (the config's seed and the "
+        f"next {settings.seeds - 1}), each seed with its own warm chain; metrics are means "
+        "over the seeds, and gaps are taken between per-user NDCG@20 averaged over the "
+        "seeds, which shrinks the training's randomness (`warm_minus_full_seeds`: each "
+        "seed's own gap, which shows it). "
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,8 +140,26 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("TWOTOWER_DATASETS", str(ROOT.parent / "shared" / "datasets")),
     )
     for field in dataclasses.fields(ContinuousSettings):
+        if field.name == "warm_overrides":
+            continue
         kind = {"int": int, "str": str}.get(str(field.type), float)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+    parser.add_argument(
+        "--warm-override",
+        dest="warm_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override of the warm updates only (repeatable), e.g. "
+        "model.optimizer.lr=0.0003; positional overrides apply to every model",
+    )
+    parser.add_argument(
+        "--reuse-full",
+        action="store_true",
+        help="load the full retrains an earlier replay wrote into --workdir with the same "
+        "config, seed, data and thread count instead of training them again (the code is "
+        "not checked: only between replays of the same code)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -153,20 +193,28 @@ def main(argv: list[str] | None = None) -> None:
                     *args.overrides,
                 ],
             )
-        dataset_rows, pooled[name] = replay(name, cfg, settings, args.workdir / name)
+        dataset_rows, pooled[name] = replay(
+            name, cfg, settings, args.workdir / name, reuse_full=args.reuse_full
+        )
         rows += dataset_rows
     totals = summary(rows, settings, pooled)
     for row in rows:
         for model in ("warm", "full_b"):
             row[f"{model}_minus_full_95%"] = interval_cell(row, model)
+        if "warm_minus_full_by_seed" in row:
+            row["warm_minus_full_seeds"] = ", ".join(
+                f"{gap:+.3f}" for gap in row["warm_minus_full_by_seed"]
+            )
     command = (
         "twotower bench continuous"
         + (f" --threads {args.threads}" if args.threads != 1 else "")
         + "".join(
             f" --{f.name.replace('_', '-')} {getattr(settings, f.name)}"
             for f in dataclasses.fields(ContinuousSettings)
-            if getattr(settings, f.name) != f.default
+            if f.name != "warm_overrides" and getattr(settings, f.name) != f.default
         )
+        + "".join(f" --warm-override {override}" for override in settings.warm_overrides)
+        + (" --reuse-full" if args.reuse_full else "")
     )
     if args.datasets != ",".join(DATASETS):
         command += f" --datasets {args.datasets}"
@@ -184,14 +232,22 @@ def main(argv: list[str] | None = None) -> None:
         "are scored on the **next** slice: its users, every item a candidate, each user's "
         "earlier items excluded (EVALUATION.md metrics). `stale` is the previous step's warm "
         "model without the update; `popularity` counts the events up to the cut; `full_b` "
-        "is a second full retrain from seed + 1, how far two full retrains are apart on the "
-        "same slice. Gaps are per-user NDCG@20 differences averaged over the slice's users, "
+        f"is a second full retrain from seed + {settings.seeds}, how far two full retrains "
+        "are apart on the same slice. Gaps are per-user NDCG@20 differences averaged over "
+        "the slice's users, "
         f"with a 95% interval (BCa bootstrap over the users, {settings.resamples} draws: it "
         "covers which users are in the slice, not the training's randomness, which `full_b` "
         "shows). "
-        "Step 0 is the first model (full only). All models use the dataset's preset with "
+        + seeds_text(settings)
+        + "Step 0 is the first model (full only). All models use the dataset's preset with "
         f"`model.ensemble={settings.ensemble}`; times are wall seconds on this machine "
-        f"(shared with other jobs, so noisy), measured in one run. Command: `{command}`.",
+        "(shared with other jobs, so noisy), per model"
+        + (
+            ", a reused full retrain's those recorded when it was trained"
+            if args.reuse_full
+            else ", measured in one run"
+        )
+        + f". Command: `{command}`.",
         {**dataclasses.asdict(settings), "threads": args.threads},
         rows,
         COLUMNS,

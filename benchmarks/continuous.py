@@ -21,11 +21,20 @@ Both are scored on the **next** slice, as EVALUATION.md ranks: the users with ev
 it, every catalogue item a candidate, each user's earlier items excluded, their history
 the events up to the cut; Recall@K and NDCG@K. The model of the step before, not updated
 (``stale``), and popularity (counts up to the cut) are scored beside them.
+
+With ``seeds`` > 1 the whole replay (first model, warm chain, full retrains) runs once per
+seed (``seed``, ``seed + 1``, ...) and each model's per-user NDCG@20 is averaged over the
+seeds before the gaps are taken: the training's own randomness, which at MovieLens size is
+as large as the gaps, shrinks with the square root of the seed count. Full retrains depend
+only on the config, the seed and the cut, so a replay can reuse those of an earlier one
+(``reuse_full``: each records a fingerprint of what made it beside its checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -88,6 +97,10 @@ class ContinuousSettings:
     # resamples of the users of a slice for the 95% interval of a gap (scipy's BCa
     # bootstrap of the mean per-user difference)
     resamples: int = 2000
+    # replays from seeds seed, seed + 1, ...: per-user NDCG@20 averaged over them
+    seeds: int = 1
+    # config overrides (key=value) of the warm updates only, e.g. a lower learning rate
+    warm_overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Settings that would fail at the first update fail here, before any training."""
@@ -96,6 +109,22 @@ class ContinuousSettings:
                 f"warm_validation must be one of {WARM_VALIDATIONS}, got {self.warm_validation!r}"
             )
         ShrinkPerturb(self.warm_shrink, self.warm_perturb)  # raises WarmStartError if out of range
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be at least 1, got {self.seeds}")
+        self.warm_overrides = tuple(self.warm_overrides)
+        warm_override_config(self.warm_overrides)  # raises ValueError naming a bad one
+
+
+def warm_override_config(overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` overrides as a config to merge into the warm updates' (values parsed as
+    YAML, as on the command line); one without ``=`` or with an empty key is an error."""
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"a warm override must be key=value, got {override!r}")
+        if key.strip() in ("seed", "init_from"):
+            raise ValueError(f"warm override {override!r}: {key} is set by the replay itself")
+    return OmegaConf.from_dotlist(list(overrides))
 
 
 @dataclass
@@ -236,6 +265,7 @@ def warm_update(
     (:func:`split_for_warm`), then refitted. The model, its checkpoint and its epoch count."""
     warm_cfg = OmegaConf.merge(
         cfg,
+        warm_override_config(settings.warm_overrides),
         {
             "init_from": str(previous),
             "init_shrink": settings.warm_shrink,
@@ -263,83 +293,231 @@ def timed(function: Any, *args: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
+def full_fingerprint(cfg: DictConfig, known: pd.DataFrame, cut: float) -> str:
+    """What a full retrain depends on: its config (less where it writes), the data up to
+    the cut (event count, cut, newest event) and torch's thread count (which changes the
+    floating-point sums). The code is not part of it: reuse full retrains only across
+    replays of the same code."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    config.pop("paths", None)
+    what = {
+        "config": config,
+        "events": len(known),
+        "cut": cut,
+        "newest": float(known[TIMESTAMP].max()),
+        "threads": torch.get_num_threads(),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+FULL_RECORD = "full.json"
+
+
+def full_retrain(
+    cfg: DictConfig, raw: RawData, split: Split, out: Path, fingerprint: str | None
+) -> tuple[TwoTowerModule, int, Path, float]:
+    """:func:`select_and_refit` from scratch, timed: the model, its epoch count, checkpoint
+    and seconds. With a ``fingerprint``, a retrain already in ``out`` with the same one
+    (its record, ``out/full.json``, written after it finished) is loaded instead, with the
+    seconds it took then; anything else is trained again."""
+    record = out / FULL_RECORD
+    if fingerprint is not None and record.exists():
+        saved = json.loads(record.read_text())
+        checkpoint = Path(saved["checkpoint"])
+        if saved.get("fingerprint") == fingerprint and checkpoint.exists():
+            log.info("reusing the full retrain in %s", out)
+            module = TwoTowerModule.load_from_checkpoint(
+                checkpoint, map_location="cpu", weights_only=False
+            )
+            return module.cpu().eval(), int(saved["epochs"]), checkpoint, float(saved["seconds"])
+    record.unlink(missing_ok=True)  # a retrain that stops half-way leaves no record
+    (module, epochs, checkpoint), seconds = timed(select_and_refit, cfg, raw, split, out)
+    if fingerprint is not None:
+        saved = {
+            "fingerprint": fingerprint,
+            "epochs": epochs,
+            "checkpoint": str(checkpoint),
+            "seconds": seconds,
+        }
+        partial = record.with_suffix(".partial")
+        partial.write_text(json.dumps(saved, indent=2))
+        partial.replace(record)
+    return module, epochs, checkpoint, seconds
+
+
+def seed_average(per_seed: Sequence[pd.Series]) -> pd.Series:
+    """Each user's value averaged over the seeds' models (all scored the same users)."""
+    first = per_seed[0]
+    for other in per_seed[1:]:
+        user_differences(other, first)  # raises if another seed scored other users
+    return pd.concat([series.reindex(first.index) for series in per_seed], axis=1).mean(axis=1)
+
+
+@dataclass
+class WarmChain:
+    """One seed's warm chain: its latest model and checkpoint."""
+
+    module: TwoTowerModule
+    checkpoint: Path
+
+
+@dataclass
+class Step:
+    """One step of a replay: the data up to its cut and the next slice, and what its models
+    scored there (each kind, ``full``, ``warm``, ``stale``, ``full_b``, once per seed),
+    with their seconds and epoch counts."""
+
+    raw: RawData
+    known: pd.DataFrame
+    next_events: pd.DataFrame
+    split: Split
+    cut: float
+    scores: dict[str, list[tuple[dict[str, float], pd.Series]]] = dataclasses.field(
+        default_factory=dict
+    )
+    seconds: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    epochs: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    def score(
+        self,
+        kind: str,
+        module: TwoTowerModule,
+        seconds: float | None = None,
+        epochs: int | None = None,
+    ) -> None:
+        """Score ``module`` on the next slice as one more model of ``kind``."""
+        self.scores.setdefault(kind, []).append(
+            score_next(module, self.raw, self.known, self.next_events)
+        )
+        if seconds is not None:
+            self.seconds.setdefault(kind, []).append(seconds)
+        if epochs is not None:
+            self.epochs.setdefault(kind, []).append(epochs)
+
+    def retrain(
+        self, cfg: DictConfig, seed: int, kind: str, out: Path, reuse: bool
+    ) -> tuple[TwoTowerModule, Path]:
+        """A full retrain from ``seed`` (:func:`full_retrain`, reused when ``reuse`` and
+        its fingerprint matches), scored as ``kind``; the model and its checkpoint."""
+        seed_cfg = OmegaConf.merge(cfg, {"seed": seed})
+        fingerprint = full_fingerprint(seed_cfg, self.known, self.cut) if reuse else None
+        module, epochs, checkpoint, seconds = full_retrain(
+            seed_cfg, self.raw, self.split, out, fingerprint
+        )
+        self.score(kind, module, seconds, epochs)
+        return module, checkpoint
+
+    def summarised(self, row: dict[str, Any], resamples: int, step: int) -> dict[str, np.ndarray]:
+        """``row`` with the step's metrics, each averaged over the seeds, and the warm and
+        second retrain's gaps to the full retrain (per-user NDCG@20 averaged over the seeds,
+        then differenced; with several seeds also each seed's own gap); the per-user
+        differences, for pooling."""
+        row["full_epochs"] = float(np.mean(self.epochs["full"]))
+        row["full_s"] = float(np.mean(self.seconds["full"]))
+        if "warm" in self.seconds:
+            row["warm_epochs"] = float(np.mean(self.epochs["warm"]))
+            row["warm_s"] = float(np.mean(self.seconds["warm"]))
+            row["warm_over_full"] = row["warm_s"] / row["full_s"]
+        if "full_b" in self.seconds:
+            row["full_b_s"] = float(np.mean(self.seconds["full_b"]))
+        for kind, outcomes in self.scores.items():
+            for k in KS:
+                for metric in ("recall", "ndcg"):
+                    key = f"{metric}@{k}"
+                    row[f"{kind}_{key}"] = float(np.mean([m[key] for m, _ in outcomes]))
+        for k in KS:
+            row[f"popularity_ndcg@{k}"] = self.scores["full"][0][0][f"popularity/ndcg@{k}"]
+        full = seed_average([users for _, users in self.scores["full"]])
+        differences: dict[str, np.ndarray] = {}
+        for kind in ("warm", "full_b"):
+            if kind not in self.scores:
+                continue
+            outcomes = self.scores[kind]
+            differences[kind] = user_differences(seed_average([u for _, u in outcomes]), full)
+            gap, low, high = mean_interval(differences[kind], resamples, seed=step)
+            row[f"{kind}_minus_full_ndcg@20"] = gap
+            row[f"{kind}_minus_full_low"], row[f"{kind}_minus_full_high"] = low, high
+            if len(outcomes) > 1:
+                by_seed = [
+                    float(user_differences(mine, theirs).mean())
+                    for (_, mine), (_, theirs) in zip(outcomes, self.scores["full"], strict=True)
+                ]
+                row[f"{kind}_minus_full_by_seed"] = by_seed
+                # the standard error of the seed-averaged gap, from the seeds' spread
+                row[f"{kind}_minus_full_seed_se"] = float(
+                    np.std(by_seed, ddof=1) / np.sqrt(len(by_seed))
+                )
+        return differences
+
+
 def replay(
-    name: str, cfg: DictConfig, settings: ContinuousSettings, workdir: Path
+    name: str,
+    cfg: DictConfig,
+    settings: ContinuousSettings,
+    workdir: Path,
+    reuse_full: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, tuple[float, float, float]]]:
     """The whole replay on the data of ``cfg``: one row per step (step 0 is the first
     model, trained in full and scored on the first next slice), and the gaps to the
     full retrain over every update's users pooled (``warm``, ``full_b``: the mean
-    per-user NDCG@20 difference and its 95% interval)."""
+    per-user NDCG@20 difference and its 95% interval). With ``settings.seeds`` > 1, every
+    model is trained once per seed and its metrics and per-user NDCG@20 averaged over
+    them; ``reuse_full``: full retrains of an earlier replay into ``workdir`` with the same
+    fingerprint (:func:`full_fingerprint`) are loaded, not trained again."""
     raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
     slices = make_slices(raw, cfg, settings)
+    seeds = [int(cfg.seed) + k for k in range(settings.seeds)]
     rows: list[dict[str, Any]] = []
     gaps: dict[str, list[np.ndarray]] = {"warm": [], "full_b": []}
-    warm_checkpoint: Path | None = None
-    warm_module: TwoTowerModule | None = None
-    for step in range(settings.steps + 1):
-        known, next_events = slices.known(step), slices.next(step)
-        split = split_for(known, next_events, cfg)
+    chains: dict[int, WarmChain] = {}
+    for index in range(settings.steps + 1):
+        known, next_events = slices.known(index), slices.next(index)
+        step = Step(raw, known, next_events, split_for(known, next_events, cfg), slices.cuts[index])
         log.info(
             "%s step %d: %d events up to %s, next slice %d events",
             name,
-            step,
+            index,
             len(known),
-            pd.to_datetime(slices.cuts[step], unit="s").date(),
+            pd.to_datetime(slices.cuts[index], unit="s").date(),
             len(next_events),
         )
-        (full, epochs, full_checkpoint), full_s = timed(
-            select_and_refit, cfg, raw, split, workdir / f"step{step}" / "full"
-        )
+        for seed in seeds:
+            where = workdir / f"step{index}" / ("" if len(seeds) == 1 else f"seed{seed}")
+            module, checkpoint = step.retrain(cfg, seed, "full", where / "full", reuse_full)
+            chain = chains.get(seed)
+            if chain is None:  # the first model: the warm chain starts from it
+                chains[seed] = WarmChain(module, checkpoint)
+                continue
+            step.score("stale", chain.module)
+            (warm, warm_checkpoint, warm_epochs), seconds = timed(
+                warm_update,
+                OmegaConf.merge(cfg, {"seed": seed}),
+                raw,
+                step.split,
+                chain.checkpoint,
+                slices.cuts[index - 1],
+                settings,
+                where / "warm",
+            )
+            chains[seed] = WarmChain(warm, warm_checkpoint)
+            step.score("warm", warm, seconds, warm_epochs)
+            if settings.second_full:  # from a seed none of the replays uses
+                step.retrain(cfg, seed + len(seeds), "full_b", where / "full_b", reuse_full)
         row: dict[str, Any] = {
             "dataset": name,
-            "step": step,
-            "cut": str(pd.to_datetime(slices.cuts[step], unit="s").date()),
+            "step": index,
+            "cut": str(pd.to_datetime(slices.cuts[index], unit="s").date()),
             "train_events": len(known),
             "next_events": len(next_events),
             "next_users": int(next_events[USER_ID].nunique()),
             "returning_users": int(
                 next_events[USER_ID].drop_duplicates().isin(known[USER_ID]).sum()
             ),
-            "full_epochs": epochs,
-            "full_s": full_s,
+            "seeds": len(seeds),
         }
-        scores = {"full": score_next(full, raw, known, next_events)}
-        if warm_checkpoint is not None and warm_module is not None:
-            scores["stale"] = score_next(warm_module, raw, known, next_events)
-            (warm_module, warm_checkpoint, warm_epochs), warm_s = timed(
-                warm_update,
-                cfg,
-                raw,
-                split,
-                warm_checkpoint,
-                slices.cuts[step - 1],
-                settings,
-                workdir / f"step{step}" / "warm",
-            )
-            scores["warm"] = score_next(warm_module, raw, known, next_events)
-            row.update(warm_epochs=warm_epochs, warm_s=warm_s, warm_over_full=warm_s / full_s)
-            if settings.second_full:
-                second_cfg = OmegaConf.merge(cfg, {"seed": int(cfg.seed) + 1})
-                (second, _, _), row["full_b_s"] = timed(
-                    select_and_refit, second_cfg, raw, split, workdir / f"step{step}" / "full_b"
-                )
-                scores["full_b"] = score_next(second, raw, known, next_events)
-        else:  # the first model: the warm chain starts from it
-            warm_module, warm_checkpoint = full, full_checkpoint
-        for model, (metrics, _) in scores.items():
-            for k in KS:
-                for metric in ("recall", "ndcg"):
-                    row[f"{model}_{metric}@{k}"] = metrics[f"{metric}@{k}"]
-        for k in KS:
-            row[f"popularity_ndcg@{k}"] = scores["full"][0][f"popularity/ndcg@{k}"]
-        per_user = {model: users for model, (_, users) in scores.items()}
-        for model in ("warm", "full_b"):
-            if model in per_user:
-                differences = user_differences(per_user[model], per_user["full"])
-                gap, low, high = mean_interval(differences, settings.resamples, seed=step)
-                row[f"{model}_minus_full_ndcg@20"] = gap
-                row[f"{model}_minus_full_low"], row[f"{model}_minus_full_high"] = low, high
-                gaps[model].append(differences)
+        for kind, differences in step.summarised(row, settings.resamples, index).items():
+            gaps[kind].append(differences)
         log.info("%s", {k: v for k, v in row.items() if not k.endswith(("@10", "@50"))})
         rows.append(row)
     pooled = {

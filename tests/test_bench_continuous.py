@@ -20,6 +20,7 @@ from benchmarks.continuous import (
     summary,
     user_differences,
 )
+from tests.conftest import TINY_OVERRIDES, compose_config
 from towers.data.split import Split, prepare_interactions
 
 
@@ -151,3 +152,68 @@ def test_warm_updates_alone_shrink_and_perturb_the_carried_weights(monkeypatch) 
 def test_settings_that_would_fail_at_the_first_update_fail_at_once(settings, message) -> None:
     with pytest.raises(ValueError, match=message):
         ContinuousSettings(**settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"warm_overrides": ("model.optimizer.lr",)}, "must be key=value"),
+        ({"warm_overrides": ("=1",)}, "must be key=value"),
+        ({"warm_overrides": ("seed=3",)}, "seed is set by the replay"),
+        ({"seeds": 0}, "seeds must be at least 1"),
+    ],
+)
+def test_seeds_and_warm_overrides_are_checked_at_once(settings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        ContinuousSettings(**settings)
+
+
+def test_warm_overrides_change_the_warm_updates_only(monkeypatch) -> None:
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(continuous, "train_for_epochs", lambda cfg, *_: seen.update(cfg=cfg))
+    monkeypatch.setattr(continuous, "prepared", lambda *args: None)
+    cfg = OmegaConf.create({"seed": 0, "model": {"optimizer": {"lr": 0.001}}})
+    settings = ContinuousSettings(warm_overrides=("model.optimizer.lr=0.0003",))
+    events = pd.DataFrame({"user_id": [], "item_id": [], "timestamp": []})
+    split = Split(events, events, events, events, np.array([], dtype=object))
+    continuous.warm_update(cfg, None, split, Path("prev.ckpt"), 0.0, settings, Path("out"))
+    assert seen["cfg"].model.optimizer.lr == 0.0003  # type: ignore[union-attr]
+    assert cfg.model.optimizer.lr == 0.001
+    assert "with `model.optimizer.lr=0.0003`" in warm_protocol(settings)
+
+
+def test_seeded_replay_averages_the_seeds_and_reuses_its_full_retrains(
+    tmp_path: Path, monkeypatch
+) -> None:
+    cfg = compose_config(
+        [*TINY_OVERRIDES, "trainer.max_epochs=2", "logger=none", f"paths.output_dir={tmp_path}"]
+    )
+    settings = ContinuousSettings(
+        start=0.8, step=0.1, steps=1, warm_epochs=1, second_full=0, seeds=2, resamples=50
+    )
+    rows, pooled = continuous.replay("tiny", cfg, settings, tmp_path, reuse_full=True)
+    update = rows[1]
+    by_seed = update["warm_minus_full_by_seed"]
+    assert update["seeds"] == 2 and len(by_seed) == 2
+    # the gap of the seed-averaged NDCG is the mean of the seeds' own gaps
+    assert update["warm_minus_full_ndcg@20"] == pytest.approx(np.mean(by_seed))
+    assert update["warm_ndcg@20"] - update["full_ndcg@20"] == pytest.approx(np.mean(by_seed))
+    assert pooled["warm"][0] == pytest.approx(update["warm_minus_full_ndcg@20"])
+    assert update["warm_minus_full_seed_se"] == pytest.approx(np.std(by_seed, ddof=1) / np.sqrt(2))
+    assert {p.parent.parent.name for p in tmp_path.glob("step*/seed*/full/full.json")} == {
+        "seed42",
+        "seed43",
+    }
+
+    def no_training(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("a full retrain with the same fingerprint was trained again")
+
+    monkeypatch.setattr(continuous, "select_and_refit", no_training)
+    again, _ = continuous.replay("tiny", cfg, settings, tmp_path, reuse_full=True)
+    for before, after in zip(rows, again, strict=True):  # the loaded models score the same
+        assert {k: v for k, v in after.items() if k not in ("warm_s", "warm_over_full")} == {
+            k: v for k, v in before.items() if k not in ("warm_s", "warm_over_full")
+        }
+    other_seed = OmegaConf.merge(cfg, {"seed": 7})
+    with pytest.raises(AssertionError, match="trained again"):  # another fingerprint
+        continuous.replay("tiny", other_seed, settings, tmp_path, reuse_full=True)
