@@ -106,6 +106,8 @@ def warm_protocol(settings: ContinuousSettings) -> str:
             f" with its weights shrunk and perturbed ({settings.warm_shrink:g} x previous + "
             f"{settings.warm_perturb:g} x fresh initialisation)"
         )
+    if settings.warm_lr_scale != 1.0:
+        data += f", at {settings.warm_lr_scale:g} x the learning rate"
     if settings.warm_overrides:
         data += f", with {', '.join(f'`{o}`' for o in settings.warm_overrides)}"
     if settings.warm_validation == "newer":

@@ -99,7 +99,9 @@ class ContinuousSettings:
     resamples: int = 2000
     # replays from seeds seed, seed + 1, ...: per-user NDCG@20 averaged over them
     seeds: int = 1
-    # config overrides (key=value) of the warm updates only, e.g. a lower learning rate
+    # the warm updates' learning rate as a multiple of the config's (model.optimizer.lr)
+    warm_lr_scale: float = 1.0
+    # config overrides (key=value) of the warm updates only
     warm_overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -109,6 +111,8 @@ class ContinuousSettings:
                 f"warm_validation must be one of {WARM_VALIDATIONS}, got {self.warm_validation!r}"
             )
         ShrinkPerturb(self.warm_shrink, self.warm_perturb)  # raises WarmStartError if out of range
+        if not self.warm_lr_scale > 0:
+            raise ValueError(f"warm_lr_scale must be above 0, got {self.warm_lr_scale}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be at least 1, got {self.seeds}")
         self.warm_overrides = tuple(self.warm_overrides)
@@ -272,6 +276,8 @@ def warm_update(
             "init_perturb": settings.warm_perturb,
         },
     )
+    if settings.warm_lr_scale != 1.0:  # of the learning rate the overrides leave
+        warm_cfg.model.optimizer.lr = float(warm_cfg.model.optimizer.lr) * settings.warm_lr_scale
     if settings.window_days is not None:
         window = recent_window(split.train, settings.window_days)
         split = dataclasses.replace(split, train=window, fit=window)

@@ -4,6 +4,7 @@ tens of minutes: ``twotower bench continuous``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,7 @@ def test_settings_that_would_fail_at_the_first_update_fail_at_once(settings, mes
         ({"warm_overrides": ("=1",)}, "must be key=value"),
         ({"warm_overrides": ("seed=3",)}, "seed is set by the replay"),
         ({"seeds": 0}, "seeds must be at least 1"),
+        ({"warm_lr_scale": 0.0}, "warm_lr_scale must be above 0"),
     ],
 )
 def test_seeds_and_warm_overrides_are_checked_at_once(settings, message) -> None:
@@ -180,6 +182,14 @@ def test_warm_overrides_change_the_warm_updates_only(monkeypatch) -> None:
     assert seen["cfg"].model.optimizer.lr == 0.0003  # type: ignore[union-attr]
     assert cfg.model.optimizer.lr == 0.001
     assert "with `model.optimizer.lr=0.0003`" in warm_protocol(settings)
+    scaled = ContinuousSettings(warm_lr_scale=0.25)
+    continuous.warm_update(cfg, None, split, Path("prev.ckpt"), 0.0, scaled, Path("out"))
+    assert seen["cfg"].model.optimizer.lr == pytest.approx(0.00025)  # type: ignore[union-attr]
+    assert cfg.model.optimizer.lr == 0.001
+    assert "at 0.25 x the learning rate" in warm_protocol(scaled)
+    both = dataclasses.replace(scaled, warm_overrides=settings.warm_overrides)
+    continuous.warm_update(cfg, None, split, Path("prev.ckpt"), 0.0, both, Path("out"))
+    assert seen["cfg"].model.optimizer.lr == pytest.approx(0.000075)  # type: ignore[union-attr]
 
 
 def test_seeded_replay_averages_the_seeds_and_reuses_its_full_retrains(
