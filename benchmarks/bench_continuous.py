@@ -3,14 +3,14 @@
 twotower bench continuous [--datasets ml-100k,ml-latest-small] [--steps 3 --warm-epochs 2]
                           [--warm-validation newer] [--warm-shrink 0.5 --warm-perturb 0.1]
                           [--warm-override model.optimizer.lr=0.0003 ...]
-                          [--seeds 3] [--reuse-full]
+                          [--warm-lr-scale 0.3] [--seeds 3] [--reuse-full]
 Replays each MovieLens dataset in time: a first model on the first 80% of the events, then
 steps of 5%; at each step a warm update of the previous model and a full retrain from
 scratch, both scored on the next slice (with --seeds N, N replays from N seeds, each
 model's per-user NDCG@20 averaged over them). --reuse-full loads the full retrains of an
-earlier replay into the same --workdir that had the same config, seed and data, instead
-of training them again (only for replays of the same code). Writes
-docs/benchmarks/continuous.json and continuous.md.
+earlier replay into the same --workdir that had the same config, seed, data, thread count
+and training code, instead of training them again. Writes docs/benchmarks/continuous.json
+and continuous.md.
 """
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ COLUMNS = [
     "warm_ndcg@20",
     "warm_minus_full_ndcg@20",
     "warm_minus_full_95%",
-    "warm_minus_full_seeds",
-    "warm_minus_full_seed_se",
     "full_b_minus_full_ndcg@20",
     "full_b_minus_full_95%",
     "stale_ndcg@20",
@@ -59,6 +57,14 @@ COLUMNS = [
     "warm_s",
     "warm_over_full",
 ]
+
+
+def columns(settings: ContinuousSettings) -> list[str]:
+    """The table's columns: with several seeds, each seed's gap and their t-interval too."""
+    if settings.seeds == 1:
+        return COLUMNS
+    at = COLUMNS.index("warm_minus_full_95%") + 1
+    return [*COLUMNS[:at], "warm_minus_full_seeds", "warm_minus_full_seed_95%", *COLUMNS[at:]]
 
 
 def interval_cell(row: dict[str, Any], model: str) -> str:
@@ -85,7 +91,8 @@ def verdict(name: str, total: dict[str, Any], settings: ContinuousSettings) -> s
     if "full_b_pooled_gap" in total:
         gap, low, high = total["full_b_pooled_gap"]
         text += (
-            f". A second full retrain (seed + 1) is {total['full_b_mean_abs_gap']:.4f} from "
+            f". A second full retrain (seed + {settings.seeds}) is "
+            f"{total['full_b_mean_abs_gap']:.4f} from "
             f"the first on average and {total['full_b_worst_abs_gap']:.4f} at worst "
             f"(pooled {gap:+.4f}, [{low:+.4f}, {high:+.4f}])"
         )
@@ -127,8 +134,10 @@ def seeds_text(settings: ContinuousSettings) -> str:
         f"Every model is trained from {settings.seeds} seeds (the config's seed and the "
         f"next {settings.seeds - 1}), each seed with its own warm chain; metrics are means "
         "over the seeds, and gaps are taken between per-user NDCG@20 averaged over the "
-        "seeds, which shrinks the training's randomness (`warm_minus_full_seeds`: each "
-        "seed's own gap, which shows it). "
+        "seeds, which shrinks the training's randomness (the models are scored one by one, "
+        "not as an ensemble). `warm_minus_full_seeds` lists each seed's own gap, and "
+        f"`warm_minus_full_seed_95%` is the t-interval of their mean ({settings.seeds - 1} "
+        "degrees of freedom), which covers the training's randomness and not the users'. "
     )
 
 
@@ -159,8 +168,8 @@ def main(argv: list[str] | None = None) -> None:
         "--reuse-full",
         action="store_true",
         help="load the full retrains an earlier replay wrote into --workdir with the same "
-        "config, seed, data and thread count instead of training them again (the code is "
-        "not checked: only between replays of the same code)",
+        "config, seed, data, thread count and training code (every towers module) instead "
+        "of training them again",
     )
     parser.add_argument(
         "--threads",
@@ -207,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             row["warm_minus_full_seeds"] = ", ".join(
                 f"{gap:+.3f}" for gap in row["warm_minus_full_by_seed"]
             )
+            low, high = row["warm_minus_full_seed_low"], row["warm_minus_full_seed_high"]
+            row["warm_minus_full_seed_95%"] = f"[{low:+.3f}, {high:+.3f}]"
     command = (
         "twotower bench continuous"
         + (f" --threads {args.threads}" if args.threads != 1 else "")
@@ -216,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             if f.name != "warm_overrides" and getattr(settings, f.name) != f.default
         )
         + "".join(f" --warm-override {override}" for override in settings.warm_overrides)
-        + (" --reuse-full" if args.reuse_full else "")
+        + (f" --reuse-full --workdir {args.workdir}" if args.reuse_full else "")
     )
     if args.datasets != ",".join(DATASETS):
         command += f" --datasets {args.datasets}"
@@ -234,8 +245,14 @@ def main(argv: list[str] | None = None) -> None:
         "are scored on the **next** slice: its users, every item a candidate, each user's "
         "earlier items excluded (EVALUATION.md metrics). `stale` is the previous step's warm "
         "model without the update; `popularity` counts the events up to the cut; `full_b` "
-        f"is a second full retrain from seed + {settings.seeds}, how far two full retrains "
-        "are apart on the same slice. Gaps are per-user NDCG@20 differences averaged over "
+        + (
+            "is a second full retrain from seed + 1, how far two full retrains are apart on "
+            "the same slice. "
+            if settings.seeds == 1
+            else f"is a second set of {settings.seeds} full retrains, from the next "
+            f"{settings.seeds} seeds, how far two such sets are apart on the same slice. "
+        )
+        + "Gaps are per-user NDCG@20 differences averaged over "
         "the slice's users, "
         f"with a 95% interval (BCa bootstrap over the users, {settings.resamples} draws: it "
         "covers which users are in the slice, not the training's randomness, which `full_b` "
@@ -243,16 +260,16 @@ def main(argv: list[str] | None = None) -> None:
         + seeds_text(settings)
         + "Step 0 is the first model (full only). All models use the dataset's preset with "
         f"`model.ensemble={settings.ensemble}`; times are wall seconds on this machine "
-        "(shared with other jobs, so noisy), per model"
+        "(shared with other jobs, so noisy), per model (the mean over the seeds)"
         + (
-            ", a reused full retrain's those recorded when it was trained"
+            "; a reused full retrain's seconds are those it took when it was trained"
             if args.reuse_full
             else ", measured in one run"
         )
         + f". Command: `{command}`.",
         {**dataclasses.asdict(settings), "threads": args.threads},
         rows,
-        COLUMNS,
+        columns(settings),
         "\n\n".join(verdicts),
     )
     report = args.out.with_suffix(".json")

@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from scipy.stats import bootstrap
+from scipy.stats import t as t_distribution
 
 from towers.data.eval_sets import build_eval_set
 from towers.data.prepare import PreparedData, prepare_data
@@ -126,8 +128,11 @@ def warm_override_config(overrides: Sequence[str]) -> DictConfig:
         key, sep, _ = override.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"a warm override must be key=value, got {override!r}")
-        if key.strip() in ("seed", "init_from"):
-            raise ValueError(f"warm override {override!r}: {key} is set by the replay itself")
+        if key.strip() in ("seed", "init_from", "init_shrink", "init_perturb"):
+            raise ValueError(
+                f"warm override {override!r}: {key} is set by the replay itself "
+                "(--warm-shrink / --warm-perturb for shrink and perturb)"
+            )
     return OmegaConf.from_dotlist(list(overrides))
 
 
@@ -225,7 +230,7 @@ def mean_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[fl
 def user_differences(a: pd.Series, b: pd.Series) -> np.ndarray:
     """Per-user ``a - b``, aligned by user id: both models scored the same users (the
     slice's users with a target), anything else is an error."""
-    if not a.index.sort_values().equals(b.index.sort_values()):
+    if not same_users(a, b):
         raise ValueError(
             f"the two models scored different users ({len(a)} and {len(b)}): "
             "their evaluation sets should hold the same slice"
@@ -254,19 +259,11 @@ def select_and_refit(
     return module, epochs, checkpoints / "last.ckpt"
 
 
-def warm_update(
-    cfg: DictConfig,
-    raw: RawData,
-    split: Split,
-    previous: Path,
-    since: float,
-    settings: ContinuousSettings,
-    out: Path,
-) -> tuple[TwoTowerModule, Path, int]:
-    """``previous`` (trained on the events up to ``since``) updated with the data of
-    ``split`` (``init_from``): ``warm_epochs`` epochs without selection, or, with
-    ``warm_validation="newer"``, as many as early stopping picks on the newer events
-    (:func:`split_for_warm`), then refitted. The model, its checkpoint and its epoch count."""
+def warm_config(cfg: DictConfig, previous: Path, settings: ContinuousSettings) -> DictConfig:
+    """The warm updates' config: ``cfg`` with ``settings.warm_overrides``, ``init_from``
+    ``previous`` shrunk and perturbed as set, and the learning rate (``model.optimizer.lr``,
+    the Adam step; a row-wise Adagrad ``sparse_lr`` is left as it is) scaled by
+    ``settings.warm_lr_scale``. A key the config does not have is an error."""
     warm_cfg = OmegaConf.merge(
         cfg,
         warm_override_config(settings.warm_overrides),
@@ -278,12 +275,31 @@ def warm_update(
     )
     if settings.warm_lr_scale != 1.0:  # of the learning rate the overrides leave
         warm_cfg.model.optimizer.lr = float(warm_cfg.model.optimizer.lr) * settings.warm_lr_scale
+    return warm_cfg
+
+
+def warm_update(
+    cfg: DictConfig,
+    raw: RawData,
+    split: Split,
+    previous: Path,
+    since: float,
+    settings: ContinuousSettings,
+    out: Path,
+) -> tuple[TwoTowerModule, Path, int]:
+    """``previous`` (trained on the events up to ``since``) updated with the data of
+    ``split`` (``init_from``, :func:`warm_config`): ``warm_epochs`` epochs without
+    selection, or, with ``warm_validation="newer"``, as many as early stopping picks on the
+    newer events (:func:`split_for_warm`), then refitted. Whatever ``out`` held is removed
+    first. The model, its checkpoint and its epoch count."""
+    warm_cfg = warm_config(cfg, previous, settings)
+    shutil.rmtree(out, ignore_errors=True)
     if settings.window_days is not None:
         window = recent_window(split.train, settings.window_days)
         split = dataclasses.replace(split, train=window, fit=window)
     if settings.warm_validation == "newer":
         module, epochs, checkpoint = select_and_refit(
-            warm_cfg, raw, split_for_warm(split, since, cfg), out
+            warm_cfg, raw, split_for_warm(split, since, warm_cfg), out
         )
         return module, checkpoint, epochs
     pl.seed_everything(cfg.seed, workers=True)
@@ -299,20 +315,39 @@ def timed(function: Any, *args: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def full_fingerprint(cfg: DictConfig, known: pd.DataFrame, cut: float) -> str:
-    """What a full retrain depends on: its config (less where it writes), the data up to
-    the cut (event count, cut, newest event) and torch's thread count (which changes the
-    floating-point sums). The code is not part of it: reuse full retrains only across
-    replays of the same code."""
+def table_digest(table: pd.DataFrame | None) -> str:
+    """A digest of a table's content (every cell as text, in row order)."""
+    if table is None:
+        return ""
+    hashed = pd.util.hash_pandas_object(table.astype(str), index=False).to_numpy()
+    return hashlib.sha256(hashed.tobytes() + ",".join(map(str, table.columns)).encode()).hexdigest()
+
+
+def code_digest() -> str:
+    """A digest of the training code (every ``towers`` module) and of torch's and
+    Lightning's versions: what a full retrain's result depends on besides its inputs."""
+    import towers
+
+    digest = hashlib.sha256(f"{torch.__version__} {pl.__version__}".encode())
+    for source in sorted(Path(towers.__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def full_fingerprint(cfg: DictConfig, raw: RawData, known: pd.DataFrame) -> str:
+    """What a full retrain's result depends on: its config (less ``paths``, where it
+    writes), the events it trains on, the item and user tables, torch's thread count
+    (which changes the floating-point sums) and the training code (:func:`code_digest`)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     config.pop("paths", None)
     what = {
         "config": config,
-        "events": len(known),
-        "cut": cut,
-        "newest": float(known[TIMESTAMP].max()),
+        "events": table_digest(known),
+        "items": table_digest(raw.items),
+        "users": table_digest(raw.users),
         "threads": torch.get_num_threads(),
+        "code": code_digest(),
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -321,42 +356,47 @@ FULL_RECORD = "full.json"
 
 
 def full_retrain(
-    cfg: DictConfig, raw: RawData, split: Split, out: Path, fingerprint: str | None
+    cfg: DictConfig, raw: RawData, split: Split, out: Path, fingerprint: str, reuse: bool
 ) -> tuple[TwoTowerModule, int, Path, float]:
-    """:func:`select_and_refit` from scratch, timed: the model, its epoch count, checkpoint
-    and seconds. With a ``fingerprint``, a retrain already in ``out`` with the same one
-    (its record, ``out/full.json``, written after it finished) is loaded instead, with the
-    seconds it took then; anything else is trained again."""
+    """:func:`select_and_refit` from scratch into ``out``, timed: the model, its epoch
+    count, checkpoint and seconds; a record of it (``out/full.json``: ``fingerprint``, the
+    checkpoint, epochs, seconds) is written once it is done. With ``reuse``, a retrain
+    already in ``out`` whose record holds the same ``fingerprint`` is loaded instead, with
+    the seconds it took then; anything else in ``out`` is removed and trained again."""
     record = out / FULL_RECORD
-    if fingerprint is not None and record.exists():
+    if reuse and record.exists():
         saved = json.loads(record.read_text())
-        checkpoint = Path(saved["checkpoint"])
+        checkpoint = out / saved["checkpoint"]
         if saved.get("fingerprint") == fingerprint and checkpoint.exists():
             log.info("reusing the full retrain in %s", out)
             module = TwoTowerModule.load_from_checkpoint(
                 checkpoint, map_location="cpu", weights_only=False
             )
             return module.cpu().eval(), int(saved["epochs"]), checkpoint, float(saved["seconds"])
-    record.unlink(missing_ok=True)  # a retrain that stops half-way leaves no record
+    shutil.rmtree(out, ignore_errors=True)  # nothing of an earlier retrain is left to read
     (module, epochs, checkpoint), seconds = timed(select_and_refit, cfg, raw, split, out)
-    if fingerprint is not None:
-        saved = {
-            "fingerprint": fingerprint,
-            "epochs": epochs,
-            "checkpoint": str(checkpoint),
-            "seconds": seconds,
-        }
-        partial = record.with_suffix(".partial")
-        partial.write_text(json.dumps(saved, indent=2))
-        partial.replace(record)
+    saved = {
+        "fingerprint": fingerprint,
+        "checkpoint": str(checkpoint.relative_to(out)),
+        "epochs": epochs,
+        "seconds": seconds,
+    }
+    partial = record.with_suffix(".partial")
+    partial.write_text(json.dumps(saved, indent=2))
+    partial.replace(record)
     return module, epochs, checkpoint, seconds
+
+
+def same_users(a: pd.Series, b: pd.Series) -> bool:
+    """Whether two models' per-user values hold the same users (in any order)."""
+    return a.index.sort_values().equals(b.index.sort_values())
 
 
 def seed_average(per_seed: Sequence[pd.Series]) -> pd.Series:
     """Each user's value averaged over the seeds' models (all scored the same users)."""
     first = per_seed[0]
-    for other in per_seed[1:]:
-        user_differences(other, first)  # raises if another seed scored other users
+    if not all(same_users(first, other) for other in per_seed[1:]):
+        raise ValueError("the seeds' models scored different users: they should share a slice")
     return pd.concat([series.reindex(first.index) for series in per_seed], axis=1).mean(axis=1)
 
 
@@ -369,7 +409,7 @@ class WarmChain:
 
 
 @dataclass
-class Step:
+class StepModels:
     """One step of a replay: the data up to its cut and the next slice, and what its models
     scored there (each kind, ``full``, ``warm``, ``stale``, ``full_b``, once per seed),
     with their seconds and epoch counts."""
@@ -378,7 +418,6 @@ class Step:
     known: pd.DataFrame
     next_events: pd.DataFrame
     split: Split
-    cut: float
     scores: dict[str, list[tuple[dict[str, float], pd.Series]]] = dataclasses.field(
         default_factory=dict
     )
@@ -404,29 +443,29 @@ class Step:
     def retrain(
         self, cfg: DictConfig, seed: int, kind: str, out: Path, reuse: bool
     ) -> tuple[TwoTowerModule, Path]:
-        """A full retrain from ``seed`` (:func:`full_retrain`, reused when ``reuse`` and
-        its fingerprint matches), scored as ``kind``; the model and its checkpoint."""
+        """A full retrain from ``seed`` into ``out`` (:func:`full_retrain`; with ``reuse``,
+        loaded when its fingerprint matches), scored as ``kind``; the model and its
+        checkpoint."""
         seed_cfg = OmegaConf.merge(cfg, {"seed": seed})
-        fingerprint = full_fingerprint(seed_cfg, self.known, self.cut) if reuse else None
+        fingerprint = full_fingerprint(seed_cfg, self.raw, self.known)
         module, epochs, checkpoint, seconds = full_retrain(
-            seed_cfg, self.raw, self.split, out, fingerprint
+            seed_cfg, self.raw, self.split, out, fingerprint, reuse
         )
         self.score(kind, module, seconds, epochs)
         return module, checkpoint
 
-    def summarised(self, row: dict[str, Any], resamples: int, step: int) -> dict[str, np.ndarray]:
-        """``row`` with the step's metrics, each averaged over the seeds, and the warm and
-        second retrain's gaps to the full retrain (per-user NDCG@20 averaged over the seeds,
-        then differenced; with several seeds also each seed's own gap); the per-user
+    def fill_row(self, row: dict[str, Any], resamples: int, step: int) -> dict[str, np.ndarray]:
+        """Add to ``row`` the step's metrics, each the mean over the seeds, and the warm
+        and second retrain's gaps to the full retrain: per-user NDCG@20 averaged over the
+        seeds, then differenced, with a 95% interval over the users; with several seeds
+        also each seed's own gap and a 95% t-interval over the seeds. The per-user
         differences, for pooling."""
-        row["full_epochs"] = float(np.mean(self.epochs["full"]))
-        row["full_s"] = float(np.mean(self.seconds["full"]))
-        if "warm" in self.seconds:
-            row["warm_epochs"] = float(np.mean(self.epochs["warm"]))
-            row["warm_s"] = float(np.mean(self.seconds["warm"]))
+        for kind, counts in self.epochs.items():
+            row[f"{kind}_epochs"] = counts[0] if len(counts) == 1 else float(np.mean(counts))
+        for kind, seconds in self.seconds.items():
+            row[f"{kind}_s"] = float(np.mean(seconds))
+        if "warm_s" in row:
             row["warm_over_full"] = row["warm_s"] / row["full_s"]
-        if "full_b" in self.seconds:
-            row["full_b_s"] = float(np.mean(self.seconds["full_b"]))
         for kind, outcomes in self.scores.items():
             for k in KS:
                 for metric in ("recall", "ndcg"):
@@ -450,11 +489,18 @@ class Step:
                     for (_, mine), (_, theirs) in zip(outcomes, self.scores["full"], strict=True)
                 ]
                 row[f"{kind}_minus_full_by_seed"] = by_seed
-                # the standard error of the seed-averaged gap, from the seeds' spread
-                row[f"{kind}_minus_full_seed_se"] = float(
-                    np.std(by_seed, ddof=1) / np.sqrt(len(by_seed))
+                row[f"{kind}_minus_full_seed_low"], row[f"{kind}_minus_full_seed_high"] = (
+                    seed_interval(by_seed)
                 )
         return differences
+
+
+def seed_interval(gaps: Sequence[float]) -> tuple[float, float]:
+    """The 95% t-interval of the mean of the seeds' gaps (len(gaps) - 1 degrees of
+    freedom: with 3 seeds the mean +- 4.30 standard errors)."""
+    values = np.asarray(gaps, dtype=float)
+    half = t_distribution.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
 
 
 def replay(
@@ -469,51 +515,56 @@ def replay(
     full retrain over every update's users pooled (``warm``, ``full_b``: the mean
     per-user NDCG@20 difference and its 95% interval). With ``settings.seeds`` > 1, every
     model is trained once per seed and its metrics and per-user NDCG@20 averaged over
-    them; ``reuse_full``: full retrains of an earlier replay into ``workdir`` with the same
-    fingerprint (:func:`full_fingerprint`) are loaded, not trained again."""
+    them. Models are written to ``workdir/step<i>/<kind>/seed<s>``; ``reuse_full``: a full
+    retrain already there with the same fingerprint (:func:`full_fingerprint`) is loaded,
+    not trained again."""
+    warm_config(cfg, Path("previous"), settings)  # a bad warm override fails before training
     raw = load_data(OmegaConf.to_container(cfg.data, resolve=True))  # type: ignore[arg-type]
     slices = make_slices(raw, cfg, settings)
     seeds = [int(cfg.seed) + k for k in range(settings.seeds)]
     rows: list[dict[str, Any]] = []
     gaps: dict[str, list[np.ndarray]] = {"warm": [], "full_b": []}
     chains: dict[int, WarmChain] = {}
-    for index in range(settings.steps + 1):
-        known, next_events = slices.known(index), slices.next(index)
-        step = Step(raw, known, next_events, split_for(known, next_events, cfg), slices.cuts[index])
+    for step in range(settings.steps + 1):
+        known, next_events = slices.known(step), slices.next(step)
+        models = StepModels(raw, known, next_events, split_for(known, next_events, cfg))
         log.info(
             "%s step %d: %d events up to %s, next slice %d events",
             name,
-            index,
+            step,
             len(known),
-            pd.to_datetime(slices.cuts[index], unit="s").date(),
+            pd.to_datetime(slices.cuts[step], unit="s").date(),
             len(next_events),
         )
+        where = workdir / f"step{step}"
         for seed in seeds:
-            where = workdir / f"step{index}" / ("" if len(seeds) == 1 else f"seed{seed}")
-            module, checkpoint = step.retrain(cfg, seed, "full", where / "full", reuse_full)
+            module, checkpoint = models.retrain(
+                cfg, seed, "full", where / "full" / f"seed{seed}", reuse_full
+            )
             chain = chains.get(seed)
             if chain is None:  # the first model: the warm chain starts from it
                 chains[seed] = WarmChain(module, checkpoint)
                 continue
-            step.score("stale", chain.module)
+            models.score("stale", chain.module)
             (warm, warm_checkpoint, warm_epochs), seconds = timed(
                 warm_update,
                 OmegaConf.merge(cfg, {"seed": seed}),
                 raw,
-                step.split,
+                models.split,
                 chain.checkpoint,
-                slices.cuts[index - 1],
+                slices.cuts[step - 1],
                 settings,
-                where / "warm",
+                where / "warm" / f"seed{seed}",
             )
             chains[seed] = WarmChain(warm, warm_checkpoint)
-            step.score("warm", warm, seconds, warm_epochs)
+            models.score("warm", warm, seconds, warm_epochs)
             if settings.second_full:  # from a seed none of the replays uses
-                step.retrain(cfg, seed + len(seeds), "full_b", where / "full_b", reuse_full)
+                second = seed + len(seeds)
+                models.retrain(cfg, second, "full_b", where / "full" / f"seed{second}", reuse_full)
         row: dict[str, Any] = {
             "dataset": name,
-            "step": index,
-            "cut": str(pd.to_datetime(slices.cuts[index], unit="s").date()),
+            "step": step,
+            "cut": str(pd.to_datetime(slices.cuts[step], unit="s").date()),
             "train_events": len(known),
             "next_events": len(next_events),
             "next_users": int(next_events[USER_ID].nunique()),
@@ -522,7 +573,7 @@ def replay(
             ),
             "seeds": len(seeds),
         }
-        for kind, differences in step.summarised(row, settings.resamples, index).items():
+        for kind, differences in models.fill_row(row, settings.resamples, step).items():
             gaps[kind].append(differences)
         log.info("%s", {k: v for k, v in row.items() if not k.endswith(("@10", "@50"))})
         rows.append(row)

@@ -5,6 +5,7 @@ tens of minutes: ``twotower bench continuous``)."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from benchmarks import continuous
-from benchmarks.bench_continuous import interval_cell, verdict, warm_protocol
+from benchmarks.bench_continuous import columns, interval_cell, verdict, warm_protocol
 from benchmarks.continuous import (
     ContinuousSettings,
     mean_interval,
@@ -114,7 +115,9 @@ def test_warm_validation_holds_out_only_events_after_the_previous_cut() -> None:
         split_for_warm(split, since=20, cfg=cfg)
 
 
-def test_warm_updates_alone_shrink_and_perturb_the_carried_weights(monkeypatch) -> None:
+def test_warm_updates_alone_shrink_and_perturb_the_carried_weights(
+    monkeypatch, tmp_path: Path
+) -> None:
     seen: dict[str, object] = {}
 
     def train(cfg, data, epochs, out):  # type: ignore[no-untyped-def]
@@ -127,8 +130,9 @@ def test_warm_updates_alone_shrink_and_perturb_the_carried_weights(monkeypatch) 
     settings = ContinuousSettings(warm_shrink=0.5, warm_perturb=0.1)
     events = pd.DataFrame({"user_id": [], "item_id": [], "timestamp": []})
     split = Split(events, events, events, events, np.array([], dtype=object))
+    out = tmp_path / "out"
     _, checkpoint, epochs = continuous.warm_update(
-        cfg, None, split, Path("prev.ckpt"), 0.0, settings, Path("out")
+        cfg, None, split, Path("prev.ckpt"), 0.0, settings, out
     )
     warm_cfg = seen["cfg"]
     assert (warm_cfg.init_from, warm_cfg.init_shrink, warm_cfg.init_perturb) == (
@@ -137,7 +141,7 @@ def test_warm_updates_alone_shrink_and_perturb_the_carried_weights(monkeypatch) 
         0.1,
     )
     assert (cfg.init_from, cfg.init_shrink) == (None, 1.0)  # the full retrains' config is untouched
-    assert (epochs, checkpoint) == (2, Path("out/last.ckpt"))
+    assert (epochs, checkpoint) == (2, out / "last.ckpt")
     assert "0.5 x previous + 0.1 x fresh" in warm_protocol(settings)
     assert "shrunk" not in warm_protocol(ContinuousSettings())
 
@@ -161,6 +165,7 @@ def test_settings_that_would_fail_at_the_first_update_fail_at_once(settings, mes
         ({"warm_overrides": ("model.optimizer.lr",)}, "must be key=value"),
         ({"warm_overrides": ("=1",)}, "must be key=value"),
         ({"warm_overrides": ("seed=3",)}, "seed is set by the replay"),
+        ({"warm_overrides": ("init_shrink=0.5",)}, "--warm-shrink"),
         ({"seeds": 0}, "seeds must be at least 1"),
         ({"warm_lr_scale": 0.0}, "warm_lr_scale must be above 0"),
     ],
@@ -170,7 +175,7 @@ def test_seeds_and_warm_overrides_are_checked_at_once(settings, message) -> None
         ContinuousSettings(**settings)
 
 
-def test_warm_overrides_change_the_warm_updates_only(monkeypatch) -> None:
+def test_warm_overrides_change_the_warm_updates_only(monkeypatch, tmp_path: Path) -> None:
     seen: dict[str, object] = {}
     monkeypatch.setattr(continuous, "train_for_epochs", lambda cfg, *_: seen.update(cfg=cfg))
     monkeypatch.setattr(continuous, "prepared", lambda *args: None)
@@ -178,18 +183,51 @@ def test_warm_overrides_change_the_warm_updates_only(monkeypatch) -> None:
     settings = ContinuousSettings(warm_overrides=("model.optimizer.lr=0.0003",))
     events = pd.DataFrame({"user_id": [], "item_id": [], "timestamp": []})
     split = Split(events, events, events, events, np.array([], dtype=object))
-    continuous.warm_update(cfg, None, split, Path("prev.ckpt"), 0.0, settings, Path("out"))
+    continuous.warm_update(cfg, None, split, Path("prev.ckpt"), 0.0, settings, tmp_path)
     assert seen["cfg"].model.optimizer.lr == 0.0003  # type: ignore[union-attr]
     assert cfg.model.optimizer.lr == 0.001
     assert "with `model.optimizer.lr=0.0003`" in warm_protocol(settings)
     scaled = ContinuousSettings(warm_lr_scale=0.25)
-    continuous.warm_update(cfg, None, split, Path("prev.ckpt"), 0.0, scaled, Path("out"))
+    continuous.warm_update(cfg, None, split, Path("prev.ckpt"), 0.0, scaled, tmp_path)
     assert seen["cfg"].model.optimizer.lr == pytest.approx(0.00025)  # type: ignore[union-attr]
     assert cfg.model.optimizer.lr == 0.001
     assert "at 0.25 x the learning rate" in warm_protocol(scaled)
     both = dataclasses.replace(scaled, warm_overrides=settings.warm_overrides)
-    continuous.warm_update(cfg, None, split, Path("prev.ckpt"), 0.0, both, Path("out"))
+    continuous.warm_update(cfg, None, split, Path("prev.ckpt"), 0.0, both, tmp_path)
     assert seen["cfg"].model.optimizer.lr == pytest.approx(0.000075)  # type: ignore[union-attr]
+
+
+def test_seed_average_pairs_users_by_id() -> None:
+    first = pd.Series([0.1, 0.2, 0.3], index=["a", "b", "c"])
+    second = pd.Series([0.5, 0.6, 0.7], index=["c", "a", "b"])
+    averaged = continuous.seed_average([first, second])
+    assert averaged.to_dict() == pytest.approx({"a": 0.35, "b": 0.45, "c": 0.4})
+    with pytest.raises(ValueError, match="scored different users"):
+        continuous.seed_average([first, pd.Series([0.5], index=["a"])])
+
+
+def test_seed_interval_is_a_t_interval_over_the_seeds() -> None:
+    low, high = continuous.seed_interval([0.0, 0.01, 0.02])
+    half = 4.302653 * 0.01 / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    assert (low, high) == pytest.approx((0.01 - half, 0.01 + half))
+
+
+def test_seed_columns_appear_only_with_several_seeds() -> None:
+    assert "warm_minus_full_seeds" not in columns(ContinuousSettings())
+    several = columns(ContinuousSettings(seeds=3))
+    at = several.index("warm_minus_full_95%")
+    assert several[at + 1 : at + 3] == ["warm_minus_full_seeds", "warm_minus_full_seed_95%"]
+
+
+def test_a_warm_override_the_config_lacks_fails_before_any_training(monkeypatch) -> None:
+    def no_data(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("read the data before checking the warm overrides")
+
+    monkeypatch.setattr(continuous, "load_data", no_data)
+    cfg = compose_config(TINY_OVERRIDES)
+    settings = ContinuousSettings(warm_overrides=("model.optimiser.lr=0.001",))
+    with pytest.raises(Exception, match="optimiser"):
+        continuous.replay("tiny", cfg, settings, Path("unused"))
 
 
 def test_seeded_replay_averages_the_seeds_and_reuses_its_full_retrains(
@@ -199,18 +237,19 @@ def test_seeded_replay_averages_the_seeds_and_reuses_its_full_retrains(
         [*TINY_OVERRIDES, "trainer.max_epochs=2", "logger=none", f"paths.output_dir={tmp_path}"]
     )
     settings = ContinuousSettings(
-        start=0.8, step=0.1, steps=1, warm_epochs=1, second_full=0, seeds=2, resamples=50
+        start=0.8, step=0.08, steps=2, warm_epochs=1, second_full=0, seeds=2, resamples=50
     )
     rows, pooled = continuous.replay("tiny", cfg, settings, tmp_path, reuse_full=True)
     update = rows[1]
     by_seed = update["warm_minus_full_by_seed"]
     assert update["seeds"] == 2 and len(by_seed) == 2
-    # the gap of the seed-averaged NDCG is the mean of the seeds' own gaps
     assert update["warm_minus_full_ndcg@20"] == pytest.approx(np.mean(by_seed))
     assert update["warm_ndcg@20"] - update["full_ndcg@20"] == pytest.approx(np.mean(by_seed))
-    assert pooled["warm"][0] == pytest.approx(update["warm_minus_full_ndcg@20"])
-    assert update["warm_minus_full_seed_se"] == pytest.approx(np.std(by_seed, ddof=1) / np.sqrt(2))
-    assert {p.parent.parent.name for p in tmp_path.glob("step*/seed*/full/full.json")} == {
+    step_gaps = [row["warm_minus_full_ndcg@20"] for row in rows[1:]]
+    assert min(step_gaps) - 1e-12 <= pooled["warm"][0] <= max(step_gaps) + 1e-12
+    low, high = continuous.seed_interval(by_seed)
+    assert (update["warm_minus_full_seed_low"], update["warm_minus_full_seed_high"]) == (low, high)
+    assert {p.parent.name for p in tmp_path.glob("step*/full/seed*/full.json")} == {
         "seed42",
         "seed43",
     }
@@ -224,6 +263,25 @@ def test_seeded_replay_averages_the_seeds_and_reuses_its_full_retrains(
         assert {k: v for k, v in after.items() if k not in ("warm_s", "warm_over_full")} == {
             k: v for k, v in before.items() if k not in ("warm_s", "warm_over_full")
         }
-    other_seed = OmegaConf.merge(cfg, {"seed": 7})
-    with pytest.raises(AssertionError, match="trained again"):  # another fingerprint
-        continuous.replay("tiny", other_seed, settings, tmp_path, reuse_full=True)
+
+    # other warm updates into the same directory: each starts from this replay's previous
+    # warm model, not from the one an earlier replay left there
+    starts: list[Path] = []
+    train = continuous.train_for_epochs
+
+    def recording(cfg, *args):  # type: ignore[no-untyped-def]
+        starts.append(Path(cfg.init_from))
+        return train(cfg, *args)
+
+    monkeypatch.setattr(continuous, "train_for_epochs", recording)
+    began = time.time()
+    scaled = dataclasses.replace(settings, warm_lr_scale=0.5)
+    continuous.replay("tiny", cfg, scaled, tmp_path, reuse_full=True)
+    chained = [start for start in starts if start.parts[-3] == "warm"]
+    assert len(chained) == 2  # step 2 of both seeds
+    assert all(start.stat().st_mtime >= began for start in chained)
+    assert not list(tmp_path.rglob("*-v*.ckpt"))
+
+    longer = OmegaConf.merge(cfg, {"trainer": {"max_epochs": 3}})  # another fingerprint
+    with pytest.raises(AssertionError, match="trained again"):
+        continuous.replay("tiny", longer, settings, tmp_path, reuse_full=True)

@@ -19,6 +19,7 @@ from towers.pipeline import (
     evaluate_all,
     prepare,
     train,
+    train_for_epochs,
 )
 
 from .conftest import ROOT, TINY_OVERRIDES, compose_config, gloo_crashed
@@ -155,6 +156,25 @@ def test_refit_trains_on_all_of_train_for_the_chosen_epochs(tmp_path: Path) -> N
     assert validation_only <= known  # the refit saw the validation events
     assert (tmp_path / "checkpoints" / "refit" / "last.ckpt").is_file()
     assert 0 < result.metrics["test/recall@20"] <= 1
+
+
+def test_a_run_into_a_used_directory_replaces_its_checkpoints(tmp_path: Path) -> None:
+    """Lightning would write last-v1.ckpt beside an earlier run's last.ckpt, and
+    init_from=RUN (or the continuous benchmark's warm chain) would read the earlier one."""
+    cfg = compose_config(
+        [*TINY_OVERRIDES, "trainer.max_epochs=1", "logger=none", f"paths.output_dir={tmp_path}"]
+    )
+    data = prepare(cfg)
+    train_for_epochs(cfg, data, 1, tmp_path / "refit")
+    cfg.seed = int(cfg.seed) + 1
+    second = train_for_epochs(cfg, data, 1, tmp_path / "refit")
+    saved = torch.load(tmp_path / "refit" / "last.ckpt", weights_only=False)["state_dict"]
+    assert saved.keys() == second.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in second.state_dict().items())
+    assert [p.name for p in (tmp_path / "refit").iterdir()] == ["last.ckpt"]
+    train(cfg)
+    train(cfg)
+    assert not list((tmp_path / "checkpoints").glob("*-v*.ckpt"))
 
 
 def test_horizon_and_user_weighting_train_and_weight_as_asked(tmp_path: Path) -> None:

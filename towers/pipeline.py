@@ -357,6 +357,10 @@ def build_trainer(
         save_last=True,
         filename="epoch{epoch:02d}",
         auto_insert_metric_name=False,
+        # a run into a directory that holds an earlier one's checkpoints replaces them
+        # (Lightning would write last-v1.ckpt beside them, and init_from=RUN would read
+        # the earlier run's last.ckpt)
+        enable_version_counter=False,
     )
     callbacks: list[pl.Callback] = [
         RankingEvaluation(
@@ -427,7 +431,14 @@ def train_for_epochs(
         devices=1,  # the refit runs in one process, after any DDP selection run
         strategy="auto",
         logger=False,
-        callbacks=[ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0)],
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=checkpoint_dir,
+                save_last=True,
+                save_top_k=0,
+                enable_version_counter=False,  # last.ckpt is this run's, not an earlier one's
+            )
+        ],
     )
     trainer.fit(module, datamodule=datamodule, weights_only=False)
     return module.cpu().eval()
