@@ -461,7 +461,8 @@ class StepModels:
         also each seed's own gap and a 95% t-interval over the seeds. The per-user
         differences, for pooling."""
         for kind, counts in self.epochs.items():
-            row[f"{kind}_epochs"] = counts[0] if len(counts) == 1 else float(np.mean(counts))
+            same = len(set(counts)) == 1  # an int where every seed trained as long
+            row[f"{kind}_epochs"] = counts[0] if same else float(np.mean(counts))
         for kind, seconds in self.seconds.items():
             row[f"{kind}_s"] = float(np.mean(seconds))
         if "warm_s" in row:
