@@ -26,13 +26,15 @@ With ``seeds`` > 1 the whole replay (first model, warm chain, full retrains) run
 seed (``seed``, ``seed + 1``, ...) and each model's per-user NDCG@20 is averaged over the
 seeds before the gaps are taken: the training's own randomness, which at MovieLens size is
 as large as the gaps, shrinks with the square root of the seed count. Full retrains depend
-only on the config, the seed and the cut, so a replay can reuse those of an earlier one
-(``reuse_full``: each records a fingerprint of what made it beside its checkpoint).
+only on the config, the seed, the data up to the cut and the training code, so a replay
+can reuse those of an earlier one (``reuse_full``: each records a fingerprint of what
+made it beside its checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -323,6 +325,7 @@ def table_digest(table: pd.DataFrame | None) -> str:
     return hashlib.sha256(hashed.tobytes() + ",".join(map(str, table.columns)).encode()).hexdigest()
 
 
+@functools.cache
 def code_digest() -> str:
     """A digest of the training code (every ``towers`` module) and of torch's and
     Lightning's versions: what a full retrain's result depends on besides its inputs."""
