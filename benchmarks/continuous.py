@@ -38,7 +38,6 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -292,10 +291,9 @@ def warm_update(
     """``previous`` (trained on the events up to ``since``) updated with the data of
     ``split`` (``init_from``, :func:`warm_config`): ``warm_epochs`` epochs without
     selection, or, with ``warm_validation="newer"``, as many as early stopping picks on the
-    newer events (:func:`split_for_warm`), then refitted. Whatever ``out`` held is removed
-    first. The model, its checkpoint and its epoch count."""
+    newer events (:func:`split_for_warm`), then refitted (its checkpoints replace any an
+    earlier replay left in ``out``). The model, its checkpoint and its epoch count."""
     warm_cfg = warm_config(cfg, previous, settings)
-    shutil.rmtree(out, ignore_errors=True)
     if settings.window_days is not None:
         window = recent_window(split.train, settings.window_days)
         split = dataclasses.replace(split, train=window, fit=window)
@@ -337,18 +335,23 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def full_fingerprint(cfg: DictConfig, raw: RawData, known: pd.DataFrame) -> str:
+def data_digest(raw: RawData, known: pd.DataFrame) -> str:
+    """A digest of what a step trains on: its events and the item and user tables."""
+    return hashlib.sha256(
+        "".join(table_digest(t) for t in (known, raw.items, raw.users)).encode()
+    ).hexdigest()
+
+
+def full_fingerprint(cfg: DictConfig, data: str) -> str:
     """What a full retrain's result depends on: its config (less ``paths``, where it
-    writes), the events it trains on, the item and user tables, torch's thread count
-    (which changes the floating-point sums) and the training code (:func:`code_digest`)."""
+    writes), its data (:func:`data_digest`), torch's thread count (which changes the
+    floating-point sums) and the training code (:func:`code_digest`)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     config.pop("paths", None)
     what = {
         "config": config,
-        "events": table_digest(known),
-        "items": table_digest(raw.items),
-        "users": table_digest(raw.users),
+        "data": data,
         "threads": torch.get_num_threads(),
         "code": code_digest(),
     }
@@ -365,7 +368,8 @@ def full_retrain(
     count, checkpoint and seconds; a record of it (``out/full.json``: ``fingerprint``, the
     checkpoint, epochs, seconds) is written once it is done. With ``reuse``, a retrain
     already in ``out`` whose record holds the same ``fingerprint`` is loaded instead, with
-    the seconds it took then; anything else in ``out`` is removed and trained again."""
+    the seconds it took then; anything else is trained again (its checkpoints replacing
+    those in ``out``)."""
     record = out / FULL_RECORD
     if reuse and record.exists():
         saved = json.loads(record.read_text())
@@ -376,7 +380,7 @@ def full_retrain(
                 checkpoint, map_location="cpu", weights_only=False
             )
             return module.cpu().eval(), int(saved["epochs"]), checkpoint, float(saved["seconds"])
-    shutil.rmtree(out, ignore_errors=True)  # nothing of an earlier retrain is left to read
+    record.unlink(missing_ok=True)  # a retrain that stops half-way leaves no record
     (module, epochs, checkpoint), seconds = timed(select_and_refit, cfg, raw, split, out)
     saved = {
         "fingerprint": fingerprint,
@@ -421,6 +425,7 @@ class StepModels:
     known: pd.DataFrame
     next_events: pd.DataFrame
     split: Split
+    data_digest: str  # of raw and known (:func:`data_digest`), for the full retrains
     scores: dict[str, list[tuple[dict[str, float], pd.Series]]] = dataclasses.field(
         default_factory=dict
     )
@@ -450,7 +455,7 @@ class StepModels:
         loaded when its fingerprint matches), scored as ``kind``; the model and its
         checkpoint."""
         seed_cfg = OmegaConf.merge(cfg, {"seed": seed})
-        fingerprint = full_fingerprint(seed_cfg, self.raw, self.known)
+        fingerprint = full_fingerprint(seed_cfg, self.data_digest)
         module, epochs, checkpoint, seconds = full_retrain(
             seed_cfg, self.raw, self.split, out, fingerprint, reuse
         )
@@ -531,7 +536,9 @@ def replay(
     chains: dict[int, WarmChain] = {}
     for step in range(settings.steps + 1):
         known, next_events = slices.known(step), slices.next(step)
-        models = StepModels(raw, known, next_events, split_for(known, next_events, cfg))
+        models = StepModels(
+            raw, known, next_events, split_for(known, next_events, cfg), data_digest(raw, known)
+        )
         log.info(
             "%s step %d: %d events up to %s, next slice %d events",
             name,
