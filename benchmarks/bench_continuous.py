@@ -4,13 +4,16 @@ twotower bench continuous [--datasets ml-100k,ml-latest-small] [--steps 3 --warm
                           [--warm-validation newer] [--warm-shrink 0.5 --warm-perturb 0.1]
                           [--warm-override model.optimizer.lr=0.0003 ...]
                           [--warm-lr-scale 0.3] [--seeds 3] [--reuse-full]
+                          [--unknown-users model]
 Replays each MovieLens dataset in time: a first model on the first 80% of the events, then
 steps of 5%; at each step a warm update of the previous model and a full retrain from
 scratch, both scored on the next slice (with --seeds N, N replays from N seeds, each
 model's per-user NDCG@20 averaged over them). --reuse-full loads the full retrains of an
 earlier replay into the same --workdir that had the same config, seed, data, thread count
-and training code, instead of training them again. Writes docs/benchmarks/continuous.json
-and continuous.md.
+and training code, instead of training them again. Users of a slice known by nothing get
+the most popular items, as a served bundle answers them, and stay out of the gaps
+(--unknown-users model: each model's own ranking, gaps included). Writes
+docs/benchmarks/continuous.json and continuous.md.
 """
 
 from __future__ import annotations
@@ -26,9 +29,18 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
-from benchmarks.continuous import ContinuousSettings, replay, summary
+from benchmarks.continuous import UNKNOWN_USERS, ContinuousSettings, replay, summary
 from benchmarks.report import write_report
 
+OPTION_HELP: dict[str, dict[str, Any]] = {
+    "unknown_users": {
+        "choices": UNKNOWN_USERS,
+        "help": "users of a slice known by nothing (no event up to the cut, no attributes "
+        "the user tower reads): 'popularity' scores them with the most popular items, as a "
+        "served bundle answers them, and leaves them out of the gaps; 'model' scores them "
+        "with each model's own ranking, gaps included (the reports before this option)",
+    }
+}
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: benchmarks live outside the wheel
 DATASETS = {
     "ml-100k": "experiment=movielens_100k",
@@ -41,6 +53,7 @@ COLUMNS = [
     "train_events",
     "next_users",
     "returning_users",
+    "model_users",
     "full_ndcg@20",
     "warm_ndcg@20",
     "warm_minus_full_ndcg@20",
@@ -126,6 +139,23 @@ def warm_protocol(settings: ContinuousSettings) -> str:
     return f"from {start}, {settings.warm_epochs} epoch(s) on {data}, no selection"
 
 
+def unknown_users_text(settings: ContinuousSettings) -> str:
+    """How the users known by nothing are scored, in words."""
+    if settings.unknown_users == "model":
+        return (
+            "Every user of the slice is scored with the model's own ranking, also users "
+            "known by nothing at the cut (no event before it, no attributes the user tower "
+            "reads), whom a served bundle would answer with the most popular items. "
+        )
+    return (
+        "Users of the slice known by nothing at the cut (no event before it, no attributes "
+        "the user tower reads) are scored with the most popular items, as a served bundle "
+        "answers them whichever model it holds (`unknown_ndcg@20` in the JSON is the "
+        "model's own ranking for them); `model_users` are the others, whom the models "
+        "serve. "
+    )
+
+
 def seeds_text(settings: ContinuousSettings) -> str:
     """How the seeds enter the report, in words ('' for one seed)."""
     if settings.seeds == 1:
@@ -154,7 +184,12 @@ def main(argv: list[str] | None = None) -> None:
         if field.name == "warm_overrides":
             continue
         kind = {"int": int, "str": str}.get(str(field.type), float)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=kind,
+            default=field.default,
+            **OPTION_HELP.get(field.name, {}),
+        )
     parser.add_argument(
         "--warm-override",
         dest="warm_overrides",
@@ -252,9 +287,14 @@ def main(argv: list[str] | None = None) -> None:
             else f"is a second set of {settings.seeds} full retrains, from the next "
             f"{settings.seeds} seeds, how far two such sets are apart on the same slice. "
         )
+        + unknown_users_text(settings)
         + "Gaps are per-user NDCG@20 differences averaged over "
-        "the slice's users, "
-        f"with a 95% interval (BCa bootstrap over the users, {settings.resamples} draws: it "
+        + (
+            "the slice's users the models serve (`model_users`), "
+            if settings.unknown_users == "popularity"
+            else "the slice's users, "
+        )
+        + f"with a 95% interval (BCa bootstrap over the users, {settings.resamples} draws: it "
         "covers which users are in the slice, not the training's randomness, which `full_b` "
         "shows). "
         + seeds_text(settings)

@@ -20,7 +20,11 @@ models are trained on everything up to the cut:
 Both are scored on the **next** slice, as EVALUATION.md ranks: the users with events in
 it, every catalogue item a candidate, each user's earlier items excluded, their history
 the events up to the cut; Recall@K and NDCG@K. The model of the step before, not updated
-(``stale``), and popularity (counts up to the cut) are scored beside them.
+(``stale``), and popularity (counts up to the cut) are scored beside them. A user of the
+slice known by nothing (no event up to the cut, no attributes the user tower reads) is
+answered with the most popular items by a served bundle, whichever model it holds; by
+default (``unknown_users="popularity"``) such users are scored so and left out of the gaps
+between two models, which compare the users the models serve (``model_users``).
 
 With ``seeds`` > 1 the whole replay (first model, warm chain, full retrains) runs once per
 seed (``seed``, ``seed + 1``, ...) and each model's per-user NDCG@20 is averaged over the
@@ -64,14 +68,16 @@ from towers.data.split import (
     temporal_holdout,
 )
 from towers.evaluation.callback import module_scores_by_user
-from towers.evaluation.ranking import evaluate_popularity
+from towers.evaluation.ranking import popularity_scorer, scores_by_user
 from towers.model.module import TwoTowerModule
 from towers.model.warm_start import ShrinkPerturb
 from towers.pipeline import feature_settings, fit_and_select, train_for_epochs
+from twotower.encoding import FeatureEncoders
 
 log = logging.getLogger(__name__)
 KS = (10, 20, 50)
 WARM_VALIDATIONS = ("none", "newer")
+UNKNOWN_USERS = ("popularity", "model")
 
 
 @dataclass
@@ -106,12 +112,21 @@ class ContinuousSettings:
     warm_lr_scale: float = 1.0
     # config overrides (key=value) of the warm updates only
     warm_overrides: tuple[str, ...] = ()
+    # the slice's users known by nothing (no event up to the cut, no attributes the user
+    # tower reads): "popularity" scores them with the most popular items, as a served
+    # bundle answers them, and leaves them out of the gaps (every model gives them the
+    # same items); "model" scores them with each model's own ranking, gaps included
+    unknown_users: str = "popularity"
 
     def __post_init__(self) -> None:
         """Settings that would fail at the first update fail here, before any training."""
         if self.warm_validation not in WARM_VALIDATIONS:
             raise ValueError(
                 f"warm_validation must be one of {WARM_VALIDATIONS}, got {self.warm_validation!r}"
+            )
+        if self.unknown_users not in UNKNOWN_USERS:
+            raise ValueError(
+                f"unknown_users must be one of {UNKNOWN_USERS}, got {self.unknown_users!r}"
             )
         ShrinkPerturb(self.warm_shrink, self.warm_perturb)  # raises WarmStartError if out of range
         if not self.warm_lr_scale > 0:
@@ -195,20 +210,81 @@ def split_for_warm(split: Split, since: float, cfg: DictConfig) -> Split:
     )
 
 
+@dataclass
+class SliceScores:
+    """One model on the next slice: its metrics (means over the slice's users, users known
+    by nothing scored as :attr:`ContinuousSettings.unknown_users` says; popularity's under
+    ``popularity/``; the model's own NDCG@20 on the users known by nothing under
+    ``unknown/``), each user's NDCG@20 and whether the model serves them (both indexed by
+    user id)."""
+
+    metrics: dict[str, float]
+    ndcg: pd.Series
+    served: pd.Series
+
+    def served_ndcg(self) -> pd.Series:
+        """The NDCG@20 of the users the model serves: the ones a gap between two models
+        compares (every model gives the others the same popular items)."""
+        return self.ndcg.loc[self.served]
+
+
+def served_by_model(
+    user_ids: np.ndarray,
+    known: pd.DataFrame,
+    users: pd.DataFrame | None,
+    encoders: FeatureEncoders,
+) -> np.ndarray:
+    """Which of ``user_ids`` a bundle of this model answers with the model, as
+    :meth:`retrieval.Retriever.recommend` does: users with events up to the cut (a
+    history, and an id the model knows), and users with a row in ``users`` when the user
+    tower reads attributes (a serving layer passes them as ``user_features``). A user
+    known by neither gets the most popular items instead."""
+    ids = pd.Index(user_ids)
+    served = ids.isin(known[USER_ID].unique())
+    attributes = encoders.users
+    reads_attributes = bool(
+        attributes.categorical or attributes.multi_hot or attributes.numeric or attributes.text
+    )
+    if users is not None and reads_attributes:
+        served |= ids.isin(users[USER_ID])
+    return np.asarray(served, dtype=bool)
+
+
 def score_next(
-    module: TwoTowerModule, raw: RawData, known: pd.DataFrame, next_events: pd.DataFrame
-) -> tuple[dict[str, float], pd.Series]:
-    """The model's metrics on the next slice (users of the slice, histories and exclusions
-    from ``known``, the model's own encoders) with popularity's (``popularity/...``), and
-    each user's NDCG@20 (indexed by user id, for paired gaps)."""
+    module: TwoTowerModule,
+    raw: RawData,
+    known: pd.DataFrame,
+    next_events: pd.DataFrame,
+    unknown_users: str = "popularity",
+) -> SliceScores:
+    """The model on the next slice (users of the slice, histories and exclusions from
+    ``known``, the model's own encoders), with popularity's metrics. ``unknown_users``:
+    ``"popularity"`` scores the users the model does not serve (:func:`served_by_model`)
+    with popularity's ranking, as a served bundle answers them; ``"model"`` scores every
+    user with the model's own ranking."""
     encoders = module.feature_encoders
     assert encoders is not None
     catalogue = raw.items.reset_index(drop=True)
     eval_set = build_eval_set(known, next_events, catalogue, raw.users, encoders)
     users, values = module_scores_by_user(module, encoders.item_inputs(catalogue), eval_set, KS)
-    metrics = {name: float(np.mean(per_user)) for name, per_user in values.items()}
-    metrics.update(evaluate_popularity(eval_set, KS, "popularity/"))
-    return metrics, pd.Series(values["ndcg@20"], index=pd.Index(users, name=USER_ID))
+    popular_users, popular = scores_by_user(
+        popularity_scorer(eval_set), len(catalogue), eval_set, KS
+    )
+    assert np.array_equal(users, popular_users)  # one evaluation set, one order of users
+    if unknown_users == "popularity":
+        served = served_by_model(users, known, raw.users, encoders)
+    else:
+        served = np.ones(len(users), dtype=bool)
+    shown = {name: np.where(served, mine, popular[name]) for name, mine in values.items()}
+    metrics = {name: float(np.mean(per_user)) for name, per_user in shown.items()}
+    metrics.update({f"popularity/{name}": float(np.mean(v)) for name, v in popular.items()})
+    if not served.all():
+        metrics["unknown/ndcg@20"] = float(np.mean(values["ndcg@20"][~served]))
+        metrics["popularity_unknown/ndcg@20"] = float(np.mean(popular["ndcg@20"][~served]))
+    index = pd.Index(users, name=USER_ID)
+    return SliceScores(
+        metrics, pd.Series(shown["ndcg@20"], index=index), pd.Series(served, index=index)
+    )
 
 
 def mean_interval(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float, float]:
@@ -426,9 +502,8 @@ class StepModels:
     next_events: pd.DataFrame
     split: Split
     data_digest: str  # of raw and known (:func:`data_digest`), for the full retrains
-    scores: dict[str, list[tuple[dict[str, float], pd.Series]]] = dataclasses.field(
-        default_factory=dict
-    )
+    unknown_users: str = "popularity"  # how users known by nothing are scored
+    scores: dict[str, list[SliceScores]] = dataclasses.field(default_factory=dict)
     seconds: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     epochs: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
@@ -441,7 +516,7 @@ class StepModels:
     ) -> None:
         """Score ``module`` on the next slice as one more model of ``kind``."""
         self.scores.setdefault(kind, []).append(
-            score_next(module, self.raw, self.known, self.next_events)
+            score_next(module, self.raw, self.known, self.next_events, self.unknown_users)
         )
         if seconds is not None:
             self.seconds.setdefault(kind, []).append(seconds)
@@ -463,11 +538,12 @@ class StepModels:
         return module, checkpoint
 
     def fill_row(self, row: dict[str, Any], resamples: int, step: int) -> dict[str, np.ndarray]:
-        """Add to ``row`` the step's metrics, each the mean over the seeds, and the warm
-        and second retrain's gaps to the full retrain: per-user NDCG@20 averaged over the
-        seeds, then differenced, with a 95% interval over the users; with several seeds
-        also each seed's own gap and a 95% t-interval over the seeds. The per-user
-        differences, for pooling."""
+        """Add to ``row`` the step's metrics, each the mean over the seeds, the number of
+        users the models serve (``model_users``), and the warm and second retrain's gaps
+        to the full retrain over those users: per-user NDCG@20 averaged over the seeds,
+        then differenced, with a 95% interval over the users; with several seeds also each
+        seed's own gap and a 95% t-interval over the seeds. The per-user differences, for
+        pooling."""
         for kind, counts in self.epochs.items():
             same = len(set(counts)) == 1  # an int where every seed trained as long
             row[f"{kind}_epochs"] = counts[0] if same else float(np.mean(counts))
@@ -479,23 +555,33 @@ class StepModels:
             for k in KS:
                 for metric in ("recall", "ndcg"):
                     key = f"{metric}@{k}"
-                    row[f"{kind}_{key}"] = float(np.mean([m[key] for m, _ in outcomes]))
+                    row[f"{kind}_{key}"] = float(np.mean([o.metrics[key] for o in outcomes]))
+            if "unknown/ndcg@20" in outcomes[0].metrics:  # the model's own ranking there
+                row[f"{kind}_unknown_ndcg@20"] = float(
+                    np.mean([o.metrics["unknown/ndcg@20"] for o in outcomes])
+                )
+        first = self.scores["full"][0]
         for k in KS:
-            row[f"popularity_ndcg@{k}"] = self.scores["full"][0][0][f"popularity/ndcg@{k}"]
-        full = seed_average([users for _, users in self.scores["full"]])
+            row[f"popularity_ndcg@{k}"] = first.metrics[f"popularity/ndcg@{k}"]
+        if "popularity_unknown/ndcg@20" in first.metrics:
+            row["popularity_unknown_ndcg@20"] = first.metrics["popularity_unknown/ndcg@20"]
+        row["model_users"] = int(first.served.sum())
+        full = seed_average([o.served_ndcg() for o in self.scores["full"]])
         differences: dict[str, np.ndarray] = {}
         for kind in ("warm", "full_b"):
             if kind not in self.scores:
                 continue
             outcomes = self.scores[kind]
-            differences[kind] = user_differences(seed_average([u for _, u in outcomes]), full)
+            differences[kind] = user_differences(
+                seed_average([o.served_ndcg() for o in outcomes]), full
+            )
             gap, low, high = mean_interval(differences[kind], resamples, seed=step)
             row[f"{kind}_minus_full_ndcg@20"] = gap
             row[f"{kind}_minus_full_low"], row[f"{kind}_minus_full_high"] = low, high
             if len(outcomes) > 1:
                 by_seed = [
-                    float(user_differences(mine, theirs).mean())
-                    for (_, mine), (_, theirs) in zip(outcomes, self.scores["full"], strict=True)
+                    float(user_differences(mine.served_ndcg(), theirs.served_ndcg()).mean())
+                    for mine, theirs in zip(outcomes, self.scores["full"], strict=True)
                 ]
                 row[f"{kind}_minus_full_by_seed"] = by_seed
                 row[f"{kind}_minus_full_seed_low"], row[f"{kind}_minus_full_seed_high"] = (
@@ -537,7 +623,12 @@ def replay(
     for step in range(settings.steps + 1):
         known, next_events = slices.known(step), slices.next(step)
         models = StepModels(
-            raw, known, next_events, split_for(known, next_events, cfg), data_digest(raw, known)
+            raw,
+            known,
+            next_events,
+            split_for(known, next_events, cfg),
+            data_digest(raw, known),
+            settings.unknown_users,
         )
         log.info(
             "%s step %d: %d events up to %s, next slice %d events",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from benchmarks import continuous
-from benchmarks.bench_continuous import columns, interval_cell, verdict, warm_protocol
+from benchmarks.bench_continuous import (
+    columns,
+    interval_cell,
+    unknown_users_text,
+    verdict,
+    warm_protocol,
+)
 from benchmarks.continuous import (
     ContinuousSettings,
     mean_interval,
@@ -23,7 +30,10 @@ from benchmarks.continuous import (
     user_differences,
 )
 from tests.conftest import TINY_OVERRIDES, compose_config
+from towers.data.eval_sets import build_eval_set
+from towers.data.sources import load_data
 from towers.data.split import Split, prepare_interactions
+from towers.evaluation.ranking import popularity_scorer, scores_by_user
 
 
 def test_differences_pair_users_by_id_and_refuse_different_users() -> None:
@@ -152,6 +162,7 @@ def test_warm_updates_alone_shrink_and_perturb_the_carried_weights(
         ({"warm_validation": "later"}, "warm_validation must be one of"),
         ({"warm_shrink": 0.0}, "init_shrink must be in"),
         ({"warm_perturb": 2.0}, "init_perturb must be in"),
+        ({"unknown_users": "skip"}, "unknown_users must be one of"),
     ],
 )
 def test_settings_that_would_fail_at_the_first_update_fail_at_once(settings, message) -> None:
@@ -197,6 +208,56 @@ def test_warm_overrides_change_the_warm_updates_only(monkeypatch, tmp_path: Path
     assert seen["cfg"].model.optimizer.lr == pytest.approx(0.000075)  # type: ignore[union-attr]
 
 
+def test_served_by_model_follows_the_retrievers_popularity_fallback() -> None:
+    known = pd.DataFrame({"user_id": ["old"], "item_id": ["i1"], "timestamp": [1]})
+    users = pd.DataFrame({"user_id": ["old", "described"], "age": [30, 40]})
+    ids = np.array(["old", "described", "stranger"], dtype=object)
+
+    def encoders(**columns: dict) -> SimpleNamespace:
+        kinds = {kind: columns.get(kind, {}) for kind in ("categorical", "multi_hot", "numeric")}
+        return SimpleNamespace(users=SimpleNamespace(**kinds, text={}))
+
+    reading = encoders(numeric={"age": object()})
+    assert continuous.served_by_model(ids, known, users, reading).tolist() == [True, True, False]
+    # a tower that reads no attribute serves the users it knows from their events only
+    assert continuous.served_by_model(ids, known, users, encoders()).tolist() == [
+        True,
+        False,
+        False,
+    ]
+    assert continuous.served_by_model(ids, known, None, reading).tolist() == [True, False, False]
+
+
+def test_users_known_by_nothing_get_popular_items_and_stay_out_of_the_gaps(trained) -> None:
+    raw = load_data(OmegaConf.to_container(compose_config(TINY_OVERRIDES).data, resolve=True))
+    events = prepare_interactions(raw.interactions, None)
+    cut = events["timestamp"].quantile(0.8)
+    known, next_events = events[events["timestamp"] <= cut], events[events["timestamp"] > cut]
+    described = next_events["user_id"].iloc[0]  # new at the cut, attributes in the table
+    known = known[known["user_id"] != described]
+    stranger = next_events.head(3).assign(user_id="stranger")  # no events, no attributes
+    next_events = pd.concat([next_events, stranger], ignore_index=True)
+    module = trained.module.cpu().eval()
+
+    served = continuous.score_next(module, raw, known, next_events, "popularity")
+    own = continuous.score_next(module, raw, known, next_events, "model")
+    assert not served.served["stranger"] and served.served[described]
+    assert served.served.drop("stranger").all() and own.served.all()
+    assert "stranger" not in served.served_ndcg().index
+    # the stranger's NDCG@20 is popularity's, everyone else's the model's own
+    eval_set = build_eval_set(known, next_events, raw.items, raw.users, module.feature_encoders)
+    users, popular = scores_by_user(
+        popularity_scorer(eval_set), len(raw.items), eval_set, continuous.KS
+    )
+    by_user = pd.Series(popular["ndcg@20"], index=users)
+    assert served.ndcg["stranger"] == pytest.approx(by_user["stranger"])
+    assert served.ndcg.drop("stranger").equals(own.ndcg.drop("stranger"))
+    assert served.metrics["ndcg@20"] == pytest.approx(served.ndcg.mean())
+    assert served.metrics["unknown/ndcg@20"] == pytest.approx(own.ndcg["stranger"])
+    assert served.metrics["popularity/ndcg@20"] == pytest.approx(by_user.mean())
+    assert "unknown/ndcg@20" not in own.metrics
+
+
 def test_seed_average_pairs_users_by_id() -> None:
     first = pd.Series([0.1, 0.2, 0.3], index=["a", "b", "c"])
     second = pd.Series([0.5, 0.6, 0.7], index=["c", "a", "b"])
@@ -217,6 +278,12 @@ def test_seed_columns_appear_only_with_several_seeds() -> None:
     several = columns(ContinuousSettings(seeds=3))
     at = several.index("warm_minus_full_95%")
     assert several[at + 1 : at + 3] == ["warm_minus_full_seeds", "warm_minus_full_seed_95%"]
+
+
+def test_the_report_says_how_users_known_by_nothing_are_scored() -> None:
+    assert "model_users" in columns(ContinuousSettings())
+    assert "most popular items" in unknown_users_text(ContinuousSettings())
+    assert "model's own ranking" in unknown_users_text(ContinuousSettings(unknown_users="model"))
 
 
 def test_a_warm_override_the_config_lacks_fails_before_any_training(monkeypatch) -> None:
@@ -245,6 +312,7 @@ def test_seeded_replay_averages_the_seeds_and_reuses_its_full_retrains(
     assert update["seeds"] == 2 and len(by_seed) == 2
     assert update["warm_minus_full_ndcg@20"] == pytest.approx(np.mean(by_seed))
     assert update["warm_ndcg@20"] - update["full_ndcg@20"] == pytest.approx(np.mean(by_seed))
+    assert update["model_users"] == update["next_users"]  # every synthetic user has attributes
     step_gaps = [row["warm_minus_full_ndcg@20"] for row in rows[1:]]
     assert min(step_gaps) - 1e-12 <= pooled["warm"][0] <= max(step_gaps) + 1e-12
     low, high = continuous.seed_interval(by_seed)
