@@ -35,8 +35,8 @@ from benchmarks.report import write_report
 OPTION_HELP: dict[str, dict[str, Any]] = {
     "unknown_users": {
         "choices": UNKNOWN_USERS,
-        "help": "users of a slice known by nothing (no event up to the cut, no attributes "
-        "the user tower reads): 'popularity' scores them with the most popular items, as a "
+        "help": "users of a slice known by nothing (no event up to the cut, not in the "
+        "user table): 'popularity' scores them with the most popular items, as a "
         "served bundle answers them, and leaves them out of the gaps; 'model' scores them "
         "with each model's own ranking, gaps included (the reports before this option)",
     }
@@ -97,8 +97,13 @@ def verdict(name: str, total: dict[str, Any], settings: ContinuousSettings) -> s
     if "pooled_gap" in total:
         gap, low, high = total["pooled_gap"]
         above = "above" if total["pooled_above_target"] else "not above"
+        users = (
+            "the users the models serve in all the updates"
+            if settings.unknown_users == "popularity"
+            else "all the updates' users"
+        )
         text += (
-            f"; over all the updates' users {gap:+.4f}, 95% interval [{low:+.4f}, "
+            f"; over {users} {gap:+.4f}, 95% interval [{low:+.4f}, "
             f"{high:+.4f}] ({above} -{settings.target_ndcg_gap})"
         )
     if "full_b_pooled_gap" in total:
@@ -144,12 +149,12 @@ def unknown_users_text(settings: ContinuousSettings) -> str:
     if settings.unknown_users == "model":
         return (
             "Every user of the slice is scored with the model's own ranking, also users "
-            "known by nothing at the cut (no event before it, no attributes the user tower "
-            "reads), whom a served bundle would answer with the most popular items. "
+            "known by nothing at the cut (no event before it, not in the user table), whom "
+            "a served bundle would answer with the most popular items. "
         )
     return (
-        "Users of the slice known by nothing at the cut (no event before it, no attributes "
-        "the user tower reads) are scored with the most popular items, as a served bundle "
+        "Users of the slice known by nothing at the cut (no event before it, not in the "
+        "user table) are scored with the most popular items, as a served bundle "
         "answers them whichever model it holds (`unknown_ndcg@20` in the JSON is the "
         "model's own ranking for them); `model_users` are the others, whom the models "
         "serve. "

@@ -21,7 +21,7 @@ Both are scored on the **next** slice, as EVALUATION.md ranks: the users with ev
 it, every catalogue item a candidate, each user's earlier items excluded, their history
 the events up to the cut; Recall@K and NDCG@K. The model of the step before, not updated
 (``stale``), and popularity (counts up to the cut) are scored beside them. A user of the
-slice known by nothing (no event up to the cut, no attributes the user tower reads) is
+slice known by nothing (no event up to the cut, not in the user table) is
 answered with the most popular items by a served bundle, whichever model it holds; by
 default (``unknown_users="popularity"``) such users are scored so and left out of the gaps
 between two models, which compare the users the models serve (``model_users``).
@@ -72,7 +72,6 @@ from towers.evaluation.ranking import popularity_scorer, scores_by_user
 from towers.model.module import TwoTowerModule
 from towers.model.warm_start import ShrinkPerturb
 from towers.pipeline import feature_settings, fit_and_select, train_for_epochs
-from twotower.encoding import FeatureEncoders
 
 log = logging.getLogger(__name__)
 KS = (10, 20, 50)
@@ -112,8 +111,8 @@ class ContinuousSettings:
     warm_lr_scale: float = 1.0
     # config overrides (key=value) of the warm updates only
     warm_overrides: tuple[str, ...] = ()
-    # the slice's users known by nothing (no event up to the cut, no attributes the user
-    # tower reads): "popularity" scores them with the most popular items, as a served
+    # the slice's users known by nothing (no event up to the cut, not in the user
+    # table): "popularity" scores them with the most popular items, as a served
     # bundle answers them, and leaves them out of the gaps (every model gives them the
     # same items); "model" scores them with each model's own ranking, gaps included
     unknown_users: str = "popularity"
@@ -229,23 +228,16 @@ class SliceScores:
 
 
 def served_by_model(
-    user_ids: np.ndarray,
-    known: pd.DataFrame,
-    users: pd.DataFrame | None,
-    encoders: FeatureEncoders,
+    user_ids: np.ndarray, known: pd.DataFrame, users: pd.DataFrame | None
 ) -> np.ndarray:
     """Which of ``user_ids`` a bundle of this model answers with the model, as
-    :meth:`retrieval.Retriever.recommend` does: users with events up to the cut (a
-    history, and an id the model knows), and users with a row in ``users`` when the user
-    tower reads attributes (a serving layer passes them as ``user_features``). A user
-    known by neither gets the most popular items instead."""
+    :meth:`retrieval.Retriever.recommend` does: the users the bundle keeps, that is those
+    with events up to the cut and every user of the user table (``users``; the export
+    keeps those without events too, with their attributes). A user in neither gets the
+    most popular items instead."""
     ids = pd.Index(user_ids)
     served = ids.isin(known[USER_ID].unique())
-    attributes = encoders.users
-    reads_attributes = bool(
-        attributes.categorical or attributes.multi_hot or attributes.numeric or attributes.text
-    )
-    if users is not None and reads_attributes:
+    if users is not None:
         served |= ids.isin(users[USER_ID])
     return np.asarray(served, dtype=bool)
 
@@ -272,7 +264,7 @@ def score_next(
     )
     assert np.array_equal(users, popular_users)  # one evaluation set, one order of users
     if unknown_users == "popularity":
-        served = served_by_model(users, known, raw.users, encoders)
+        served = served_by_model(users, known, raw.users)
     else:
         served = np.ones(len(users), dtype=bool)
     shown = {name: np.where(served, mine, popular[name]) for name, mine in values.items()}

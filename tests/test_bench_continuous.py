@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -209,33 +208,64 @@ def test_warm_overrides_change_the_warm_updates_only(monkeypatch, tmp_path: Path
 
 
 def test_served_by_model_follows_the_retrievers_popularity_fallback() -> None:
+    # a bundle keeps the users with events and every user of the user table
     known = pd.DataFrame({"user_id": ["old"], "item_id": ["i1"], "timestamp": [1]})
     users = pd.DataFrame({"user_id": ["old", "described"], "age": [30, 40]})
     ids = np.array(["old", "described", "stranger"], dtype=object)
-
-    def encoders(**columns: dict) -> SimpleNamespace:
-        kinds = {kind: columns.get(kind, {}) for kind in ("categorical", "multi_hot", "numeric")}
-        return SimpleNamespace(users=SimpleNamespace(**kinds, text={}))
-
-    reading = encoders(numeric={"age": object()})
-    assert continuous.served_by_model(ids, known, users, reading).tolist() == [True, True, False]
-    # a tower that reads no attribute serves the users it knows from their events only
-    assert continuous.served_by_model(ids, known, users, encoders()).tolist() == [
-        True,
-        False,
-        False,
-    ]
-    assert continuous.served_by_model(ids, known, None, reading).tolist() == [True, False, False]
+    assert continuous.served_by_model(ids, known, users).tolist() == [True, True, False]
+    assert continuous.served_by_model(ids, known, None).tolist() == [True, False, False]
 
 
-def test_users_known_by_nothing_get_popular_items_and_stay_out_of_the_gaps(trained) -> None:
+def slice_scores(ndcg: dict[str, float], unserved: set[str]) -> continuous.SliceScores:
+    values = pd.Series(ndcg)
+    served = pd.Series([user not in unserved for user in values.index], index=values.index)
+    metrics = {f"{m}@{k}": float(values.mean()) for m in ("recall", "ndcg") for k in (10, 20, 50)}
+    metrics.update({f"popularity/ndcg@{k}": 0.0 for k in (10, 20, 50)})
+    return continuous.SliceScores(metrics, values, served)
+
+
+def test_gaps_leave_out_the_users_the_models_do_not_serve() -> None:
+    # "z" is served by popularity: 0.9 in every model; were it compared, warm's 0.1 there
+    # (a model's own ranking) would move the gap
+    models = continuous.StepModels(None, None, None, None, "")  # type: ignore[arg-type]
+    models.scores = {
+        "full": [
+            slice_scores({"a": 0.2, "b": 0.4, "z": 0.9}, {"z"}),
+            slice_scores({"a": 0.4, "b": 0.2, "z": 0.9}, {"z"}),
+        ],
+        "warm": [
+            slice_scores({"a": 0.3, "b": 0.1, "z": 0.1}, {"z"}),
+            slice_scores({"a": 0.5, "b": 0.3, "z": 0.1}, {"z"}),
+        ],
+    }
+    row: dict[str, object] = {}
+    differences = models.fill_row(row, resamples=50, step=1)
+    assert row["model_users"] == 2
+    assert sorted(differences["warm"].tolist()) == pytest.approx([-0.1, 0.1])
+    assert row["warm_minus_full_ndcg@20"] == pytest.approx(0.0)
+    assert row["warm_minus_full_by_seed"] == pytest.approx([-0.1, 0.1])
+
+
+def test_users_known_by_nothing_get_popular_items_and_stay_out_of_the_gaps(
+    trained, monkeypatch
+) -> None:
+    real = continuous.module_scores_by_user
+
+    def shifted(*args):  # type: ignore[no-untyped-def]
+        users, values = real(*args)  # the model's own metrics, moved out of [0, 1]
+        return users, {name: per_user + 10 for name, per_user in values.items()}
+
+    monkeypatch.setattr(continuous, "module_scores_by_user", shifted)
     raw = load_data(OmegaConf.to_container(compose_config(TINY_OVERRIDES).data, resolve=True))
     events = prepare_interactions(raw.interactions, None)
     cut = events["timestamp"].quantile(0.8)
     known, next_events = events[events["timestamp"] <= cut], events[events["timestamp"] > cut]
     described = next_events["user_id"].iloc[0]  # new at the cut, attributes in the table
     known = known[known["user_id"] != described]
-    stranger = next_events.head(3).assign(user_id="stranger")  # no events, no attributes
+    popular = known["item_id"].value_counts().index[:3]  # popularity's top three
+    stranger = pd.DataFrame(  # no events before the cut, not in the user table
+        {"user_id": "stranger", "item_id": popular, "timestamp": cut + 1}
+    )
     next_events = pd.concat([next_events, stranger], ignore_index=True)
     module = trained.module.cpu().eval()
 
@@ -251,6 +281,7 @@ def test_users_known_by_nothing_get_popular_items_and_stay_out_of_the_gaps(train
     )
     by_user = pd.Series(popular["ndcg@20"], index=users)
     assert served.ndcg["stranger"] == pytest.approx(by_user["stranger"])
+    assert own.ndcg["stranger"] >= 10  # the model's own value, not popularity's
     assert served.ndcg.drop("stranger").equals(own.ndcg.drop("stranger"))
     assert served.metrics["ndcg@20"] == pytest.approx(served.ndcg.mean())
     assert served.metrics["unknown/ndcg@20"] == pytest.approx(own.ndcg["stranger"])
