@@ -4,7 +4,7 @@ twotower bench continuous [--datasets ml-100k,ml-latest-small] [--steps 3 --warm
                           [--warm-validation newer] [--warm-shrink 0.5 --warm-perturb 0.1]
                           [--warm-override model.optimizer.lr=0.0003 ...]
                           [--warm-lr-scale 0.3] [--seeds 3] [--reuse-full]
-                          [--unknown-users model]
+                          [--unknown-users model] [--warm-from first]
 Replays each MovieLens dataset in time: a first model on the first 80% of the events, then
 steps of 5%; at each step a warm update of the previous model and a full retrain from
 scratch, both scored on the next slice (with --seeds N, N replays from N seeds, each
@@ -29,17 +29,29 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
-from benchmarks.continuous import UNKNOWN_USERS, ContinuousSettings, replay, summary
+from benchmarks.continuous import (
+    UNKNOWN_USERS,
+    WARM_FROM,
+    ContinuousSettings,
+    replay,
+    summary,
+)
 from benchmarks.report import write_report
 
 OPTION_HELP: dict[str, dict[str, Any]] = {
+    "warm_from": {
+        "choices": WARM_FROM,
+        "help": "where each warm update starts: 'previous', the previous step's warm model "
+        "(a chain of updates); 'first', the first model, a full retrain (as with a full "
+        "retrain every few updates, each update starting from the latest full one)",
+    },
     "unknown_users": {
         "choices": UNKNOWN_USERS,
         "help": "users of a slice known by nothing (no event up to the cut, not in the "
         "user table): 'popularity' scores them with the most popular items, as a "
         "served bundle answers them, and leaves them out of the gaps; 'model' scores them "
         "with each model's own ranking, gaps included (the reports before this option)",
-    }
+    },
 }
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: benchmarks live outside the wheel
 DATASETS = {
@@ -142,6 +154,13 @@ def warm_protocol(settings: ContinuousSettings) -> str:
             f"share of their newer events), then refit from {start} on {data}"
         )
     return f"from {start}, {settings.warm_epochs} epoch(s) on {data}, no selection"
+
+
+def start_model(settings: ContinuousSettings) -> str:
+    """The model a warm update starts from, in words."""
+    if settings.warm_from == "first":
+        return "the first model (a full retrain: every update starts from it, not from the last)"
+    return "the previous step's warm model"
 
 
 def unknown_users_text(settings: ContinuousSettings) -> str:
@@ -279,12 +298,12 @@ def main(argv: list[str] | None = None) -> None:
         "Each MovieLens dataset replayed in time (`benchmarks/continuous.py`): the first "
         f"model is trained on the first {settings.start:.0%} of the events in time order, "
         f"then each step adds the next {settings.step:.0%}. At each step a **warm** update "
-        f"of the previous step's warm model ({warm_protocol(settings)}) and a "
+        f"of {start_model(settings)} ({warm_protocol(settings)}) and a "
         "**full** retrain from scratch (epoch count by early "
         "stopping on validation, then refit on all data up to the cut, as the presets do) "
         "are scored on the **next** slice: its users, every item a candidate, each user's "
-        "earlier items excluded (EVALUATION.md metrics). `stale` is the previous step's warm "
-        "model without the update; `popularity` counts the events up to the cut; `full_b` "
+        f"earlier items excluded (EVALUATION.md metrics). `stale` is {start_model(settings)} "
+        "without the update; `popularity` counts the events up to the cut; `full_b` "
         + (
             "is a second full retrain from seed + 1, how far two full retrains are apart on "
             "the same slice. "

@@ -4,22 +4,22 @@ The interactions are cut in time: the first ``start`` share of the events (in ti
 trains the first model, then each step adds the next ``step`` share. At each step two
 models are trained on everything up to the cut:
 
-- **warm**: the previous step's warm model (the first model at the first step) updated
-  with ``init_from`` (its weights shrunk and perturbed by ``warm_shrink`` and
-  ``warm_perturb``, copied as they are by default): with ``warm_validation="none"`` for a
-  fixed ``warm_epochs`` epochs (optionally on the last ``window_days`` days only), with no
-  model selection (:func:`towers.pipeline.train_for_epochs`); with
-  ``warm_validation="newer"`` the epoch count is chosen by early stopping on a validation
-  held out of the events newer than the previous cut only (the previous model has trained
-  on every older one), then the update is refitted on all of the data from ``init_from``
-  for that many epochs;
+- **warm**: the previous step's warm model (the first model at the first step; always the
+  first model with ``warm_from="first"``) updated with ``init_from`` (its weights shrunk
+  and perturbed by ``warm_shrink`` and ``warm_perturb``, copied as they are by default):
+  with ``warm_validation="none"`` for a fixed ``warm_epochs`` epochs (optionally on the
+  last ``window_days`` days only), with no model selection
+  (:func:`towers.pipeline.train_for_epochs`); with ``warm_validation="newer"`` the epoch
+  count is chosen by early stopping on a validation held out of the events newer than the
+  previous cut only (the previous model has trained on every older one), then the update
+  is refitted on all of the data from ``init_from`` for that many epochs;
 - **full**: a model trained from scratch as the pipeline does: epoch count chosen by early
   stopping on a validation split of the data up to the cut, then refitted on all of it
   (``train.refit``, as the MovieLens presets do).
 
 Both are scored on the **next** slice, as EVALUATION.md ranks: the users with events in
 it, every catalogue item a candidate, each user's earlier items excluded, their history
-the events up to the cut; Recall@K and NDCG@K. The model of the step before, not updated
+the events up to the cut; Recall@K and NDCG@K. The model the warm update starts from, not updated
 (``stale``), and popularity (counts up to the cut) are scored beside them. A user of the
 slice known by nothing (no event up to the cut, not in the user table) is
 answered with the most popular items by a served bundle, whichever model it holds; by
@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 KS = (10, 20, 50)
 WARM_VALIDATIONS = ("none", "newer")
 UNKNOWN_USERS = ("popularity", "model")
+WARM_FROM = ("previous", "first")
 
 
 @dataclass
@@ -116,6 +117,10 @@ class ContinuousSettings:
     # bundle answers them, and leaves them out of the gaps (every model gives them the
     # same items); "model" scores them with each model's own ranking, gaps included
     unknown_users: str = "popularity"
+    # where each warm update starts: "previous", the previous step's warm model (a chain
+    # of updates); "first", the first model, a full retrain (each update starts afresh
+    # from the latest full model, as with a full retrain every few updates)
+    warm_from: str = "previous"
 
     def __post_init__(self) -> None:
         """Settings that would fail at the first update fail here, before any training."""
@@ -123,6 +128,8 @@ class ContinuousSettings:
             raise ValueError(
                 f"warm_validation must be one of {WARM_VALIDATIONS}, got {self.warm_validation!r}"
             )
+        if self.warm_from not in WARM_FROM:
+            raise ValueError(f"warm_from must be one of {WARM_FROM}, got {self.warm_from!r}")
         if self.unknown_users not in UNKNOWN_USERS:
             raise ValueError(
                 f"unknown_users must be one of {UNKNOWN_USERS}, got {self.unknown_users!r}"
@@ -477,10 +484,12 @@ def seed_average(per_seed: Sequence[pd.Series]) -> pd.Series:
 
 @dataclass
 class WarmChain:
-    """One seed's warm chain: its latest model and checkpoint."""
+    """One seed's warm chain: the model the next warm update starts from, its checkpoint
+    and the cut up to which it has trained (``since``: the newer events are new to it)."""
 
     module: TwoTowerModule
     checkpoint: Path
+    since: float
 
 
 @dataclass
@@ -637,7 +646,7 @@ def replay(
             )
             chain = chains.get(seed)
             if chain is None:  # the first model: the warm chain starts from it
-                chains[seed] = WarmChain(module, checkpoint)
+                chains[seed] = WarmChain(module, checkpoint, slices.cuts[step])
                 continue
             models.score("stale", chain.module)
             (warm, warm_checkpoint, warm_epochs), seconds = timed(
@@ -646,11 +655,12 @@ def replay(
                 raw,
                 models.split,
                 chain.checkpoint,
-                slices.cuts[step - 1],
+                chain.since,
                 settings,
                 where / "warm" / f"seed{seed}",
             )
-            chains[seed] = WarmChain(warm, warm_checkpoint)
+            if settings.warm_from == "previous":  # the next update starts from this one
+                chains[seed] = WarmChain(warm, warm_checkpoint, slices.cuts[step])
             models.score("warm", warm, seconds, warm_epochs)
             if settings.second_full:  # from a seed none of the replays uses
                 second = seed + len(seeds)

@@ -162,6 +162,7 @@ def test_warm_updates_alone_shrink_and_perturb_the_carried_weights(
         ({"warm_shrink": 0.0}, "init_shrink must be in"),
         ({"warm_perturb": 2.0}, "init_perturb must be in"),
         ({"unknown_users": "skip"}, "unknown_users must be one of"),
+        ({"warm_from": "last"}, "warm_from must be one of"),
     ],
 )
 def test_settings_that_would_fail_at_the_first_update_fail_at_once(settings, message) -> None:
@@ -384,3 +385,30 @@ def test_seeded_replay_averages_the_seeds_and_reuses_its_full_retrains(
     longer = OmegaConf.merge(cfg, {"trainer": {"max_epochs": 3}})  # another fingerprint
     with pytest.raises(AssertionError, match="trained again"):
         continuous.replay("tiny", longer, settings, tmp_path, reuse_full=True)
+
+
+def test_warm_updates_from_the_first_model_all_start_from_it(tmp_path: Path, monkeypatch) -> None:
+    cfg = compose_config(
+        [*TINY_OVERRIDES, "trainer.max_epochs=2", "logger=none", f"paths.output_dir={tmp_path}"]
+    )
+    settings = ContinuousSettings(
+        start=0.8, step=0.08, steps=2, warm_epochs=1, second_full=0, resamples=50
+    )
+    starts: list[tuple[Path, float]] = []
+    update = continuous.warm_update
+
+    def recording(cfg, raw, split, previous, since, *args):  # type: ignore[no-untyped-def]
+        starts.append((Path(previous), since))
+        return update(cfg, raw, split, previous, since, *args)
+
+    monkeypatch.setattr(continuous, "warm_update", recording)
+    chained, _ = continuous.replay("tiny", cfg, settings, tmp_path / "chain")
+    anchored, _ = continuous.replay(
+        "tiny", cfg, dataclasses.replace(settings, warm_from="first"), tmp_path / "first"
+    )
+    (chain_1, cut_0), (chain_2, cut_1), (first_1, since_1), (first_2, since_2) = starts
+    assert chain_2.parts[-3:-1] == ("warm", "seed42") and cut_1 > cut_0  # a chain
+    assert first_1 == first_2 and "full" in first_2.parts  # both from the first model
+    assert chain_1.relative_to(tmp_path / "chain") == first_1.relative_to(tmp_path / "first")
+    assert since_1 == since_2 == cut_0  # the events after the first cut are new to it
+    assert chained[1]["warm_ndcg@20"] == anchored[1]["warm_ndcg@20"]  # the same first update
