@@ -150,7 +150,7 @@ def warm_protocol(settings: ContinuousSettings) -> str:
     if settings.warm_validation == "newer":
         return (
             "epoch count by early stopping on a validation held out of the events after the "
-            "previous cut, which the previous model has not seen (per user, the last "
+            "cut of the model it starts from, which that model has not seen (per user, the last "
             f"share of their newer events), then refit from {start} on {data}"
         )
     return f"from {start}, {settings.warm_epochs} epoch(s) on {data}, no selection"

@@ -11,7 +11,7 @@ models are trained on everything up to the cut:
   last ``window_days`` days only), with no model selection
   (:func:`towers.pipeline.train_for_epochs`); with ``warm_validation="newer"`` the epoch
   count is chosen by early stopping on a validation held out of the events newer than the
-  previous cut only (the previous model has trained on every older one), then the update
+  cut of the model it starts from (which has trained on every older one), then the update
   is refitted on all of the data from ``init_from`` for that many epochs;
 - **full**: a model trained from scratch as the pipeline does: epoch count chosen by early
   stopping on a validation split of the data up to the cut, then refitted on all of it
@@ -89,7 +89,7 @@ class ContinuousSettings:
     steps: int = 3
     warm_epochs: int = 2
     # "none": warm_epochs epochs, no selection; "newer": epochs by early stopping on a
-    # validation of the events after the previous cut, then a refit on all of them
+    # validation of the events after the starting model's cut, then a refit on all of them
     warm_validation: str = "none"
     window_days: float | None = None
     # shrink and perturb of the carried weights (init_shrink, init_perturb) in the warm
@@ -207,7 +207,7 @@ def split_for_warm(split: Split, since: float, cfg: DictConfig) -> Split:
     )
     if validation.empty:
         raise ValueError(
-            f"no user has {int(cfg.split.min_interactions)} events after the previous cut "
+            f"no user has {int(cfg.split.min_interactions)} events after the starting model's cut "
             "to validate a warm update on (split.min_interactions)"
         )
     fit = pd.concat([split.train.loc[~newer], kept], ignore_index=True)

@@ -120,7 +120,7 @@ def test_warm_validation_holds_out_only_events_after_the_previous_cut() -> None:
     )
     assert warm.fit["user_id"].is_monotonic_increasing  # each user's rows together, in time
     assert warm.train is split.train
-    with pytest.raises(ValueError, match="no user has 5 events after the previous cut"):
+    with pytest.raises(ValueError, match="no user has 5 events after the starting model's cut"):
         split_for_warm(split, since=20, cfg=cfg)
 
 
@@ -411,4 +411,5 @@ def test_warm_updates_from_the_first_model_all_start_from_it(tmp_path: Path, mon
     assert first_1 == first_2 and "full" in first_2.parts  # both from the first model
     assert chain_1.relative_to(tmp_path / "chain") == first_1.relative_to(tmp_path / "first")
     assert since_1 == since_2 == cut_0  # the events after the first cut are new to it
-    assert chained[1]["warm_ndcg@20"] == anchored[1]["warm_ndcg@20"]  # the same first update
+    # the same first update
+    assert chained[1]["warm_ndcg@20"] == pytest.approx(anchored[1]["warm_ndcg@20"])
