@@ -174,15 +174,22 @@ class Slices:
 
 
 def make_slices(raw: RawData, cfg: DictConfig, settings: ContinuousSettings) -> Slices:
-    """Cut points at the ``start``, ``start + step``, ... quantiles of the event times (so
-    each slice holds about ``step`` of the events), and the newest event last."""
+    """The events up to each cut and each next slice (see :func:`cut_points`)."""
     events = prepare_interactions(raw.interactions, cfg.data.get("min_rating"))
-    times = events[TIMESTAMP].to_numpy()
-    shares = [settings.start + k * settings.step for k in range(settings.steps + 1)]
-    if shares[-1] >= 1.0:
-        raise ValueError(f"start + steps x step must stay below 1, got {shares[-1]:.2f}")
-    cuts = [float(np.quantile(times, share, method="lower")) for share in shares]
-    return Slices(events, [*cuts, float(times.max())])
+    return Slices(events, cut_points(events[TIMESTAMP].to_numpy(), settings))
+
+
+def cut_points(times: np.ndarray, settings: ContinuousSettings) -> list[float]:
+    """Cut points at the ``start``, ``start + step``, ... quantiles of the event times, one
+    per model, then the end of the last update's next slice at the ``start + (steps + 1)
+    x step`` quantile (the newest event where that reaches 1): every next slice holds about
+    ``step`` of the events, the last one too, so a replay that starts early is scored on
+    its own slices only, never on the events after them."""
+    shares = [settings.start + k * settings.step for k in range(settings.steps + 2)]
+    if shares[-2] >= 1.0:
+        raise ValueError(f"start + steps x step must stay below 1, got {shares[-2]:.2f}")
+    shares[-1] = 1.0 if shares[-1] > 1.0 - 1e-9 else shares[-1]  # 0.8 + 4 x 0.05 is not 1.0
+    return [float(np.quantile(times, share, method="lower")) for share in shares]
 
 
 def split_for(known: pd.DataFrame, next_events: pd.DataFrame, cfg: DictConfig) -> Split:

@@ -23,6 +23,7 @@ from benchmarks.bench_continuous import (
 )
 from benchmarks.continuous import (
     ContinuousSettings,
+    cut_points,
     mean_interval,
     split_for_warm,
     summary,
@@ -184,6 +185,19 @@ def test_settings_that_would_fail_at_the_first_update_fail_at_once(settings, mes
 def test_seeds_and_warm_overrides_are_checked_at_once(settings, message) -> None:
     with pytest.raises(ValueError, match=message):
         ContinuousSettings(**settings)
+
+
+def test_every_next_slice_holds_one_step_of_the_events_the_last_one_too() -> None:
+    times = np.arange(1000.0)
+    late = cut_points(times, ContinuousSettings())  # 0.8, 0.85, 0.9, 0.95, then the end
+    assert late == [799.0, 849.0, 899.0, 949.0, 999.0]
+    early = cut_points(times, ContinuousSettings(start=0.65))
+    assert early == [649.0, 699.0, 749.0, 799.0, 849.0]  # not the rest of the data
+    assert np.diff(early).tolist() == [50.0] * 4
+    ragged = cut_points(times, ContinuousSettings(start=0.82))
+    assert ragged[-1] == 999.0  # a last slice that would reach past the end stops there
+    with pytest.raises(ValueError, match="must stay below 1"):
+        cut_points(times, ContinuousSettings(start=0.85))
 
 
 def test_warm_overrides_change_the_warm_updates_only(monkeypatch, tmp_path: Path) -> None:
