@@ -185,10 +185,12 @@ def cut_points(times: np.ndarray, settings: ContinuousSettings) -> list[float]:
     x step`` quantile (the newest event where that reaches 1): every next slice holds about
     ``step`` of the events, the last one too, so a replay that starts early is scored on
     its own slices only, never on the events after them."""
+    whole = 1.0 - 1e-9  # a sum meant to be 1 may land a hair below it
     shares = [settings.start + k * settings.step for k in range(settings.steps + 2)]
-    if shares[-2] > 1.0 - 1e-9:  # a sum meant to be 1 may land a hair below it
+    if shares[-2] > whole:
         raise ValueError(f"start + steps x step must stay below 1, got {shares[-2]:.2f}")
-    shares[-1] = 1.0 if shares[-1] > 1.0 - 1e-9 else shares[-1]  # likewise; past 1: the end
+    if shares[-1] > whole:  # the last slice ends at the newest event
+        shares[-1] = 1.0
     return [float(np.quantile(times, share, method="lower")) for share in shares]
 
 
