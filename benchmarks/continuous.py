@@ -427,10 +427,14 @@ def data_digest(raw: RawData, known: pd.DataFrame) -> str:
 
 
 def full_fingerprint(cfg: DictConfig, data: str) -> str:
-    """What a full retrain's result depends on: its config (less ``paths``, where it
-    writes), its data (:func:`data_digest`), torch's thread count (which changes the
-    floating-point sums) and the training code (:func:`code_digest`)."""
-    config = OmegaConf.to_container(cfg, resolve=True)
+    """What a full retrain's result depends on: its config (less where it writes:
+    ``paths``, and every setting derived from ``paths.output_dir``, such as
+    ``export.bundle_dir``, which is resolved with a fixed output directory, so the same
+    retrain has one fingerprint however ``--workdir`` is spelled), its data
+    (:func:`data_digest`), torch's thread count (which changes the floating-point sums) and
+    the training code (:func:`code_digest`)."""
+    anywhere = OmegaConf.merge(cfg, {"paths": {"output_dir": "<output_dir>"}})
+    config = OmegaConf.to_container(anywhere, resolve=True)
     assert isinstance(config, dict)
     config.pop("paths", None)
     what = {

@@ -343,6 +343,20 @@ def test_a_warm_override_the_config_lacks_fails_before_any_training(monkeypatch)
         continuous.replay("tiny", cfg, settings, Path("unused"))
 
 
+def test_a_full_retrains_fingerprint_does_not_depend_on_where_it_writes() -> None:
+    def fingerprint(*overrides: str) -> str:
+        cfg = compose_config([*TINY_OVERRIDES, *overrides])
+        return continuous.full_fingerprint(cfg, "data")
+
+    here = fingerprint("paths.output_dir=outputs/bench")
+    # export.bundle_dir is ${paths.output_dir}/bundle: the spelling of the workdir used to
+    # give the same retrain another fingerprint, and --reuse-full trained it again
+    assert fingerprint("paths.output_dir=./outputs/bench") == here
+    assert fingerprint("paths.output_dir=/elsewhere/bench") == here
+    assert fingerprint("paths.output_dir=outputs/bench", "seed=7") != here
+    assert fingerprint("paths.output_dir=outputs/bench", "trainer.max_epochs=3") != here
+
+
 def test_seeded_replay_averages_the_seeds_and_reuses_its_full_retrains(
     tmp_path: Path, monkeypatch
 ) -> None:
